@@ -1,0 +1,390 @@
+"""Public entry points: save, load, load_full, read_manifest. Orchestration only; the work happens in
+plan.py (what to write), writer.py (how), dist.py (agreeing), reader.py (reading back).
+
+save, in order (all ranks unless noted):
+  1. flatten the state, plan this rank's chunks, digest the plan
+  2. coordinator: refuse if a manifest exists; gather digests, broadcast go + save_id (or the error)
+  3. stage (async saves only, or tensors that are not contiguous CPU memory), encode, write, fsync
+  4. gather per-rank summaries; coordinator checks them and commits manifest.json (create-only, atomic)
+  5. broadcast the commit result; on failure every rank removes its own files and raises
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import _ext, dist as sdist
+from .errors import (CheckpointError, CheckpointExistsError, DtypeMismatchError, FormatError,
+                     IncompleteCheckpointError, KeyMismatchError, PlanMismatchError, SaveError,
+                     ShapeMismatchError, StorageError)
+from .format import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, Chunk, Manifest, build_manifest, check_coverage,
+                     dtype_name, parse_index, parse_manifest)
+from .plan import TensorInfo, WriteItem, local_tensor, plan_digest, plan_tensor
+from .reader import ReadStats, Target, plan_reads, run_reads
+from .staging import HostBufferPool, default_pool, snapshot_into
+from .storage import Storage, storage_for
+from .tree import decode_value, encode_value, flatten, rebuild
+from .writer import write_rank
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+@dataclass
+class _Prepared:
+    """A save after planning: what this rank writes and what the coordinator will put in the manifest."""
+    storage: Storage
+    comm: sdist.Comm
+    save_id: str
+    items: list[WriteItem]
+    sources: list[torch.Tensor]
+    infos: list[TensorInfo]
+    tree: dict
+    values: dict[str, Any]
+    total_elements: int
+    frame_size: int
+    user_metadata: dict
+
+
+def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
+             stage: bool, pool: HostBufferPool | None) -> _Prepared:
+    storage = storage_for(path, storage_options)
+    comm = sdist.comm_for(process_group, timeout_s)
+    error = None
+    try:
+        flat = flatten(state_dict)
+        infos, items = [], []
+        for key, t in flat.tensors.items():
+            info, item = plan_tensor(key, t, codec, comm.rank, comm.world_size)
+            infos.append(info)
+            if item is not None:
+                items.append(item)
+        values = {k: encode_value(v, k) for k, v in flat.values.items()}
+        digest = plan_digest(infos, list(values))
+        meta = dict(metadata or {})
+        encode_value(meta, "metadata")  # user metadata must be plain JSON-like data
+    except CheckpointError as e:
+        error, digest = e, None
+    record = {"rank": comm.rank, "digest": digest,
+              "error": None if error is None else f"{type(error).__name__}: {error}"}
+    if comm.is_coordinator and error is None:
+        try:
+            if storage.exists(MANIFEST_NAME):
+                record["exists"] = True
+        except StorageError as e:
+            record["error"] = f"StorageError: {e}"
+    records = comm.gather_json(record)
+    verdict = None
+    if comm.is_coordinator:
+        verdict = {"ok": True, "save_id": uuid.uuid4().hex}
+        bad = next((r for r in records if r["error"]), None)
+        if bad:
+            verdict = {"ok": False, "kind": "error", "rank": bad["rank"], "message": bad["error"]}
+        elif records[0].get("exists"):
+            verdict = {"ok": False, "kind": "exists", "rank": 0,
+                       "message": "a committed checkpoint already exists here; save to a new path "
+                                  "(CheckpointManager uses one directory per step)"}
+        else:
+            odd = next((r for r in records if r["digest"] != records[0]["digest"]), None)
+            if odd:
+                verdict = {"ok": False, "kind": "plan", "rank": odd["rank"],
+                           "message": f"rank {odd['rank']} saves different keys, shapes, dtypes or layouts "
+                                      f"than rank 0"}
+    verdict = comm.broadcast_json(verdict)
+    if not verdict["ok"]:
+        if error is not None and verdict["rank"] == comm.rank:
+            raise error
+        cls = {"exists": CheckpointExistsError, "plan": PlanMismatchError}.get(verdict["kind"], SaveError)
+        raise cls(verdict["message"], file=storage.url, rank=verdict["rank"])
+    sources = _stage(items, pool or default_pool()) if stage else _contiguous_cpu(items, pool)
+    total = sum(math.prod(i.shape) for i in infos)
+    return _Prepared(storage, comm, verdict["save_id"], items, sources, infos, flat.tree, values, total,
+                     frame_size, meta)
+
+
+def _contiguous_cpu(items: list[WriteItem], pool: HostBufferPool | None) -> list[torch.Tensor]:
+    """Sync saves encode straight from the caller's memory when it is contiguous on the CPU; anything
+    else (strided views, GPU tensors) goes through the staging pool."""
+    direct = [i.source if (not i.source.is_cuda and i.source.is_contiguous()) else None for i in items]
+    rest = [i for i, d in zip(items, direct) if d is None]
+    staged = iter(_stage(rest, pool or default_pool()) if rest else [])
+    return [d if d is not None else next(staged) for d in direct]
+
+
+def _stage(items: list[WriteItem], pool: HostBufferPool) -> list[torch.Tensor]:
+    views = pool.take([i.nbytes for i in items])
+    for v, i in zip(views, items):
+        snapshot_into(v, i.source)
+    if any(i.source.is_cuda for i in items):
+        torch.cuda.synchronize()
+    return [v.view(i.source.dtype).view(i.sizes) if i.nbytes else i.source.detach().cpu()
+            for v, i in zip(views, items)]
+
+
+def _write_and_commit(p: _Prepared) -> Manifest:
+    comm, storage = p.comm, p.storage
+    summary: dict = {"rank": comm.rank, "ok": True}
+    try:
+        files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size)
+        if files is not None:
+            summary.update(vars(files))
+    except Exception as e:
+        summary = {"rank": comm.rank, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+    records = comm.gather_json(summary)
+    result = None
+    if comm.is_coordinator:
+        result = _commit(p, records)
+    result = comm.broadcast_json(result)
+    if not result["ok"]:
+        _remove_own_files(storage, p.save_id, comm.rank)
+        cls = CheckpointExistsError if result.get("kind") == "exists" else SaveError
+        raise cls(f"save failed, nothing was committed: {result['message']}", file=storage.url,
+                  rank=result.get("rank"))
+    return read_manifest(storage)
+
+
+def _commit(p: _Prepared, records: list[dict]) -> dict:
+    """Coordinator only: check every rank's summary, then write the manifest (the commit point)."""
+    bad = next((r for r in records if not r["ok"]), None)
+    if bad:
+        return {"ok": False, "rank": bad["rank"], "message": f"rank {bad['rank']}: {bad['error']}"}
+    written = sum(r.get("elements", 0) for r in records)
+    if written != p.total_elements:
+        return {"ok": False, "rank": 0, "message": f"ranks wrote {written} elements, the tensors hold "
+                                                   f"{p.total_elements} (inconsistent layouts?)"}
+    from .format import data_file_name, index_file_name
+    files = [{"rank": r["rank"], "data": data_file_name(p.save_id, r["rank"]), "data_size": r["data_size"],
+              "index": index_file_name(p.save_id, r["rank"]), "index_size": r["index_size"],
+              "index_crc32c": r["index_crc32c"], "chunks": r["chunks"], "raw_bytes": r["raw_bytes"]}
+             for r in records if "data_size" in r]
+    tensors = {i.key: {"dtype": dtype_name(i.dtype), "shape": list(i.shape), "layout": i.layout}
+               for i in p.infos}
+    try:
+        manifest = build_manifest(save_id=p.save_id, created=time.time(), world_size=p.comm.world_size,
+                                  frame_size=p.frame_size, tree=p.tree, tensors=tensors, values=p.values,
+                                  files=files, user_metadata=p.user_metadata, backend=_ext.BACKEND)
+        p.storage.sync_dir(f"data/{p.save_id}") if files else None
+        p.storage.commit(MANIFEST_NAME, manifest)
+    except CheckpointExistsError as e:
+        return {"ok": False, "kind": "exists", "rank": 0, "message": str(e)}
+    except Exception as e:
+        return {"ok": False, "rank": 0, "message": f"commit failed: {type(e).__name__}: {e}"[:2000]}
+    return {"ok": True}
+
+
+def _remove_own_files(storage: Storage, save_id: str, rank: int) -> None:
+    from .format import data_file_name, index_file_name
+    for name in (data_file_name(save_id, rank), index_file_name(save_id, rank)):
+        try:
+            storage.delete(name)
+        except Exception:
+            pass
+
+
+def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata: dict | None = None,
+         frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
+         timeout_s: float | None = None) -> Manifest:
+    """Save a (distributed) state_dict to `path`. Call on every rank of the group with the same keys.
+
+    Each rank writes the chunks it owns (DTensor shards; replicated data split across its replicas) to its
+    own file, in parallel; the coordinator (group rank 0) commits manifest.json once every rank's data is
+    durable. The checkpoint exists once save returns; if any rank fails, every rank raises and nothing is
+    committed. A path that already holds a committed checkpoint is never overwritten (CheckpointExistsError).
+
+    Args:
+        state_dict: nested dicts/lists of tensors, DTensors, Stateful objects and plain values.
+        path: a directory path or fsspec URL (s3://bucket/run/step-100).
+        process_group: the group saving together (default: the whole job, or one process).
+        codec: "auto" (byte-plane zstd for floats, zstd otherwise), "zstd-byteplane", "zstd" or "raw".
+        metadata: JSON-like user metadata stored in the manifest (metrics, step, config).
+        frame_size: raw bytes per independently decodable frame.
+        storage_options: passed to fsspec for URLs.
+        timeout_s: how long a collective may wait for a slow or dead rank (default 600 s).
+
+    Returns:
+        The committed Manifest.
+    """
+    if frame_size <= 0 or frame_size % 8:
+        raise ValueError("frame_size must be a positive multiple of 8")
+    p = _prepare(state_dict, path, process_group=process_group, codec=codec, frame_size=frame_size,
+                 metadata=metadata, storage_options=storage_options, timeout_s=timeout_s, stage=False, pool=None)
+    return _write_and_commit(p)
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+def read_manifest(path, *, storage_options: dict | None = None) -> Manifest:
+    """The committed manifest at `path`, validated. Raises IncompleteCheckpointError if there is none."""
+    storage = storage_for(path, storage_options)
+    try:
+        data = storage.read_file(MANIFEST_NAME)
+    except FileNotFoundError:
+        partial = bool(storage.list_dir("data"))
+        raise IncompleteCheckpointError(
+            "no committed checkpoint here" + (" (a save started but never committed)" if partial else ""),
+            file=f"{storage.url}/{MANIFEST_NAME}") from None
+    return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}")
+
+
+def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None = None) -> dict[str, list[Chunk]]:
+    """Every rank's chunk index (read in parallel, each verified against the crc32c the manifest pins),
+    grouped by key and checked for exact coverage of the keys asked for."""
+    def one(entry):
+        try:
+            data = storage.read_file(entry.index)
+        except FileNotFoundError:
+            raise IncompleteCheckpointError("index file listed in the manifest is missing",
+                                            file=entry.index, rank=entry.rank) from None
+        return parse_index(data, entry, manifest)
+
+    with ThreadPoolExecutor(min(16, max(1, len(manifest.files)))) as pool:
+        per_rank = list(pool.map(one, manifest.files))
+    by_key: dict[str, list[Chunk]] = {k: [] for k in manifest.tensors}
+    for chunks in per_rank:
+        for c in chunks:
+            by_key[c.key].append(c)
+    for key in (manifest.tensors if keys is None else keys):
+        check_coverage(manifest.tensors[key], by_key[key])
+    return by_key
+
+
+KeyMap = Callable[[str], str | None] | dict[str, str] | None
+
+
+def _map_key(key: str, key_map: KeyMap) -> str | None:
+    """The saved key a caller's key reads from. A dict maps prefixes ({"model.": ""}) or, for keys starting
+    with "re:", regular expressions ({"re:^layers\\.(\\d+)": "blocks.\\1"}); a callable maps each key (None
+    skips it)."""
+    if key_map is None:
+        return key
+    if callable(key_map):
+        return key_map(key)
+    for src, dst in key_map.items():
+        if src.startswith("re:"):
+            new, n = re.subn(src[3:], dst, key)
+            if n:
+                return new
+        elif key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def _key_filter(keys) -> Callable[[str], bool]:
+    if keys is None:
+        return lambda k: True
+    if callable(keys):
+        return keys
+    if isinstance(keys, str):
+        keys = [keys]
+    pats = list(keys)
+    return lambda k: any(k == p or fnmatch.fnmatchcase(k, p) or k.startswith(p.rstrip(".") + ".") for p in pats)
+
+
+@dataclass
+class LoadResult:
+    """What a load did: keys the caller had that the checkpoint lacks, and keys the checkpoint has that the
+    caller did not ask for (both empty for a strict load, which raises instead)."""
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def _target_box(t: torch.Tensor):
+    """(offsets, sizes, local tensor) of what this rank holds of a caller's tensor."""
+    from .plan import _is_dtensor
+    if _is_dtensor(t):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return tuple(offset), tuple(shape), t._local_tensor
+    return (0,) * t.dim(), tuple(t.shape), t
+
+
+def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None, key_map: KeyMap = None,
+         convert_dtype: bool = False, storage_options: dict | None = None) -> LoadResult:
+    """Fill `state_dict`'s tensors in place from the checkpoint at `path`, whatever their layout now
+    (another world size, other placements or mesh, or full tensors), reading only the frames this rank
+    needs. Plain values are replaced in their containers; Stateful objects get load_state_dict().
+
+    Loading needs no collectives: each rank reads what it needs on its own (process_group is accepted for
+    symmetry with save and ignored).
+
+    Args:
+        strict: raise KeyMismatchError if the caller's keys and the checkpoint's differ (after key_map and
+            keys). Non-strict loads skip them and report them in the result.
+        keys: load only these keys (exact names, glob patterns, prefixes, or a predicate).
+        key_map: maps each caller key to the saved key (see _map_key): for loading into a renamed model.
+        convert_dtype: cast saved tensors to the caller's dtype instead of raising DtypeMismatchError.
+    """
+    storage = storage_for(path, storage_options)
+    manifest = read_manifest(storage)
+    flat = flatten(state_dict)
+    wanted = _key_filter(keys)
+    targets, value_slots, missing, used = [], [], [], set()
+    for key, leaf in flat.leaves.items():
+        if not wanted(key):
+            continue
+        saved = _map_key(key, key_map)
+        if saved is None:
+            continue
+        if isinstance(leaf.value, torch.Tensor):
+            meta = manifest.tensors.get(saved)
+            if meta is None:
+                missing.append(key)
+                continue
+            used.add(saved)
+            t = leaf.value
+            if tuple(t.shape) != meta.shape:
+                raise ShapeMismatchError(f"checkpoint has shape {list(meta.shape)}, the state has "
+                                         f"{list(t.shape)}", key=key, file=storage.url)
+            if t.dtype != meta.dtype and not convert_dtype:
+                raise DtypeMismatchError(f"checkpoint has {meta.dtype}, the state has {t.dtype} "
+                                         f"(pass convert_dtype=True to cast)", key=key, file=storage.url)
+            off, size, local = _target_box(t)
+            if math.prod(size) or not size:
+                targets.append(Target(saved, off, size, local))
+        else:
+            if saved not in manifest.values:
+                missing.append(key)
+                continue
+            used.add(saved)
+            value_slots.append((leaf, saved))
+    unexpected = sorted(k for k in manifest.keys() if k not in used and wanted(k)) if key_map is None else \
+        sorted(k for k in manifest.keys() if k not in used)
+    if strict and (missing or unexpected):
+        raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
+                               f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)
+    chunks = read_chunks(storage, manifest, {t.key for t in targets})
+    stats = ReadStats()
+    run_reads(storage, manifest, plan_reads(targets, manifest, chunks), stats)
+    for leaf, saved in value_slots:
+        if leaf.container is not None:
+            leaf.container[leaf.slot] = decode_value(manifest.values[saved])
+    for obj, sd in flat.statefuls:
+        obj.load_state_dict(sd)
+    return LoadResult(missing, unexpected if not strict else [], stats.bytes_read)
+
+
+def load_full(path, *, keys=None, storage_options: dict | None = None, device: str | torch.device = "cpu"):
+    """Load a checkpoint in one process (no process group) as full tensors, with the saved nesting
+    (dicts, lists, tuples) and plain values. `keys` selects a subset (names, globs, prefixes, predicate)."""
+    storage = storage_for(path, storage_options)
+    manifest = read_manifest(storage)
+    wanted = _key_filter(keys)
+    tensors = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in manifest.tensors.items() if wanted(k)}
+    targets = [Target(k, (0,) * t.dim(), tuple(t.shape), t) for k, t in tensors.items() if t.numel() or not t.dim()]
+    chunks = read_chunks(storage, manifest, list(tensors))
+    run_reads(storage, manifest, plan_reads(targets, manifest, chunks))
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    out = rebuild(manifest.tree, lambda kind, k: tensors[k] if kind == "tensor" else
+                  decode_value(manifest.values[k]), wanted)
+    from .tree import _SKIP
+    return {} if out is _SKIP else out

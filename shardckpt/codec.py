@@ -1,0 +1,48 @@
+"""Codecs: how a chunk's bytes become frames and back. Plug-ins keyed by the "name/version" descriptor saved
+per chunk, so a load never guesses. The kernels live in csrc/ (native) or shardckpt/_twin.py (pure Python);
+shardckpt._ext picks one."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _ext
+from .errors import FormatError
+
+RAW, ZSTD, ZSTD_BYTEPLANE = "raw/1", "zstd/1", "zstd-byteplane/1"
+CODEC_IDS = {RAW: _ext.CODEC_RAW, ZSTD: _ext.CODEC_ZSTD, ZSTD_BYTEPLANE: _ext.CODEC_ZSTD_BYTEPLANE}
+USER_NAMES = {"raw": RAW, "zstd": ZSTD, "zstd-byteplane": ZSTD_BYTEPLANE, "byteplane": ZSTD_BYTEPLANE}
+ZSTD_LEVEL = int(os.environ.get("SHARDCKPT_ZSTD_LEVEL", "1"))
+
+
+def threads() -> int:
+    """Worker threads for the native kernels (SHARDCKPT_THREADS, default: the CPUs this process may use)."""
+    env = os.environ.get("SHARDCKPT_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def choose(codec: str, dtype: torch.dtype) -> str:
+    """The codec descriptor for a tensor. "auto": byte-plane zstd for 2/4/8-byte floating types (exponent
+    bytes compress, mantissa bytes don't: splitting them is where the ratio comes from), plain zstd for
+    everything else. Frames that do not shrink are stored raw whatever the codec."""
+    if codec in CODEC_IDS:
+        return codec
+    if codec == "auto":
+        if (dtype.is_floating_point or dtype.is_complex) and dtype.itemsize in (2, 4, 8):
+            return ZSTD_BYTEPLANE
+        return ZSTD
+    try:
+        return USER_NAMES[codec]
+    except KeyError:
+        raise FormatError(f"unknown codec {codec!r}; choose auto, raw, zstd or zstd-byteplane") from None
+
+
+def plane_size(dtype: torch.dtype) -> int:
+    """Byte-plane element width: complex types split per real component."""
+    return dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize

@@ -1,0 +1,120 @@
+"""The coordinator protocol's transport: small JSON records over a gloo process group (never pickle).
+
+A save makes four collectives, each O(ranks) small records, however many tensors or chunks it holds:
+  1. gather(plan record) at the coordinator   2. broadcast(verdict: go + save_id, or an error)
+  3. gather(write summary) at the coordinator  4. broadcast(commit result)
+Every collective runs on a gloo group with a timeout, so a dead or hung rank raises CoordinationError on
+every survivor instead of hanging. Without torch.distributed (one process) these are identities."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import CoordinationError
+
+RECORD_BYTES = 4096
+DEFAULT_TIMEOUT_S = float(os.environ.get("SHARDCKPT_TIMEOUT", "600"))
+
+_companion_groups: dict = {}
+
+
+@dataclass
+class Comm:
+    """The group a save or load runs on. rank/world_size are within the group; coordinator is group rank 0."""
+    group: object | None
+    rank: int
+    world_size: int
+    global_rank: int
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def gather_json(self, obj) -> list | None:
+        """Gather one small JSON record per rank at the coordinator (None on other ranks)."""
+        if self.group is None:
+            return [obj]
+        buf = _encode(obj)
+        out = [torch.empty(RECORD_BYTES, dtype=torch.uint8) for _ in range(self.world_size)] \
+            if self.is_coordinator else None
+        try:
+            dist.gather(buf, out, group_dst=0, group=self.group)
+        except Exception as e:  # gloo raises RuntimeError on timeout or a dead peer
+            raise CoordinationError(f"gather failed: a rank died or timed out ({_short(e)})",
+                                    rank=self.global_rank) from e
+        return [_decode(t) for t in out] if out is not None else None
+
+    def broadcast_json(self, obj) -> object:
+        """Broadcast a small JSON record from the coordinator to every rank."""
+        if self.group is None:
+            return obj
+        buf = _encode(obj) if self.is_coordinator else torch.empty(RECORD_BYTES, dtype=torch.uint8)
+        try:
+            dist.broadcast(buf, group_src=0, group=self.group)
+        except Exception as e:
+            raise CoordinationError(f"broadcast failed: a rank died or timed out ({_short(e)})",
+                                    rank=self.global_rank) from e
+        return _decode(buf)
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _encode(obj) -> torch.Tensor:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if len(data) + 4 > RECORD_BYTES:
+        raise ValueError(f"coordination record of {len(data)} bytes exceeds {RECORD_BYTES}")
+    buf = torch.zeros(RECORD_BYTES, dtype=torch.uint8)
+    buf[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+    buf[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return buf
+
+
+def _decode(buf: torch.Tensor):
+    raw = bytes(buf.numpy())
+    n = int.from_bytes(raw[:4], "little")
+    if n > RECORD_BYTES - 4:
+        raise CoordinationError("corrupt coordination record")
+    return json.loads(raw[4:4 + n])
+
+
+def comm_for(process_group=None, timeout_s: float | None = None) -> Comm:
+    """The Comm for a save: one process without torch.distributed; else a gloo companion of the given group
+    (created once per group, collectively, with its own timeout) so shardckpt's collectives never interleave
+    with the training job's and always time out."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Comm(None, 0, 1, 0)
+    group = process_group if process_group is not None else dist.group.WORLD
+    ranks = dist.get_process_group_ranks(group)
+    world = dist.get_world_size(group)
+    if world == 1:
+        return Comm(None, 0, 1, dist.get_rank())
+    timeout = timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    cache_key = (tuple(ranks), timeout)
+    companion = _companion_groups.get(cache_key)
+    if companion is None:
+        if group is dist.group.WORLD or len(ranks) == dist.get_world_size():
+            try:
+                companion = dist.new_group(ranks=None if group is dist.group.WORLD else ranks, backend="gloo",
+                                           timeout=timeout, use_local_synchronization=True)
+            except Exception as e:
+                raise CoordinationError(f"could not create shardckpt's gloo group: {_short(e)}",
+                                        rank=dist.get_rank()) from e
+        elif dist.get_backend(group) == "gloo":
+            companion = group  # a gloo subgroup of the caller's: its own timeout applies
+        else:
+            companion = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout,
+                                       use_local_synchronization=True)
+        _companion_groups[cache_key] = companion
+    return Comm(companion, dist.get_rank(companion), world, dist.get_rank())
+
+
+def reset() -> None:
+    """Forget cached companion groups (after destroy_process_group)."""
+    _companion_groups.clear()

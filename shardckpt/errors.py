@@ -1,0 +1,85 @@
+"""Typed errors. Every error shardckpt raises derives from CheckpointError and names what it can:
+the key (fqn), the file and the rank involved."""
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by shardckpt."""
+
+    def __init__(self, message: str, *, key: str | None = None, file: str | None = None,
+                 rank: int | None = None):
+        parts = [message]
+        where = []
+        if key is not None:
+            where.append(f"key={key!r}")
+        if file is not None:
+            where.append(f"file={file!r}")
+        if rank is not None:
+            where.append(f"rank={rank}")
+        if where:
+            parts.append("(" + ", ".join(where) + ")")
+        super().__init__(" ".join(parts))
+        self.key = key
+        self.file = file
+        self.rank = rank
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """The path holds no committed manifest: the checkpoint does not exist (or its save never committed)."""
+
+
+class CheckpointExistsError(CheckpointError):
+    """A committed checkpoint already exists at the path (or another job committed it first)."""
+
+
+class FormatError(CheckpointError):
+    """The manifest or an index file breaks a rule of docs/FORMAT.md (malformed, hostile or unsupported)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The manifest's format_version major is not one this reader understands."""
+
+
+class ChecksumError(CheckpointError):
+    """A frame, index or manifest failed its crc32c check: the bytes on storage are corrupt."""
+
+
+class CorruptDataError(CheckpointError):
+    """A frame passed its checksum but could not be decoded, or a data file is shorter than the manifest says."""
+
+
+class KeyMismatchError(CheckpointError):
+    """strict load: keys missing from the checkpoint or unexpected in it."""
+
+    def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (), **kw):
+        super().__init__(message, **kw)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+
+
+class ShapeMismatchError(CheckpointError):
+    """The caller's tensor has another global shape than the saved one."""
+
+
+class DtypeMismatchError(CheckpointError):
+    """The caller's tensor has another dtype than the saved one (and no conversion was asked for)."""
+
+
+class PlanMismatchError(CheckpointError):
+    """Ranks disagree on what is being saved (different keys, shapes, dtypes or layouts)."""
+
+
+class SaveError(CheckpointError):
+    """A save failed on some rank; nothing was committed. `rank` names the first failing rank."""
+
+
+class CoordinationError(CheckpointError):
+    """A collective of the save protocol failed or timed out (a rank died or stopped responding)."""
+
+
+class StorageError(CheckpointError):
+    """The storage backend failed (I/O error, disk full, permission, network)."""
+
+
+class UnsupportedValueError(CheckpointError):
+    """A state_dict leaf of a type shardckpt does not save (it never falls back to pickle)."""

@@ -1,0 +1,109 @@
+"""The storage interface. One Storage object is rooted at a checkpoint directory (or a manager root) and
+addresses everything by relative POSIX paths below it ("manifest.json", "data/<save_id>/r00000.bin").
+
+Who calls what, and when (numbers follow one save and one load):
+  save  1. every rank: open_write(data file) -> FileWriter.write(...)* -> FileWriter.close() (durable on return)
+        2. every rank: write_file(index file)                         (durable on return)
+        3. coordinator only: commit(manifest name, bytes)              (atomic, create-only; the commit point)
+  load  1. every rank: read_file(manifest), read_file(index files)
+        2. every rank: read_ranges(data file, ranges) for the frames it needs
+  manager / CLI: list_dir, exists, size, delete_tree (retention and gc; coordinator only)
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """One byte range to fetch: `length` bytes at `offset` of a file, to land at `dest_offset` in the
+    destination buffer handed to read_ranges."""
+    offset: int
+    length: int
+    dest_offset: int
+
+
+class FileWriter(abc.ABC):
+    """Sequential writer of one new file. Called by the rank that owns the file, from one thread at a time."""
+
+    @abc.abstractmethod
+    def write(self, data) -> None:
+        """Append a buffer (bytes, memoryview, numpy array). May hand the bytes to the backend
+        asynchronously: the caller must not modify `data` until close() returns."""
+
+    @abc.abstractmethod
+    def close(self) -> int:
+        """Finish the file and make it durable (fsync / completed upload). Returns the file size."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the partial file (best effort); never raises."""
+
+
+class Storage(abc.ABC):
+    """A directory-like namespace. Implementations: LocalStorage (POSIX), FsspecStorage (any fsspec URL)."""
+
+    url: str
+
+    @abc.abstractmethod
+    def child(self, relpath: str) -> "Storage":
+        """A Storage rooted at a subdirectory (the manager uses it for step-<N> directories)."""
+
+    @abc.abstractmethod
+    def open_write(self, relpath: str) -> FileWriter:
+        """Create (or replace) a file for writing. Called by every rank for its own data files during a save."""
+
+    def write_file(self, relpath: str, data) -> int:
+        """Write a whole small file durably (index files). Called by every rank after its data file."""
+        w = self.open_write(relpath)
+        try:
+            w.write(data)
+            return w.close()
+        except BaseException:
+            w.abort()
+            raise
+
+    @abc.abstractmethod
+    def commit(self, relpath: str, data: bytes) -> None:
+        """Atomically create `relpath` with `data` if and only if it does not exist yet; readers see either
+        nothing or the whole file. Raises CheckpointExistsError if it exists. Called by the coordinator
+        once per save, as the very last step: this is the commit point."""
+
+    @abc.abstractmethod
+    def read_file(self, relpath: str) -> bytes:
+        """Read a whole file (manifest, index). Raises FileNotFoundError if absent. Called by every loader."""
+
+    @abc.abstractmethod
+    def read_ranges(self, relpath: str, ranges: Sequence[ReadRange], dest) -> None:
+        """Fill `dest` (a writable buffer) with the given ranges of a file, possibly in parallel.
+        Raises CorruptDataError-compatible StorageError if the file is shorter than a range. Called by loaders."""
+
+    @abc.abstractmethod
+    def exists(self, relpath: str) -> bool:
+        """Whether a file exists."""
+
+    @abc.abstractmethod
+    def size(self, relpath: str) -> int:
+        """Size of a file in bytes."""
+
+    @abc.abstractmethod
+    def list_dir(self, relpath: str = "") -> list[str]:
+        """Names (not paths) of the entries directly below a directory; [] if it does not exist."""
+
+    @abc.abstractmethod
+    def list_files(self, relpath: str = "") -> list[str]:
+        """Relative paths of every file below a directory, recursively; [] if it does not exist."""
+
+    @abc.abstractmethod
+    def delete(self, relpath: str) -> None:
+        """Delete one file if present. Retention and gc only (coordinator)."""
+
+    @abc.abstractmethod
+    def delete_tree(self, relpath: str = "") -> None:
+        """Delete a directory and everything below it, if present. Retention and gc only (coordinator).
+        Callers delete the manifest first, so a half-deleted checkpoint is never seen as committed."""
+
+    def sync_dir(self, relpath: str = "") -> None:
+        """Make directory entries durable (fsync on POSIX; a no-op on object stores)."""
