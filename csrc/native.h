@@ -1,0 +1,98 @@
+// Kernels of shardckpt._native: plain functions on pointers and lengths, no Python, no libtorch.
+// module.cpp is the only file that talks to Python; everything here may run with the GIL released.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace shardckpt {
+
+// ---- crc32c.cpp: CRC-32C (Castagnoli). `crc` is a finished crc of preceding bytes (0 to start).
+uint32_t crc32c(const uint8_t* data, size_t n, uint32_t crc);
+const char* crc32c_impl();  // "sse4.2" or "table"
+
+// ---- byteplane.cpp: itemsize in {1,2,4,8}, n % itemsize == 0 (checked by the caller).
+void byteplane_split(const uint8_t* src, uint8_t* dst, size_t n, int itemsize);
+void byteplane_merge(const uint8_t* src, uint8_t* dst, size_t n, int itemsize);
+const char* byteplane_impl();  // "avx2" or "scalar"
+
+// ---- copy.cpp
+void copy_parallel(uint8_t* dst, const uint8_t* src, size_t n, int nthreads);
+
+// ---- zstd_dl.cpp: libzstd.so.1 loaded with dlopen, no headers needed at build time.
+bool zstd_load();                  // idempotent; false when the library or a symbol is missing
+const std::string& zstd_source();  // "libzstd.so.1 1.5.4 (dlopen)" or why loading failed
+
+// ---- frames.cpp
+enum Codec : int { CODEC_RAW = 0, CODEC_ZSTD = 1, CODEC_ZSTD_BYTEPLANE = 2 };
+
+struct EncodedFrame {
+    size_t offset;
+    size_t stored;
+    uint32_t crc;
+    bool encoded;
+};
+// Returns "" on success, else an error message (zstd failure other than "does not fit").
+std::string encode_frames(const uint8_t* src, size_t n, uint8_t* out, size_t frame_size, int itemsize,
+                          int codec, int level, int nthreads, std::vector<EncodedFrame>& frames);
+
+struct DecodeFrame {
+    size_t src_offset, stored, raw, dst_offset;
+    uint32_t crc;
+    bool encoded;
+};
+enum FrameStatus : int { FRAME_OK = 0, FRAME_CHECKSUM = 1, FRAME_CORRUPT = 2 };
+// Frames must already be validated against the buffers. Returns the lowest failing index (or -1) and sets
+// *status; *fatal gets a message for an environment failure (out of memory).
+long decode_frames(const uint8_t* src, uint8_t* dst, const std::vector<DecodeFrame>& frames, int itemsize,
+                   int codec, int nthreads, int* status, std::string* fatal);
+
+std::vector<uint32_t> crc32c_frames(const uint8_t* src, size_t n, size_t frame_size, int nthreads);
+
+// ---- fileio.cpp: return bytes done, or -errno.
+long long pread_full(int fd, uint64_t offset, uint8_t* dst, size_t n);
+long long pwrite_full(int fd, uint64_t offset, const uint8_t* src, size_t n);
+
+// ---- threading: a fresh set of std::threads per call (no pool survives a fork).
+inline int plan_threads(int nthreads, size_t items) {
+    long n = nthreads > 0 ? nthreads : static_cast<long>(std::thread::hardware_concurrency());
+    if (n < 1) n = 1;
+    if (n > 256) n = 256;
+    if (static_cast<size_t>(n) > items) n = static_cast<long>(items ? items : 1);
+    return static_cast<int>(n);
+}
+
+// Runs fn(item, worker) for item in [0, items) on `workers` threads (the caller is worker 0). If a thread
+// cannot be started, the remaining workers simply take more items.
+template <class F>
+void parallel_for(size_t items, int workers, F&& fn) {
+    if (workers <= 1 || items <= 1) {
+        for (size_t i = 0; i < items; ++i) fn(i, 0);
+        return;
+    }
+    std::atomic<size_t> next{0};
+    auto run = [&](int w) {
+        for (;;) {
+            size_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= items) return;
+            fn(i, w);
+        }
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(workers - 1);
+    for (int w = 1; w < workers; ++w) {
+        try {
+            threads.emplace_back(run, w);
+        } catch (...) {
+            break;
+        }
+    }
+    run(0);
+    for (auto& t : threads) t.join();
+}
+
+}  // namespace shardckpt
