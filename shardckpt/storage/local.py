@@ -53,6 +53,8 @@ class _LocalWriter(FileWriter):
             raise _storage_error(e, "write", self.path) from e
 
     def close(self) -> int:
+        if self._fd < 0:
+            raise StorageError("file was aborted or already closed", file=self.path)
         try:
             os.fsync(self._fd)
         except OSError as e:
@@ -181,7 +183,18 @@ class LocalStorage(Storage):
             pass
 
     def delete_tree(self, relpath: str = "") -> None:
-        shutil.rmtree(self._path(relpath), ignore_errors=True)
+        base = self._path(relpath)
+        # manifests first (shallowest first, made durable), so a crash mid-delete never leaves a committed
+        # manifest pointing at deleted data
+        manifests = sorted((os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs if f == "manifest.json"),
+                           key=lambda p: p.count(os.sep))
+        for m in manifests:
+            try:
+                os.unlink(m)
+                _fsync_dir(os.path.dirname(m))
+            except OSError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)
 
     def sync_dir(self, relpath: str = "") -> None:
         _fsync_dir(self._path(relpath))
