@@ -83,6 +83,12 @@ def _select():
     try:
         return backend("native"), None
     except ImportError as e:
+        if os.environ.get("SHARDCKPT_REQUIRE_NATIVE") == "1":
+            raise ImportError(f"SHARDCKPT_REQUIRE_NATIVE=1 but the native module is unavailable: {e}") from e
+        import warnings
+        warnings.warn(f"shardckpt: native kernels unavailable ({e}); using the pure-Python twin, which is "
+                      f"several times slower. Reinstall with a C++ compiler to build csrc/.", RuntimeWarning,
+                      stacklevel=2)
         return backend("python"), str(e)
 
 
