@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _ext, dist as sdist
+from ._faults import fault_point
 from .errors import (CheckpointError, CheckpointExistsError, DtypeMismatchError, FormatError,
                      IncompleteCheckpointError, KeyMismatchError, PlanMismatchError, SaveError,
                      ShapeMismatchError, StorageError)
@@ -104,6 +105,7 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
             raise error
         cls = {"exists": CheckpointExistsError, "plan": PlanMismatchError}.get(verdict["kind"], SaveError)
         raise cls(verdict["message"], file=storage.url, rank=verdict["rank"])
+    fault_point("stage", comm.rank)
     sources = _stage(items, pool or default_pool()) if stage else _contiguous_cpu(items, pool)
     total = sum(math.prod(i.shape) for i in infos)
     return _Prepared(storage, comm, verdict["save_id"], items, sources, infos, flat.tree, values, total,
@@ -136,12 +138,15 @@ def _write_and_commit(p: _Prepared) -> Manifest:
         files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size)
         if files is not None:
             summary.update(vars(files))
+        fault_point("before_commit", comm.rank)
     except Exception as e:
         summary = {"rank": comm.rank, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
     records = comm.gather_json(summary)
     result = None
     if comm.is_coordinator:
         result = _commit(p, records)
+    else:
+        fault_point("manifest", comm.rank)
     result = comm.broadcast_json(result)
     if not result["ok"]:
         _remove_own_files(storage, p.save_id, comm.rank)
@@ -172,7 +177,9 @@ def _commit(p: _Prepared, records: list[dict]) -> dict:
                                   frame_size=p.frame_size, tree=p.tree, tensors=tensors, values=p.values,
                                   files=files, user_metadata=p.user_metadata, backend=_ext.BACKEND)
         p.storage.sync_dir(f"data/{p.save_id}") if files else None
+        fault_point("manifest", 0)
         p.storage.commit(MANIFEST_NAME, manifest)
+        fault_point("committed", 0)
     except CheckpointExistsError as e:
         return {"ok": False, "kind": "exists", "rank": 0, "message": str(e)}
     except Exception as e:
@@ -308,7 +315,7 @@ def _target_box(t: torch.Tensor):
 
 
 def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None, key_map: KeyMap = None,
-         convert_dtype: bool = False, storage_options: dict | None = None) -> LoadResult:
+         prefix: str = "", convert_dtype: bool = False, storage_options: dict | None = None) -> LoadResult:
     """Fill `state_dict`'s tensors in place from the checkpoint at `path`, whatever their layout now
     (another world size, other placements or mesh, or full tensors), reading only the frames this rank
     needs. Plain values are replaced in their containers; Stateful objects get load_state_dict().
@@ -321,6 +328,9 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
             keys). Non-strict loads skip them and report them in the result.
         keys: load only these keys (exact names, glob patterns, prefixes, or a predicate).
         key_map: maps each caller key to the saved key (see _map_key): for loading into a renamed model.
+        prefix: load from the part of the checkpoint under this prefix only: caller key k reads saved key
+            prefix + k, and saved keys outside the prefix are not "unexpected". For weights only out of a
+            full training-state checkpoint: load(model.state_dict(), path, prefix="model.").
         convert_dtype: cast saved tensors to the caller's dtype instead of raising DtypeMismatchError.
     """
     storage = storage_for(path, storage_options)
@@ -334,6 +344,7 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
         saved = _map_key(key, key_map)
         if saved is None:
             continue
+        saved = prefix + saved
         if isinstance(leaf.value, torch.Tensor):
             meta = manifest.tensors.get(saved)
             if meta is None:
@@ -356,8 +367,8 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
                 continue
             used.add(saved)
             value_slots.append((leaf, saved))
-    unexpected = sorted(k for k in manifest.keys() if k not in used and wanted(k)) if key_map is None else \
-        sorted(k for k in manifest.keys() if k not in used)
+    in_scope = [k for k in manifest.keys() if k.startswith(prefix)]
+    unexpected = sorted(k for k in in_scope if k not in used and (key_map is not None or wanted(k[len(prefix):])))
     if strict and (missing or unexpected):
         raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
                                f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)
@@ -378,9 +389,10 @@ def load_full(path, *, keys=None, storage_options: dict | None = None, device: s
     storage = storage_for(path, storage_options)
     manifest = read_manifest(storage)
     wanted = _key_filter(keys)
+    # indexes validated (coverage included) before any tensor is allocated from the manifest's shapes
+    chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)])
     tensors = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in manifest.tensors.items() if wanted(k)}
     targets = [Target(k, (0,) * t.dim(), tuple(t.shape), t) for k, t in tensors.items() if t.numel() or not t.dim()]
-    chunks = read_chunks(storage, manifest, list(tensors))
     run_reads(storage, manifest, plan_reads(targets, manifest, chunks))
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}

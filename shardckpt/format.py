@@ -27,6 +27,8 @@ SUPPORTED_MAJOR = 1
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 DEFAULT_FRAME_SIZE = 4 << 20
+MIN_CHUNK_FRAME = 64 << 10
+FRAMES_PER_CHUNK = 16
 MAX_FRAME_SIZE = 256 << 20
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_NUMEL = 1 << 50
@@ -79,7 +81,7 @@ class Frame:
 @dataclass(frozen=True)
 class Chunk:
     """A box of one tensor (`offsets`, `sizes` in global coordinates) stored by one rank, C-order bytes split
-    into frames of the manifest's frame_size (the last one shorter)."""
+    into frames of `frame_size` bytes (the last one shorter)."""
     key: str
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
@@ -87,10 +89,22 @@ class Chunk:
     frames: tuple[Frame, ...]
     file: str
     rank: int
+    frame_size: int
 
     @property
     def numel(self) -> int:
         return math.prod(self.sizes)
+
+
+def chunk_frame_size(nbytes: int, max_frame_size: int) -> int:
+    """The frame size a writer uses for a chunk: about FRAMES_PER_CHUNK frames (so a resharding load that
+    needs part of the chunk fetches little more than that part), a power of two between MIN_CHUNK_FRAME
+    and max_frame_size."""
+    target = max(1, nbytes // FRAMES_PER_CHUNK)
+    size = MIN_CHUNK_FRAME
+    while size < target and size < max_frame_size:
+        size *= 2
+    return min(size, max_frame_size)
 
 
 @dataclass(frozen=True)
@@ -276,7 +290,7 @@ def _check_value(v, file: str, key: str, depth: int = 0) -> None:
             _check_value(item[1], file, key, depth + 1)
         return
     if t == "dtype":
-        if v.get("v") not in DTYPES:
+        if type(v.get("v")) is not str or v["v"] not in DTYPES:
             _fail("unknown dtype value", file, key)
         return
     _fail(f"unknown value type {t!r:.40}", file, key)
@@ -307,7 +321,7 @@ def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
     for key, t in _dict(obj.get("tensors"), "tensors", file).items():
         t = _dict(t, "tensor entry", file)
         dname = t.get("dtype")
-        if dname not in DTYPES:
+        if type(dname) is not str or dname not in DTYPES:
             _fail(f"unknown dtype {dname!r:.40}", file, key)
         layout = t.get("layout")
         if layout is not None and type(layout) is not dict:
@@ -378,9 +392,9 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
     raw_chunks = _list(obj.get("chunks"), "chunks", file)
     if len(raw_chunks) != entry.chunks:
         _fail(f"index has {len(raw_chunks)} chunks, the manifest says {entry.chunks}", file)
-    F = manifest.frame_size
     out = []
     spans = []
+    pos = 0  # the data file is its frames back to back, in index order (FORMAT.md §6)
     for c in raw_chunks:
         c = _dict(c, "chunk", file)
         key = _str(c.get("key"), "chunk key", file)
@@ -394,9 +408,13 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
         if any(o + s > d for o, s, d in zip(offsets, sizes, meta.shape)):
             _fail(f"chunk {list(offsets)}+{list(sizes)} lies outside shape {list(meta.shape)}", file, key)
         codec = c.get("codec")
-        if codec not in CODECS:
+        if type(codec) is not str or codec not in CODECS:
             _fail(f"unknown codec {codec!r:.40}", file, key)
         nbytes = math.prod(sizes) * meta.itemsize
+        F = c.get("frame_size", manifest.frame_size)
+        F = _int(F, "chunk frame_size", file, 8, MAX_FRAME_SIZE, key)
+        if F % 8:
+            _fail("chunk frame_size must be a multiple of 8", file, key)
         frames_raw = _list(c.get("frames"), "frames", file, key)
         if len(frames_raw) != -(-nbytes // F):
             _fail(f"chunk of {nbytes} bytes needs {-(-nbytes // F)} frames, index lists {len(frames_raw)}",
@@ -413,11 +431,16 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
             raw_len = min(F, nbytes - i * F)
             if off + stored > entry.data_size:
                 _fail(f"frame at {off}+{stored} lies beyond the data file's {entry.data_size} bytes", file, key)
+            if off != pos:
+                _fail(f"frame at byte {off} of the data file, expected {pos} (frames are back to back)", file, key)
+            pos += stored
             if not fr[3] and stored != raw_len:
                 _fail("a raw frame's stored length must equal its raw length", file, key)
             frames.append(Frame(off, stored, raw_len, crc, fr[3]))
             spans.append((off, stored))
-        out.append(Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank))
+        out.append(Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank, F))
+    if pos != entry.data_size:
+        _fail(f"frames end at byte {pos}, the data file has {entry.data_size}", file)
     spans.sort()
     for (a_off, a_len), (b_off, _) in zip(spans, spans[1:]):
         if a_off + a_len > b_off:

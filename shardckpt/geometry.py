@@ -106,7 +106,15 @@ def frame_span(chunk_sizes: Sequence[int], itemsize: int, frame_size: int, row_l
     return FrameSpan(first, last, start - first * frame_size, end - start)
 
 
-def row_batches(row_lo: int, row_hi: int, row_bytes: int, target_bytes: int) -> list[tuple[int, int]]:
-    """Split rows [row_lo, row_hi) into consecutive batches of about target_bytes (at least one row each)."""
+def row_batches(row_lo: int, row_hi: int, row_bytes: int, target_bytes: int, align: int = 1) -> list[tuple[int, int]]:
+    """Split rows [row_lo, row_hi) into consecutive batches of about target_bytes (at least one row each),
+    cutting only at absolute rows that are multiples of `align` (frame boundaries), so each batch decodes
+    whole frames straight into place."""
     per = max(1, target_bytes // max(1, row_bytes))
-    return [(r, min(r + per, row_hi)) for r in range(row_lo, row_hi, per)]
+    per = max(align, per // align * align)
+    out, r = [], row_lo
+    while r < row_hi:
+        nxt = min(row_hi, (r // per + 1) * per)
+        out.append((r, nxt))
+        r = nxt
+    return out

@@ -2,7 +2,9 @@
 those rows, one ranged read per (chunk, row batch), decode + verify, copy into the caller's tensor."""
 from __future__ import annotations
 
+import bisect
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -11,7 +13,7 @@ import torch
 
 from . import _ext
 from .codec import CODEC_IDS, plane_size, threads
-from .errors import ChecksumError, CorruptDataError
+from .errors import ChecksumError, CorruptDataError, StorageError
 from .format import Chunk, Manifest, TensorMeta
 from .geometry import frame_span, intersect, row_batches
 from .storage.base import ReadRange, Storage
@@ -60,38 +62,139 @@ def plan_reads(targets: list[Target], manifest: Manifest, chunks_by_key: dict[st
                 continue
             row_lo = inter[0][0] - ch.offsets[0]
             row_bytes = math.prod(ch.sizes[1:]) * meta.itemsize
-            for lo, hi in row_batches(row_lo, row_lo + inter[1][0], row_bytes, TASK_BYTES):
+            align = ch.frame_size // row_bytes if row_bytes and ch.frame_size % row_bytes == 0 else 1
+            for lo, hi in row_batches(row_lo, row_lo + inter[1][0], row_bytes, TASK_BYTES, align):
                 tasks.append(ReadTask(ch, meta, lo, hi, inter, tgt))
     # file order, then offset: sequential reads keep the OS read-ahead useful
     tasks.sort(key=lambda t: (t.chunk.file, t.chunk.frames[0].offset if t.chunk.frames else 0, t.row_lo))
     return tasks
 
 
+BATCH_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    task: ReadTask
+    span: object      # geometry.FrameSpan
+    start: int        # file offset of the task's first frame
+    stored: int       # stored bytes of its frames
+
+
 def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats: ReadStats | None = None) -> None:
-    workers = min(READ_WORKERS, max(1, len(tasks)))
-    nthreads = max(1, threads() // workers) if workers > 1 else threads()
+    """Fetch and decode the tasks: consecutive tasks of one file form batches of about BATCH_BYTES fetched
+    with one read_ranges call (overlapping or adjacent frame ranges merged, so a frame shared by two tasks is
+    fetched once; object stores get one parallel ranged request set per batch); batches run in parallel."""
+    fetches = []
+    for t in tasks:
+        span = frame_span(t.chunk.sizes, t.meta.itemsize, t.chunk.frame_size, t.row_lo, t.row_hi)
+        if span.nbytes == 0:
+            continue
+        frames = t.chunk.frames[span.first:span.last]
+        start = frames[0].offset
+        fetches.append(_Fetch(t, span, start, frames[-1].offset + frames[-1].stored_len - start))
+    batches: list[list[_Fetch]] = []
+    size = 0
+    for f in fetches:
+        if not batches or batches[-1][0].task.chunk.file != f.task.chunk.file or size >= BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(f)
+        size += f.stored
+    workers = min(READ_WORKERS, max(1, len(batches)))
+    nthreads = max(1, threads() // workers)
     if workers == 1:
-        for t in tasks:
-            _run_one(storage, manifest, t, nthreads, stats)
+        for b in batches:
+            _run_batch(storage, b, nthreads, stats)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-        for f in [pool.submit(_run_one, storage, manifest, t, nthreads, stats) for t in tasks]:
-            f.result()
+        for fut in [pool.submit(_run_batch, storage, b, nthreads, stats) for b in batches]:
+            fut.result()
 
 
-def _run_one(storage: Storage, manifest: Manifest, task: ReadTask, nthreads: int, stats: ReadStats | None) -> None:
+def _run_batch(storage: Storage, batch: list[_Fetch], nthreads: int, stats: ReadStats | None) -> None:
+    merged: list[list[int]] = []  # [file_start, file_end, dest_offset]
+    total = 0
+    for f in sorted(batch, key=lambda f: f.start):
+        if merged and f.start <= merged[-1][1]:
+            if f.start + f.stored > merged[-1][1]:
+                total += f.start + f.stored - merged[-1][1]
+                merged[-1][1] = f.start + f.stored
+        else:
+            merged.append([f.start, f.start + f.stored, total])
+            total += f.stored
+    buf = np.empty(total, dtype=np.uint8)
+    try:
+        storage.read_ranges(batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
+    except StorageError as e:
+        short = _short_file_error(storage, batch)
+        if short is None:
+            raise  # an I/O error, not a damaged checkpoint
+        raise short from e
+    if stats is not None:
+        stats.bytes_read += total
+    starts = [m[0] for m in merged]
+    for f in batch:
+        m = merged[bisect.bisect_right(starts, f.start) - 1]
+        pos = m[2] + f.start - m[0]
+        _decode_task(f.task, f.span, buf[pos:pos + f.stored], nthreads, stats)
+
+
+def _short_file_error(storage: Storage, batch: list[_Fetch]) -> CorruptDataError | None:
+    """A data file that is missing or shorter than its frames is a damaged checkpoint: name the first key
+    whose frames it cuts off. None if the file is long enough (the read failed for another reason)."""
+    ch = batch[0].task.chunk
+    try:
+        size = storage.size(ch.file)
+    except Exception:
+        size = None
+    cut = [f for f in batch if size is None or f.start + f.stored > size]
+    if not cut:
+        return None
+    f = min(cut, key=lambda f: f.start)
+    what = "missing" if size is None else f"{size} bytes, shorter than its frames (to byte {f.start + f.stored})"
+    return CorruptDataError(f"data file is {what}", key=f.task.chunk.key, file=ch.file, rank=ch.rank)
+
+
+_local = threading.local()
+
+
+def _scratch(nbytes: int, name: str = "decode") -> np.ndarray:
+    """A per-thread buffer reused across tasks (a fresh allocation per task would spend its time in page
+    faults). One per name: "fetch" holds stored bytes while "decode" receives raw ones."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        setattr(_local, name, buf)
+    return buf[:nbytes]
+
+
+def _dest_view(task: ReadTask, rows: int):
+    """(source narrowing needed?, the caller's region for rows [row_lo, row_hi) of the overlap)."""
     ch, meta = task.chunk, task.meta
-    F = manifest.frame_size
-    span = frame_span(ch.sizes, meta.itemsize, F, task.row_lo, task.row_hi)
-    if span.nbytes == 0:
-        return
+    inter_off, inter_size = task.inter
+    narrow_src = any(inter_off[d] != ch.offsets[d] or inter_size[d] != ch.sizes[d] for d in range(1, len(meta.shape)))
+    dst = task.target.dest
+    g_lo = ch.offsets[0] + task.row_lo
+    for d in range(len(meta.shape)):
+        lo = (g_lo if d == 0 else inter_off[d]) - task.target.offsets[d]
+        n = rows if d == 0 else inter_size[d]
+        if lo != 0 or n != dst.shape[d]:
+            dst = dst.narrow(d, lo, n)
+    return narrow_src, dst
+
+
+def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: ReadStats | None) -> None:
+    ch, meta = task.chunk, task.meta
     frames = ch.frames[span.first:span.last]
     start = frames[0].offset
-    stored = frames[-1].offset + frames[-1].stored_len - start
     raw_total = sum(f.raw_len for f in frames)
-    src = np.empty(stored, dtype=np.uint8)
-    storage.read_ranges(ch.file, [ReadRange(start, stored, 0)], src)
-    raw = np.empty(raw_total, dtype=np.uint8)
+    rows = task.row_hi - task.row_lo
+    narrow_src, dst = _dest_view(task, rows) if meta.shape else (False, task.target.dest)
+    # decode straight into the caller's memory when these frames are exactly its contiguous region
+    direct = (span.skip == 0 and span.nbytes == raw_total and not narrow_src and dst.dtype == meta.dtype
+              and dst.device.type == "cpu" and dst.is_contiguous())
+    raw = dst.reshape(-1).view(torch.uint8).numpy() if direct else _scratch(raw_total)
     table = [(f.offset - start, f.stored_len, f.raw_len, f.crc32c, f.encoded) for f in frames]
     try:
         _ext.decode_frames(src, table, raw, plane_size(meta.dtype), CODEC_IDS[ch.codec], nthreads)
@@ -103,26 +206,17 @@ def _run_one(storage: Storage, manifest: Manifest, task: ReadTask, nthreads: int
     except ValueError as e:
         raise CorruptDataError(f"frame table is inconsistent: {e}", key=ch.key, file=ch.file) from None
     if stats is not None:
-        stats.bytes_read += stored
         stats.frames_decoded += len(frames)
-    rows = task.row_hi - task.row_lo
+    if direct:
+        return
     piece = torch.from_numpy(raw[span.skip:span.skip + span.nbytes]).view(meta.dtype)
-    piece = piece.view((rows,) + tuple(ch.sizes[1:])) if meta.shape else piece.view(())
-    # the part of these rows inside the overlap, in chunk coordinates
+    if not meta.shape:
+        dst.copy_(piece.view(()))
+        return
+    src_view = piece.view((rows,) + tuple(ch.sizes[1:]))
     inter_off, inter_size = task.inter
-    if meta.shape:
-        g_lo = ch.offsets[0] + task.row_lo
-        src_view = piece
-        for d in range(1, len(meta.shape)):
-            lo = inter_off[d] - ch.offsets[d]
-            if lo != 0 or inter_size[d] != ch.sizes[d]:
-                src_view = src_view.narrow(d, lo, inter_size[d])
-        dst = task.target.dest
-        for d in range(len(meta.shape)):
-            lo = (g_lo if d == 0 else inter_off[d]) - task.target.offsets[d]
-            n = rows if d == 0 else inter_size[d]
-            if lo != 0 or n != dst.shape[d]:
-                dst = dst.narrow(d, lo, n)
-        dst.copy_(src_view)
-    else:
-        task.target.dest.copy_(piece)
+    for d in range(1, len(meta.shape)):
+        lo = inter_off[d] - ch.offsets[d]
+        if lo != 0 or inter_size[d] != ch.sizes[d]:
+            src_view = src_view.narrow(d, lo, inter_size[d])
+    dst.copy_(src_view)

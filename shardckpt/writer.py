@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from . import _ext
+from ._faults import fault_point
 from .codec import CODEC_IDS, RAW, ZSTD_LEVEL, plane_size, threads
-from .format import build_index, data_file_name, index_file_name
+from .format import build_index, chunk_frame_size, data_file_name, index_file_name
 from .plan import WriteItem
 from .storage.base import Storage
 
@@ -59,8 +60,7 @@ def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem]
     data_name = data_file_name(save_id, rank)
     writer = storage.open_write(data_name)
     nthreads = threads()
-    batch_bytes = BATCH_FRAMES * frame_size
-    bufs = _EncodeBuffers.get(_ext.encode_bound(batch_bytes, frame_size, CODEC_IDS["zstd/1"]))
+    bufs = _EncodeBuffers.get(_ext.encode_bound(BATCH_FRAMES * frame_size, frame_size, CODEC_IDS["zstd/1"]))
     io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-write")
     pending: list[Future | None] = [None, None]
     pos = 0
@@ -70,14 +70,16 @@ def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem]
     try:
         for item, src in zip(items, sources):
             data = as_bytes(src)
+            fs = chunk_frame_size(len(data), frame_size)
+            batch_bytes = BATCH_FRAMES * fs
             itemsize = plane_size(item.source.dtype)
             cid = CODEC_IDS[item.codec]
             frames = []
             for start in range(0, len(data), batch_bytes):
                 part = data[start:start + batch_bytes]
                 if cid == CODEC_IDS[RAW]:
-                    crcs = _ext.crc32c_frames(part, frame_size, nthreads)
-                    out, table = part, [(i * frame_size, min(frame_size, len(part) - i * frame_size), c, False)
+                    crcs = _ext.crc32c_frames(part, fs, nthreads)
+                    out, table = part, [(i * fs, min(fs, len(part) - i * fs), c, False)
                                         for i, c in enumerate(crcs)]
                     if pending[turn] is not None:
                         pending[turn].result()
@@ -85,15 +87,16 @@ def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem]
                     if pending[turn] is not None:
                         pending[turn].result()  # this buffer's previous batch is on disk
                     out = bufs[turn]
-                    table = _ext.encode_frames(part, out, frame_size, itemsize, cid, ZSTD_LEVEL, nthreads)
+                    table = _ext.encode_frames(part, out, fs, itemsize, cid, ZSTD_LEVEL, nthreads)
                 n = sum(f[1] for f in table)
                 for off, stored, crc, enc in table:
                     frames.append([pos + off, stored, crc, bool(enc)])
                 pending[turn] = io.submit(writer.write, out[:n])
+                fault_point("write", rank)
                 pos += n
                 turn ^= 1
             chunks.append({"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
-                           "codec": item.codec, "frames": frames})
+                           "codec": item.codec, "frame_size": fs, "frames": frames})
             raw_bytes += len(data)
             elements += math.prod(item.sizes)
         for p in pending:

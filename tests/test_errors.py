@@ -158,3 +158,13 @@ def test_failed_saves_commit_nothing_on_any_rank(tmp_path):
     # the failed save left nothing that blocks the next one
     shardckpt.save(_state(), tmp_path / "a")
     assert torch.equal(shardckpt.load_full(tmp_path / "a")["w"], _state()["w"])
+
+
+def test_weights_only_from_a_training_state_checkpoint(tmp_path):
+    p = tmp_path / "c"
+    shardckpt.save({"model": {"w": torch.arange(6.0)}, "optim": {"state": {"m": torch.ones(6)}}, "step": 4}, p)
+    weights = {"w": torch.zeros(6)}
+    r = shardckpt.load(weights, p, prefix="model.")  # strict: optimizer keys are out of scope, not unexpected
+    assert torch.equal(weights["w"], torch.arange(6.0)) and r.unexpected_keys == []
+    with pytest.raises(shardckpt.KeyMismatchError):
+        shardckpt.load({"w": torch.zeros(6), "v": torch.zeros(1)}, p, prefix="model.")

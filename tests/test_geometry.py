@@ -98,12 +98,13 @@ def test_frame_span_selects_exactly_the_frames_holding_the_rows(sizes, itemsize,
         assert span.first * frame_size + span.skip == start
 
 
-@given(st.integers(0, 50), st.integers(0, 50), st.integers(1, 100), st.integers(1, 1000))
-def test_row_batches_cover_range(lo, n, row_bytes, target):
-    batches = row_batches(lo, lo + n, row_bytes, target)
+@given(st.integers(0, 50), st.integers(0, 50), st.integers(1, 100), st.integers(1, 1000), st.integers(1, 8))
+def test_row_batches_cover_range_and_cut_at_aligned_rows(lo, n, row_bytes, target, align):
+    batches = row_batches(lo, lo + n, row_bytes, target, align)
     rows = [r for a, b in batches for r in range(a, b)]
     assert rows == list(range(lo, lo + n))
     assert all(b > a for a, b in batches)
+    assert all(b % align == 0 for a, b in batches[:-1])
 
 
 def test_check_coverage_rejects_gaps_and_overlaps():
@@ -111,7 +112,7 @@ def test_check_coverage_rejects_gaps_and_overlaps():
     from shardckpt.errors import FormatError
     from shardckpt.format import Chunk, TensorMeta, check_coverage
     meta = TensorMeta("w", torch.float32, (4, 4))
-    c = lambda off, size, r=0: Chunk("w", off, size, "raw/1", (), "f", r)
+    c = lambda off, size, r=0: Chunk("w", off, size, "raw/1", (), "f", r, 8)
     check_coverage(meta, [c((0, 0), (2, 4)), c((2, 0), (2, 4), 1)])
     with pytest.raises(FormatError, match="cover"):
         check_coverage(meta, [c((0, 0), (2, 4))])

@@ -1,0 +1,547 @@
+"""CheckpointManager: when to save, what to keep, what to restore, and what to do on preemption.
+
+    manager = shardckpt.CheckpointManager("ckpt/", save_every_steps=500, keep_last=3, keep_best=1,
+                                          monitor="val_loss", preemption_signals=("SIGTERM", "SIGUSR1"))
+    start = manager.restore(state) or 0
+    for step in range(start + 1, total + 1):
+        ...
+        if manager.maybe_save(step, state, metrics={"val_loss": v}) and manager.preempted:
+            break                                  # every rank saved and the checkpoint committed
+    manager.close()
+
+Layout: `root/step-<10-digit step>/` per checkpoint (a normal shardckpt checkpoint); the manifest's
+user_metadata holds {"step": N, "metrics": {...}}. A step exists once its manifest.json is committed.
+
+Who does what:
+  all ranks     maybe_save / save / restore / wait / close, in the same order (they run collectives on
+                shardckpt's gloo companion group, never on the training job's groups).
+  coordinator   retention and garbage collection (deletes), and the choice of the step to restore (the
+                other ranks follow its broadcast decision).
+Retention is recomputed from the committed manifests on disk after every commit, so a restarted job keeps
+applying the same rules; it never runs before the new checkpoint committed, and never deletes the latest
+step, the best `keep_best` steps or the multiples of `keep_every_steps`. Deleting a step removes its
+manifest first, so an interrupted delete leaves an uncommitted directory (which gc collects), never a
+half-deleted checkpoint that looks committed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+from datetime import datetime
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from . import api, dist as sdist
+from .async_save import AsyncSaveHandle, async_save
+from .codec import CODEC_IDS, plane_size, threads
+from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, CoordinationError, CorruptDataError,
+                     FormatError, IncompleteCheckpointError, StorageError)
+from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME, Manifest, parse_index
+from .state import load_training_state
+from .storage import Storage, storage_for
+
+log = logging.getLogger("shardckpt")
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIGITS = 10
+DEFAULT_GC_GRACE_S = 3600.0
+_CORRUPTION = (ChecksumError, CorruptDataError, FormatError, IncompleteCheckpointError, StorageError,
+               FileNotFoundError)
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:0{STEP_DIGITS}d}"
+
+
+# ------------------------------------------------------------------------------------------ inspection
+
+def committed_steps(root, *, storage_options: dict | None = None) -> list[int]:
+    """Steps under a manager root whose manifest.json is committed, ascending. Any process may call it."""
+    storage = storage_for(root, storage_options)
+    out = []
+    for name in storage.list_dir(""):
+        m = STEP_DIR.match(name)
+        if m and storage.exists(f"{name}/{MANIFEST_NAME}"):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def verify_checkpoint(path, *, full: bool = False, storage_options: dict | None = None, rank: int = 0,
+                      world_size: int = 1) -> list[str]:
+    """Problems found in a committed checkpoint ([] if none): the manifest parses; every index file listed
+    in it is present, matches its crc32c and parses; with `full`, every frame of every data file decodes
+    and matches its crc32c. With rank/world_size, checks only files i with i % world_size == rank (so the
+    ranks of a job share the work)."""
+    storage = storage_for(path, storage_options)
+    try:
+        manifest = api.read_manifest(storage)
+    except Exception as e:
+        return [f"manifest: {type(e).__name__}: {e}"]
+    problems = []
+    for i, entry in enumerate(manifest.files):
+        if i % world_size != rank:
+            continue
+        try:
+            chunks = parse_index(storage.read_file(entry.index), entry, manifest)
+            if storage.size(entry.data) < entry.data_size:
+                raise CheckpointError("data file is shorter than the manifest says", file=entry.data)
+            if full:
+                _verify_frames(storage, manifest, chunks)
+        except Exception as e:
+            problems.append(f"{entry.index}: {type(e).__name__}: {e}")
+    return problems
+
+
+def _verify_frames(storage: Storage, manifest: Manifest, chunks) -> None:
+    import numpy as np
+    from . import _ext
+    from .errors import ChecksumError
+    from .storage.base import ReadRange
+    for ch in chunks:
+        meta = manifest.tensors[ch.key]
+        batch: list = []
+        for f in list(ch.frames) + [None]:
+            if f is not None and (not batch or sum(x.stored_len for x in batch) < (64 << 20)):
+                batch.append(f)
+                continue
+            if batch:
+                start = batch[0].offset
+                src = np.empty(batch[-1].offset + batch[-1].stored_len - start, dtype=np.uint8)
+                storage.read_ranges(ch.file, [ReadRange(start, len(src), 0)], src)
+                dst = np.empty(sum(x.raw_len for x in batch), dtype=np.uint8)
+                table = [(x.offset - start, x.stored_len, x.raw_len, x.crc32c, x.encoded) for x in batch]
+                try:
+                    _ext.decode_frames(src, table, dst, plane_size(meta.dtype), CODEC_IDS[ch.codec], threads())
+                except _ext.FrameError as e:
+                    raise ChecksumError(f"frame at byte offset {batch[e.index].offset} failed its {e.reason} "
+                                        f"check", key=ch.key, file=ch.file, rank=ch.rank) from None
+            batch = [f] if f is not None else []
+
+
+# ------------------------------------------------------------------------------------------------- gc
+
+def _mtime(storage: Storage, relpath: str) -> float | None:
+    """Modification time of a file (seconds since the epoch), or None if the backend does not say."""
+    root = getattr(storage, "root", None)
+    if type(storage).__name__ == "LocalStorage":
+        try:
+            return os.path.getmtime(os.path.join(root, relpath) if relpath else root)
+        except OSError:
+            return None
+    fs = getattr(storage, "fs", None)
+    if fs is None:
+        return None
+    try:
+        info = fs.info(storage._path(relpath))
+    except Exception:
+        return None
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created", "time_created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, datetime):
+            return v.timestamp()
+        try:
+            return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def _newest(storage: Storage, relpath: str) -> float | None:
+    files = storage.list_files(relpath)
+    times = [_mtime(storage, f) for f in files] or [_mtime(storage, relpath)]
+    if any(t is None for t in times):
+        return None
+    return max(times)
+
+
+def gc_uncommitted(root, *, dry_run: bool = True, grace_s: float = DEFAULT_GC_GRACE_S,
+                   exclude: Iterable[int] = (), storage_options: dict | None = None) -> list[str]:
+    """Leftovers of crashed saves under a manager root: step directories without a committed manifest, and
+    data/<save_id> directories inside committed steps that the manifest does not reference. Only those
+    whose newest file is older than `grace_s` seconds are taken (a save still being written keeps touching
+    its files), and never the steps in `exclude` (the save this process has in flight). Entries whose age
+    the backend cannot tell are kept unless grace_s <= 0.
+
+    Deletes them unless `dry_run`; returns their paths relative to root either way. Coordinator (or a
+    single CLI process) only.
+    """
+    storage = storage_for(root, storage_options)
+    skip = {step_dir(s) for s in exclude}
+    now = time.time()
+
+    def old(rel: str) -> bool:
+        if grace_s <= 0:
+            return True
+        t = _newest(storage, rel)
+        return t is not None and now - t > grace_s
+
+    found = []
+    for name in storage.list_dir(""):
+        if not STEP_DIR.match(name) or name in skip:
+            continue
+        if not storage.exists(f"{name}/{MANIFEST_NAME}"):
+            if old(name):
+                found.append(name)
+            continue
+        try:
+            save_id = api.read_manifest(storage.child(name)).save_id
+        except Exception:
+            continue  # a corrupt committed step is retention's and restore's business, not gc's
+        for sid in storage.list_dir(f"{name}/data"):
+            if sid != save_id and old(f"{name}/data/{sid}"):
+                found.append(f"{name}/data/{sid}")
+    if not dry_run:
+        for rel in found:
+            storage.delete_tree(rel)
+    return found
+
+
+# --------------------------------------------------------------------------------------------- manager
+
+def _signum(s) -> int:
+    if isinstance(s, str):
+        return int(getattr(signal, s if s.startswith("SIG") else "SIG" + s))
+    return int(s)
+
+
+def _json_metrics(metrics: dict | None) -> dict:
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        out[str(k)] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    return out
+
+
+class CheckpointManager:
+    """Periodic, retained, verifiable, preemption-safe checkpoints of a training state under one root.
+
+    Args:
+        root: a directory or fsspec URL holding step-<N> checkpoints.
+        save_every_steps: maybe_save saves when step % save_every_steps == 0.
+        save_every_seconds: maybe_save saves when this long has passed since the last save (ranks agree
+            through a one-element all-reduce on every call).
+        keep_last: keep the newest K committed steps. keep_last and keep_best both None: keep everything.
+        keep_best: keep the K best steps by metrics[monitor] (steps without that metric do not compete).
+        monitor, mode: the metric and whether lower ("min") or higher ("max") is better.
+        keep_every_steps: also keep every step that is a multiple of this forever.
+        async_save: save in the background (shardckpt.async_save); else save() blocks until committed.
+        process_group: the group that saves together (default: the whole job).
+        preemption_signals: signals (names or numbers) whose handler only sets a flag; at the next maybe_save
+            all ranks agree, save, wait for the commit and return True with `preempted` set. () to disable.
+            Handlers are installed only when the manager is created on the main thread.
+        preemption_check_every: run the agreement every N maybe_save calls (one 2-integer all-reduce on
+            shardckpt's gloo group); a signal is acted on within N steps.
+        gc_grace_s: how old uncommitted leftovers must be before gc removes them.
+        verify: "index" (manifest + every index crc) or "full" (also every frame) before restoring.
+        codec, frame_size, storage_options, timeout_s: as for shardckpt.save.
+    """
+
+    def __init__(self, root, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
+                 keep_last: int | None = None, keep_best: int | None = None, monitor: str | None = None,
+                 mode: str = "min", keep_every_steps: int | None = None, async_save: bool = True,
+                 process_group=None, preemption_signals: Iterable = ("SIGTERM",), preemption_check_every: int = 1,
+                 gc_grace_s: float = DEFAULT_GC_GRACE_S, verify: str = "index", codec: str = "auto",
+                 frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
+                 timeout_s: float | None = None):
+        if mode not in ("min", "max"):
+            raise ValueError("mode must be 'min' or 'max'")
+        if keep_best and not monitor:
+            raise ValueError("keep_best needs monitor= (the metric to rank steps by)")
+        if verify not in ("index", "full"):
+            raise ValueError("verify must be 'index' or 'full'")
+        for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("save_every_steps", save_every_steps),
+                        ("keep_every_steps", keep_every_steps), ("preemption_check_every", preemption_check_every)):
+            if v is not None and v < 1 and not (name == "keep_best" and v == 0):
+                raise ValueError(f"{name} must be >= 1")
+        self.storage = storage_for(root, storage_options)
+        self.root = self.storage.url
+        self.save_every_steps, self.save_every_seconds = save_every_steps, save_every_seconds
+        self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
+        self.keep_every_steps = keep_every_steps
+        self.async_save = async_save
+        self.process_group = process_group
+        self.preemption_check_every = preemption_check_every
+        self.gc_grace_s, self.verify = gc_grace_s, verify
+        self._save_kw = {"codec": codec, "frame_size": frame_size, "timeout_s": timeout_s}
+        self.comm = sdist.comm_for(process_group, timeout_s)
+        self.preempted = False
+        self._signalled: int | None = None
+        self._calls = 0
+        self._pending: tuple[int, AsyncSaveHandle] | None = None
+        self._last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._bad_steps: set[int] = set()
+        self._old_handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in preemption_signals:
+                num = _signum(s)
+                self._old_handlers[num] = signal.signal(num, self._on_signal)
+        if self.comm.is_coordinator:
+            self._gc()
+
+    # ---------------------------------------------------------------------------------------- signals
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = signum  # only a flag: the next maybe_save acts on it, collectively
+
+    @property
+    def signalled(self) -> bool:
+        """Whether this rank received a preemption signal (the job acts on it at the next maybe_save)."""
+        return self._signalled is not None
+
+    # ------------------------------------------------------------------------------------------- steps
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (read from storage; any rank)."""
+        return committed_steps(self.storage)
+
+    def latest_step(self) -> int | None:
+        s = self.steps()
+        return s[-1] if s else None
+
+    def best_step(self) -> int | None:
+        ranked = self._ranked_by_metric(self.steps())
+        return ranked[0] if ranked else None
+
+    def metadata(self, step: int) -> dict:
+        """The user_metadata of a committed step ({"step": N, "metrics": {...}})."""
+        return api.read_manifest(self._path(step)).user_metadata
+
+    def _metric(self, step: int) -> float | None:
+        try:
+            v = self.metadata(step).get("metrics", {}).get(self.monitor)
+        except Exception:
+            return None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+            return None
+        return float(v)
+
+    def _ranked_by_metric(self, steps: list[int]) -> list[int]:
+        """Steps with the monitored metric, best first (ties: the newer step first)."""
+        if not self.monitor:
+            return []
+        scored = [(m, s) for s in steps if (m := self._metric(s)) is not None]
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored.sort(key=lambda ms: (sign * ms[0], -ms[1]))
+        return [s for _, s in scored]
+
+    def _path(self, step: int) -> Storage:
+        return self.storage.child(step_dir(step))
+
+    # -------------------------------------------------------------------------------------------- save
+    def maybe_save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> bool:
+        """Save if a rule says so (every N steps, every T seconds, force) or a preemption signal reached any
+        rank. Call on every rank at every step, with the same step. On preemption, blocks until the save
+        committed, sets `preempted` and returns True: the loop should then exit. Returns whether it saved."""
+        self._reap(block=False)
+        self._calls += 1
+        local = [1 if self._signalled is not None else 0,
+                 1 if self.save_every_seconds and time.monotonic() - self._last_save_time >= self.save_every_seconds
+                 else 0]
+        if self.save_every_seconds or self._calls % self.preemption_check_every == 0:
+            local = self._agree(local)
+        preempt, time_due = bool(local[0]), bool(local[1])
+        due = force or preempt or time_due or bool(self.save_every_steps and step % self.save_every_steps == 0)
+        if not due:
+            return False
+        if step != self._last_saved_step:
+            try:
+                self.save(step, state, metrics)
+            except CheckpointExistsError:
+                log.warning("step %d is already committed under %s (a resumed or rolled-back run?); not "
+                            "saving it again", step, self.root)
+                if not preempt:
+                    return False
+        if preempt:
+            self.wait()
+            self.preempted = True
+            if self.comm.is_coordinator:
+                log.warning("preemption signal received: step %d is committed; stopping", step)
+        return True
+
+    def _agree(self, flags: list[int]) -> list[int]:
+        """Element-wise max of small integer flags over the ranks (shardckpt's gloo group)."""
+        if self.comm.group is None:
+            return flags
+        t = torch.tensor(flags, dtype=torch.int32)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.comm.group)
+        except Exception as e:
+            raise CoordinationError(f"preemption/time agreement failed: a rank died or timed out ({e})",
+                                    rank=self.comm.global_rank) from e
+        return t.tolist()
+
+    def save(self, step: int, state, metrics: dict | None = None) -> None:
+        """Save `state` as step `step` (all ranks). Waits for the previous save to commit first (its
+        errors raise here). Asynchronous managers return once the state is snapshotted."""
+        self._reap(block=True)
+        if self.comm.is_coordinator and step in self._bad_steps:
+            log.warning("replacing step %d, found corrupt at restore", step)
+            self._delete_step(step)
+            self._bad_steps.discard(step)
+        meta = {"step": int(step), "metrics": _json_metrics(metrics)}
+        path = self._path(step)
+        kw = dict(process_group=self.process_group, metadata=meta, **self._save_kw)
+        if self.async_save:
+            handle = async_save(state, path, **kw)
+            self._pending = (step, handle)
+        else:
+            api.save(state, path, **kw)
+            self._after_commit(step)
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+
+    def _reap(self, block: bool) -> None:
+        """Finish a pending async save: raise its error, or run retention after its commit."""
+        if self._pending is None:
+            return
+        step, handle = self._pending
+        if not block and not handle.done():
+            return
+        self._pending = None
+        handle.wait()
+        self._after_commit(step)
+
+    def wait(self) -> None:
+        """Block until the pending save committed (all ranks); raise its error if it failed."""
+        self._reap(block=True)
+
+    def close(self) -> None:
+        """Wait for the pending save and restore the previous signal handlers."""
+        try:
+            self.wait()
+        finally:
+            for num, old in self._old_handlers.items():
+                try:
+                    signal.signal(num, old)
+                except (ValueError, TypeError):
+                    pass
+            self._old_handlers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -------------------------------------------------------------------------------------- retention
+    def _after_commit(self, step: int) -> None:
+        """Coordinator: retention and gc, now that `step` is committed. Failures are logged, not raised:
+        a failed delete must not stop training."""
+        if not self.comm.is_coordinator:
+            return
+        try:
+            for s in self.to_delete():
+                self._delete_step(s)
+            self._gc()
+        except Exception as e:
+            log.warning("checkpoint retention under %s failed: %s: %s", self.root, type(e).__name__, e)
+
+    def to_delete(self) -> list[int]:
+        """The committed steps retention would delete now, recomputed from the manifests on storage."""
+        if self.keep_last is None and not self.keep_best:
+            return []
+        steps = self.steps()
+        if not steps:
+            return []
+        keep = {steps[-1]}
+        keep.update(steps[-self.keep_last:] if self.keep_last else [])
+        if self.keep_best:
+            keep.update(self._ranked_by_metric(steps)[:self.keep_best])
+        if self.keep_every_steps:
+            keep.update(s for s in steps if s % self.keep_every_steps == 0)
+        return [s for s in steps if s not in keep]
+
+    def _delete_step(self, step: int) -> None:
+        path = self._path(step)
+        path.delete(MANIFEST_NAME)  # first: from here on the step no longer exists for any reader
+        self.storage.delete_tree(step_dir(step))
+        log.info("deleted checkpoint step %d", step)
+
+    def _gc(self) -> None:
+        exclude = [self._pending[0]] if self._pending else []
+        try:
+            removed = gc_uncommitted(self.storage, dry_run=False, grace_s=self.gc_grace_s, exclude=exclude)
+        except Exception as e:
+            log.warning("gc of uncommitted checkpoints under %s failed: %s", self.root, e)
+            return
+        for rel in removed:
+            log.warning("removed uncommitted leftover %s/%s", self.root, rel)
+
+    # ---------------------------------------------------------------------------------------- restore
+    def restore(self, state, step: str | int = "latest") -> int | None:
+        """Load `state` in place from a committed step (all ranks): "latest", "best" or a step number.
+        The checkpoint is verified first (`verify`); for "latest" and "best", an unreadable or corrupt one
+        is skipped with a warning naming it, and the next one (older, or next best) is tried. Returns the
+        step restored, or None if there is no (valid) checkpoint. A step number that fails raises."""
+        self._reap(block=True)
+        if step not in ("latest", "best") and not isinstance(step, int):
+            raise ValueError("step must be 'latest', 'best' or an int")
+        order: list[int] = []
+        if self.comm.is_coordinator:
+            steps = self.steps()
+            order = steps[::-1] if step == "latest" else self._ranked_by_metric(steps) if step == "best" \
+                else [step]
+        tried = 0
+        while True:
+            nxt = None
+            if self.comm.is_coordinator:
+                nxt = order[tried] if tried < len(order) else None
+            nxt = self.comm.broadcast_json(nxt)
+            if nxt is None:
+                if isinstance(step, int):
+                    raise CheckpointError(f"checkpoint step {step} cannot be restored", file=self.root)
+                return None
+            tried += 1
+            problem = self._check_and_load(nxt, state)
+            if problem is None:
+                if self.comm.is_coordinator and tried > 1:
+                    log.warning("restored step %d instead (fell back past %d bad step(s))", nxt, tried - 1)
+                self._last_saved_step = nxt
+                return nxt
+            self._bad_steps.add(nxt)
+            if self.comm.is_coordinator:
+                log.warning("checkpoint step %d under %s is unreadable or corrupt (%s); falling back to the "
+                            "previous valid one", nxt, self.root, problem)
+            if isinstance(step, int):
+                raise CheckpointError(f"checkpoint step {nxt} is unreadable or corrupt: {problem}",
+                                      file=f"{self.root}/{step_dir(nxt)}")
+
+    def _check_and_load(self, step: int, state) -> str | None:
+        """Verify (work shared across ranks), then load; ranks agree on the outcome. None means restored."""
+        path = self._path(step)
+        mine = verify_checkpoint(path, full=self.verify == "full", rank=self.comm.rank,
+                                 world_size=self.comm.world_size)
+        problem = self._agree_problem(mine[0] if mine else None, fatal=False)
+        if problem is not None:
+            return problem
+        err, fatal = None, False
+        try:
+            load_training_state(state, path, process_group=self.process_group)
+        except Exception as e:
+            err = f"rank {self.comm.rank}: {type(e).__name__}: {e}"
+            fatal = not isinstance(e, _CORRUPTION)  # the caller's state does not fit: never fall back
+        return self._agree_problem(err, fatal)
+
+    def _agree_problem(self, problem: str | None, fatal: bool) -> str | None:
+        """The first rank's problem, on every rank; raises everywhere if it is the caller's mistake."""
+        records = self.comm.gather_json({"p": problem[:1500] if problem else None, "fatal": fatal})
+        verdict = None
+        if self.comm.is_coordinator:
+            verdict = next(({"p": r["p"], "fatal": r["fatal"]} for r in records if r["p"]), None)
+        verdict = self.comm.broadcast_json(verdict)
+        if verdict is None:
+            return None
+        if verdict["fatal"]:
+            raise CheckpointError(f"restore failed: {verdict['p']}", file=self.root)
+        return verdict["p"]

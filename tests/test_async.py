@@ -1,0 +1,145 @@
+"""async_save: snapshot semantics, pool reuse, error reporting, and background collectives that never
+interleave with the foreground's (training collectives, sync saves) on 2 ranks."""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+import pytest
+import torch
+
+import shardckpt
+from harness import run_ranks
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(300, 257, generator=g), "b": torch.arange(1000, dtype=torch.int64),
+            "h": torch.randn(64, 33, generator=g).to(torch.bfloat16), "step": 3, "cfg": {"lr": 0.1}}
+
+
+def _clone(state):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _equal(a, b):
+    return all(torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k] for k in b)
+
+
+def test_snapshot_at_call_and_pool_reuse(tmp_path):
+    mod = importlib.import_module("shardckpt.async_save")  # the package exports the function by that name
+    state = _state()
+    want = _clone(state)
+    h = shardckpt.async_save(state, tmp_path / "a")
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            v.add_(1) if v.dtype != torch.bool else None  # the caller changes its tensors right away
+    m = h.wait()
+    assert h.done() and m.user_metadata == {} and h.stall_s > 0
+    assert _equal(shardckpt.load_full(tmp_path / "a"), want)
+    saver = next(iter(mod._savers.values()))
+    before = [p.allocations for p in saver.pools]
+    want2 = _clone(state)
+    h2 = shardckpt.async_save(state, tmp_path / "b", metadata={"n": 2})
+    assert h2.wait().user_metadata == {"n": 2}
+    assert [p.allocations for p in saver.pools] == before  # the host buffers were reused
+    assert _equal(shardckpt.load_full(tmp_path / "b"), want2)
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        shardckpt.async_save(state, tmp_path / "b")  # planning errors raise at the call
+
+
+def test_errors_raise_on_wait_and_on_next_save(tmp_path):
+    state = _state()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "data").write_text("a file where the data directory goes")  # the background write fails
+    h = shardckpt.async_save(state, bad)
+    with pytest.raises(shardckpt.SaveError):
+        h.wait()
+    assert isinstance(h.exception(), shardckpt.SaveError)
+    shardckpt.async_save(state, tmp_path / "ok").wait()  # an observed error is not raised again
+    h = shardckpt.async_save(state, bad)
+    while not h.done():
+        time.sleep(0.01)
+    with pytest.raises(shardckpt.SaveError):  # nobody waited: the next save raises it
+        shardckpt.async_save(state, tmp_path / "ok2")
+    assert not (tmp_path / "ok2" / "manifest.json").exists()
+    h3 = shardckpt.async_save(state, tmp_path / "ok3", max_in_flight=2)
+    h4 = shardckpt.async_save(state, tmp_path / "ok4", max_in_flight=2)
+    h3.wait(), h4.wait()
+    assert _equal(shardckpt.load_full(tmp_path / "ok4"), state)
+
+
+def _slow_writes(delay):
+    """Make every background write wait `delay` seconds first, so it overlaps what the caller does next."""
+    from shardckpt import api
+    orig = api.write_rank
+
+    def slow(*a, **kw):
+        time.sleep(delay)
+        return orig(*a, **kw)
+    api.write_rank = slow
+    return orig
+
+
+def _multirank(rank, ws, root):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from shardckpt import api
+    mesh = init_device_mesh("cpu", (ws,))
+    full = _state()
+    state = {"w": distribute_tensor(full["w"].clone(), mesh, [Shard(0)], src_data_rank=None),
+             "b": full["b"].clone(), "h": distribute_tensor(full["h"].clone(), mesh, [Shard(1)], src_data_rank=None),
+             "step": 3, "cfg": {"lr": 0.1}}
+    out = {}
+    orig = _slow_writes(0.4)
+    try:
+        t0 = time.perf_counter()
+        h = shardckpt.async_save(state, os.path.join(root, "a"), metadata={"r": 1})
+        out["stall"] = time.perf_counter() - t0
+        out["done_early"] = h.done()
+        # while the background writes and commits: training collectives on the job's group, a sync save
+        # (foreground collectives on shardckpt's companion group), and changes to the saved tensors
+        for i in range(20):
+            x = torch.full((4,), float(rank + i))
+            dist.all_reduce(x)
+            assert x[0].item() == sum(r + i for r in range(ws))
+        state["w"]._local_tensor.mul_(-1)
+        state["b"].add_(5)
+        api.write_rank = orig
+        shardckpt.save({"x": torch.arange(10) + rank * 0}, os.path.join(root, "sync"))
+        api.write_rank = _slow_writes(0.2)
+        # two saves in flight at once, then a bounded third
+        hs = [shardckpt.async_save({"v": torch.full((100,), float(i))}, os.path.join(root, f"m{i}"),
+                                   max_in_flight=2) for i in range(3)]
+        for i, hh in enumerate(hs):
+            assert hh.wait().save_id
+        m = h.wait()
+        out["meta"] = m.user_metadata
+    finally:
+        api.write_rank = orig
+    # a failure in the background raises on every rank, at wait()
+    bad = os.path.join(root, "bad")
+    if rank == 0:
+        os.makedirs(bad)
+        open(os.path.join(bad, "data"), "w").close()
+    dist.barrier()
+    try:
+        shardckpt.async_save({"w": state["w"]}, bad).wait()
+        out["bad"] = None
+    except shardckpt.SaveError as e:
+        out["bad"] = type(e).__name__
+    dist.barrier()
+    return out
+
+
+def test_multirank_background_never_interleaves(tmp_path):
+    outs = run_ranks(2, _multirank, str(tmp_path), timeout=120)
+    for o in outs:
+        assert o["done_early"] is False and o["meta"] == {"r": 1} and o["bad"] == "SaveError"
+    full = _state()
+    got = shardckpt.load_full(tmp_path / "a")
+    assert _equal(got, full)  # the values at the call, although the ranks changed them right after
+    assert torch.equal(shardckpt.load_full(tmp_path / "m2")["v"], torch.full((100,), 2.0))

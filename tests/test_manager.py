@@ -1,0 +1,182 @@
+"""CheckpointManager: retention from manifests (and across restarts), restore with verification and
+fallback, gc of uncommitted leftovers, fsspec roots, preemption agreement on 2 ranks."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt.manager import CheckpointManager, gc_uncommitted, step_dir, verify_checkpoint
+from harness import run_ranks
+
+
+def _state(v: float = 0.0):
+    return {"w": torch.full((64, 33), v), "n": torch.arange(50) + int(v), "step": int(v)}
+
+
+def test_retention_survives_restart_and_never_drops_latest_or_best(tmp_path):
+    losses = {10: 5.0, 20: 1.0, 30: 4.0, 40: 3.0, 50: 6.0, 60: 7.0}
+    m = CheckpointManager(tmp_path, keep_last=2, keep_best=1, monitor="loss", keep_every_steps=30,
+                          async_save=True, preemption_signals=())
+    for s in (10, 20, 30):
+        m.save(s, _state(s), metrics={"loss": torch.tensor(losses[s])})
+    m.wait()
+    assert m.steps() == [20, 30]  # 10: not in the last 2, not best, not a multiple of 30
+    m.close()
+    m = CheckpointManager(tmp_path, keep_last=2, keep_best=1, monitor="loss", keep_every_steps=30,
+                          preemption_signals=())  # a restarted job: rules recomputed from the manifests
+    assert m.best_step() == 20 and m.latest_step() == 30
+    for s in (40, 50, 60):
+        m.save(s, _state(s), metrics={"loss": losses[s]})
+        m.wait()
+    assert m.steps() == [20, 30, 50, 60]  # best (20), multiple of 30, last two
+    assert m.metadata(50) == {"step": 50, "metrics": {"loss": 6.0}}
+    into = _state(-1)
+    assert m.restore(into, "best") == 20 and torch.equal(into["w"], _state(20)["w"]) and into["step"] == 20
+    assert m.restore(into) == 60 and into["step"] == 60
+    m.close()
+
+
+def test_never_deletes_before_the_new_checkpoint_commits(tmp_path):
+    from shardckpt import api
+    m = CheckpointManager(tmp_path, keep_last=1, preemption_signals=())
+    m.save(1, _state(1))
+    m.wait()
+    orig = api.write_rank
+
+    def slow(*a, **kw):
+        time.sleep(0.5)
+        return orig(*a, **kw)
+    api.write_rank = slow
+    try:
+        m.save(2, _state(2))
+        assert not m.maybe_save(3, _state(3))  # not due; the pending save is still running
+        assert m.steps() == [1]  # step 2 has not committed: step 1 stays
+    finally:
+        m.wait()
+        api.write_rank = orig
+    assert m.steps() == [2]
+    m.close()
+
+
+def test_restore_falls_back_past_corrupt_latest(tmp_path, caplog):
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    for s in (1, 2, 3):
+        m.save(s, _state(s))
+    man = shardckpt.read_manifest(tmp_path / step_dir(3))
+    idx = tmp_path / step_dir(3) / man.files[0].index
+    idx.write_bytes(idx.read_bytes()[:-3] + b"xyz")  # index crc no longer matches
+    man2 = shardckpt.read_manifest(tmp_path / step_dir(2))
+    data = tmp_path / step_dir(2) / man2.files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a flipped byte inside a frame: only the full check (or the load) sees it
+    data.write_bytes(bytes(raw))
+    assert verify_checkpoint(tmp_path / step_dir(2)) == []
+    assert verify_checkpoint(tmp_path / step_dir(2), full=True)
+    into = _state(-1)
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert m.restore(into) == 1
+    assert into["step"] == 1 and torch.equal(into["w"], _state(1)["w"])
+    text = caplog.text
+    assert "step 3" in text and "step 2" in text and "falling back" in text
+    with pytest.raises(shardckpt.CheckpointError):
+        m.restore(into, 3)  # an explicit step does not fall back
+    with pytest.raises(shardckpt.CheckpointError, match="restore failed"):
+        m.restore({"other": torch.zeros(2)})  # the caller's state does not fit: raise, never fall back
+    m.save(3, _state(3))  # the step found corrupt is replaced
+    assert m.restore(into) == 3 and into["step"] == 3
+    mf = CheckpointManager(tmp_path, async_save=False, verify="full", preemption_signals=())
+    os.remove(tmp_path / step_dir(3) / "manifest.json")
+    assert mf.restore(into) == 1
+    empty = CheckpointManager(tmp_path / "none", preemption_signals=())
+    assert empty.restore(into) is None and empty.latest_step() is None
+
+
+def test_gc_uncommitted(tmp_path):
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    m.save(1, _state(1))
+    crashed = tmp_path / step_dir(2) / "data" / "abcdef0123456789"
+    crashed.mkdir(parents=True)
+    (crashed / "r00000.bin").write_bytes(b"partial")
+    orphan = tmp_path / step_dir(1) / "data" / "0123456789abcdef"
+    orphan.mkdir(parents=True)
+    (orphan / "r00000.bin").write_bytes(b"partial")
+    assert gc_uncommitted(tmp_path) == []  # fresh: maybe still being written
+    old = time.time() - 7200
+    for f in (crashed / "r00000.bin", orphan / "r00000.bin"):
+        os.utime(f, (old, old))
+    found = gc_uncommitted(tmp_path)
+    assert found == [f"{step_dir(1)}/data/0123456789abcdef", step_dir(2)] and crashed.exists()
+    assert gc_uncommitted(tmp_path, exclude=[2], grace_s=0) == [f"{step_dir(1)}/data/0123456789abcdef"]
+    assert gc_uncommitted(tmp_path, dry_run=False) == found
+    assert not (tmp_path / step_dir(2)).exists() and not orphan.exists()
+    assert m.steps() == [1] and m.restore(_state(0)) == 1
+
+
+def test_fsspec_memory_root():
+    pytest.importorskip("fsspec")
+    root = "memory://mgr-test"
+    m = CheckpointManager(root, keep_last=2, preemption_signals=(), save_every_steps=2)
+    for s in range(1, 8):
+        m.maybe_save(s, _state(s), metrics={"loss": 1.0 / s})
+    m.wait()
+    assert m.steps() == [4, 6]
+    st = m.storage
+    st.write_file(f"{step_dir(9)}/data/00112233445566778899/r00000.bin", b"x")
+    assert gc_uncommitted(root, grace_s=0) == [step_dir(9)]
+    assert gc_uncommitted(root, grace_s=3600) == []
+    into = _state(0)
+    assert m.restore(into) == 6 and into["step"] == 6
+    m.close()
+
+
+def test_preemption_single_process(tmp_path):
+    m = CheckpointManager(tmp_path, save_every_steps=100, preemption_signals=("SIGUSR1",))
+    try:
+        assert not m.maybe_save(1, _state(1))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert m.signalled and m.maybe_save(2, _state(2)) and m.preempted
+        assert m.steps() == [2]
+    finally:
+        m.close()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def _preempt(rank, ws, root):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (ws,))
+    state = {"w": distribute_tensor(torch.arange(40.0).view(8, 5), mesh, [Shard(0)], src_data_rank=None),
+             "step": 0}
+    m = CheckpointManager(root, save_every_steps=4, keep_last=1, preemption_signals=("SIGUSR1",))
+    saved, stop = [], None
+    for step in range(1, 20):
+        state["w"]._local_tensor.add_(1)
+        state["step"] = step
+        dist.all_reduce(torch.ones(1))  # the training job's own collective between saves
+        if rank == 1 and step == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is told
+        if m.maybe_save(step, state, metrics={"loss": float(step)}):
+            saved.append(step)
+        if m.preempted:
+            stop = step
+            break
+    m.close()
+    # a restarted job on the same ranks restores the preemption checkpoint
+    m2 = CheckpointManager(root, preemption_signals=())
+    into = {"w": distribute_tensor(torch.zeros(8, 5), mesh, [Shard(0)], src_data_rank=None), "step": -1}
+    got = m2.restore(into)
+    ok = torch.equal(into["w"].full_tensor(), torch.arange(40.0).view(8, 5) + got)
+    return saved, stop, got, into["step"], ok, m2.steps()
+
+
+def test_preemption_multirank(tmp_path):
+    outs = run_ranks(2, _preempt, str(tmp_path), timeout=120)
+    for saved, stop, got, step, ok, steps in outs:
+        assert saved == [4, 6] and stop == 6 and got == 6 and step == 6 and ok and steps == [6]
