@@ -1,4 +1,4 @@
-"""Fault-injection report (issue 7): the figures behind docs/GUARANTEES.md.
+"""Fault-injection report (issue 7): the figures behind the README's Guarantees section.
 
     python -m bench.faults --trials 20                 # full run, writes bench/results/faults.json
     python -m bench.faults --trials 3 --fuzz-cases 200 # quick look

@@ -108,7 +108,7 @@ def _background_group(comm: sdist.Comm, timeout_s: float | None):
     if comm.group is None:
         return None
     ranks = dist.get_process_group_ranks(comm.group)
-    timeout = timedelta(seconds=timeout_s or sdist.DEFAULT_TIMEOUT_S)
+    timeout = timedelta(seconds=timeout_s or sdist.default_timeout_s())
     try:
         return dist.new_group(ranks=ranks, backend="gloo", timeout=timeout, use_local_synchronization=True)
     except Exception as e:

@@ -18,9 +18,14 @@ import torch.distributed as dist
 from .errors import CoordinationError
 
 RECORD_BYTES = 4096
-DEFAULT_TIMEOUT_S = float(os.environ.get("SHARDCKPT_TIMEOUT", "600"))
+DEFAULT_TIMEOUT_S = 600.0
 
 _companion_groups: dict = {}
+
+
+def default_timeout_s() -> float:
+    """SHARDCKPT_TIMEOUT, read at each call: a launcher that imported shardckpt before setting it still counts."""
+    return float(os.environ.get("SHARDCKPT_TIMEOUT") or DEFAULT_TIMEOUT_S)
 
 
 @dataclass
@@ -95,8 +100,7 @@ def comm_for(process_group=None, timeout_s: float | None = None) -> Comm:
     world = dist.get_world_size(group)
     if world == 1:
         return Comm(None, 0, 1, dist.get_rank())
-    # read at call time: a launcher (or test harness) that imported shardckpt before setting it still counts
-    timeout = timedelta(seconds=timeout_s or float(os.environ.get("SHARDCKPT_TIMEOUT") or DEFAULT_TIMEOUT_S))
+    timeout = timedelta(seconds=timeout_s or default_timeout_s())
     cache_key = (tuple(ranks), timeout)
     companion = _companion_groups.get(cache_key)
     if companion is None:
