@@ -274,7 +274,7 @@ def _map_key(key: str, key_map: KeyMap) -> str | None:
         return key
     if callable(key_map):
         return key_map(key)
-    for src, dst in key_map.items():
+    for src, dst in (key_map.items() if isinstance(key_map, dict) else key_map):
         if src.startswith("re:"):
             new, n = re.subn(src[3:], dst, key)
             if n:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .api import _key_filter, read_chunks, read_manifest, save
+from .api import _key_filter, _map_key, read_chunks, read_manifest, save
 from .errors import CheckpointError, FormatError, UnsupportedValueError
 from .format import MANIFEST_NAME, Manifest
 from .geometry import row_batches
@@ -94,22 +94,10 @@ def piece_boxes(shape, itemsize: int, budget: int = PIECE_BYTES) -> list[tuple[t
 
 def rename_keys(rename: dict[str, str] | Iterable[tuple[str, str]] | Callable | None) -> Callable[[str], str]:
     """A key renamer: prefix pairs {"model.": ""} (first match wins; "re:" prefixes a regex) or a callable."""
-    if rename is None:
-        return lambda k: k
-    if callable(rename):
-        return rename
+    if rename is None or callable(rename):
+        return rename or (lambda k: k)
     pairs = list(rename.items()) if isinstance(rename, dict) else list(rename)
-
-    def f(key: str) -> str:
-        for src, dst in pairs:
-            if src.startswith("re:"):
-                new, n = re.subn(src[3:], dst, key)
-                if n:
-                    return new
-            elif key.startswith(src):
-                return dst + key[len(src):]
-        return key
-    return f
+    return lambda key: _map_key(key, pairs)
 
 
 def _selected(manifest: Manifest, keys, rename) -> list[tuple[str, str]]:
