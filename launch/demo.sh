@@ -8,9 +8,11 @@ WORK="${1:-$(mktemp -d /tmp/shardckpt-demo.XXXXXX)}"
 CKPT="$WORK/ckpt"
 rm -rf "$CKPT" "$WORK/pids"
 mkdir -p "$WORK"
-export OMP_NUM_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_NUM_THREADS=1
+PY="${PYTHON:-python3}"   # the interpreter shardckpt was installed into (scripts/dev.sh demo does that)
 ARGS=(--ckpt "$CKPT" --steps 60 --save-every 5 --keep-last 3 --pid-dir "$WORK/pids")
-TORCHRUN=(python -m torch.distributed.run --standalone --max-restarts=0)
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --max-restarts=0)
+echo "== shardckpt backend: $("$PY" -c 'import shardckpt; print(shardckpt.backend)')"
 
 committed() { ls -d "$CKPT"/step-*/manifest.json 2>/dev/null | sed 's#.*/step-0*\([0-9]*\)/manifest.json#\1#' | sort -n | tr '\n' ' '; }
 
