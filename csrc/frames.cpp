@@ -51,7 +51,39 @@ ContextPool& pool() {
 struct Worker {
     void* ctx = nullptr;
     std::unique_ptr<uint8_t[]> scratch;
+    size_t scratch_size = 0;
 };
+
+// Byte-plane scratch buffers outlive calls too: a fresh frame-sized allocation per call would be paid in
+// page faults on every batch of every save.
+class ScratchPool {
+   public:
+    void take(Worker& w, size_t size) {
+        std::lock_guard<std::mutex> g(mu_);
+        for (size_t i = 0; i < free_.size(); ++i) {
+            if (free_[i].second >= size) {
+                w.scratch = std::move(free_[i].first);
+                w.scratch_size = free_[i].second;
+                free_.erase(free_.begin() + static_cast<long>(i));
+                return;
+            }
+        }
+    }
+    void give(Worker& w) {
+        if (!w.scratch) return;
+        std::lock_guard<std::mutex> g(mu_);
+        if (free_.size() < 64) free_.emplace_back(std::move(w.scratch), w.scratch_size);
+    }
+
+   private:
+    std::mutex mu_;
+    std::vector<std::pair<std::unique_ptr<uint8_t[]>, size_t>> free_;
+};
+
+ScratchPool& scratch_pool() {
+    static ScratchPool* p = new ScratchPool();  // leaked on purpose, like the context pool
+    return *p;
+}
 
 class FirstError {
    public:
@@ -69,12 +101,23 @@ class FirstError {
     std::atomic<bool> failed_{false};
 };
 
-bool configure(void* cctx, int level) {
-    // Level only, plus explicit defaults: content size on (decoders can check it), no checksum (the
-    // frame table has crc32c), no dictionary id. python-zstandard's ZstdCompressor(level=...) writes the
-    // same frame header.
-    return !zstd.isError(zstd.cctxReset(cctx, ZSTD_reset_session_and_parameters)) &&
-           !zstd.isError(zstd.cctxSetParameter(cctx, ZSTD_c_compressionLevel, level)) &&
+bool set(void* cctx, int param, int value) { return !zstd.isError(zstd.cctxSetParameter(cctx, param, value)); }
+
+bool configure(void* cctx, int level, bool planes) {
+    // Content size on (decoders can check it), no checksum (the frame table has crc32c), no dictionary
+    // id. Plain zstd frames: the level. Byte planes: the fast strategy with a tiny hash table and long
+    // minimum matches: planes of floats hold few real matches, and what compresses (the exponent plane) is
+    // mostly entropy coding, so this runs 2-2.5x faster than level 1 with a slightly better ratio (measured
+    // on bf16/fp32 weights and Adam moments). The twin (_twin._compressor) sets the same parameters.
+    bool ok = !zstd.isError(zstd.cctxReset(cctx, ZSTD_reset_session_and_parameters));
+    if (planes) {
+        ok = ok && set(cctx, ZSTD_c_windowLog, 17) && set(cctx, ZSTD_c_hashLog, 6) &&
+             set(cctx, ZSTD_c_chainLog, 6) && set(cctx, ZSTD_c_searchLog, 1) && set(cctx, ZSTD_c_minMatch, 7) &&
+             set(cctx, ZSTD_c_targetLength, 0) && set(cctx, ZSTD_c_strategy, ZSTD_fast);
+    } else {
+        ok = ok && set(cctx, ZSTD_c_compressionLevel, level);
+    }
+    return ok &&
            !zstd.isError(zstd.cctxSetParameter(cctx, ZSTD_c_contentSizeFlag, 1)) &&
            !zstd.isError(zstd.cctxSetParameter(cctx, ZSTD_c_checksumFlag, 0)) &&
            !zstd.isError(zstd.cctxSetParameter(cctx, ZSTD_c_dictIDFlag, 0));
@@ -108,14 +151,20 @@ std::string encode_frames(const uint8_t* src, size_t n, uint8_t* out, size_t fra
         Worker& wk = ws[w];
         if (!wk.ctx) {
             wk.ctx = pool().take_c();
-            if (!wk.ctx || !configure(wk.ctx, level)) return err.set("cannot create a zstd context");
+            if (!wk.ctx || !configure(wk.ctx, level, codec == CODEC_ZSTD_BYTEPLANE)) {
+                return err.set("cannot create a zstd context");
+            }
         }
         const uint8_t* raw = src + i * frame_size;
         size_t len = span(i);
         uint8_t* slot = out + i * frame_size;
         const uint8_t* in = raw;
         if (planes) {
-            if (!wk.scratch) wk.scratch.reset(new (std::nothrow) uint8_t[frame_size]);
+            if (!wk.scratch) scratch_pool().take(wk, frame_size);
+            if (!wk.scratch) {
+                wk.scratch.reset(new (std::nothrow) uint8_t[frame_size]);
+                wk.scratch_size = frame_size;
+            }
             if (!wk.scratch) return err.set("out of memory for a byte-plane buffer");
             byteplane_split(raw, wk.scratch.get(), len, itemsize);
             in = wk.scratch.get();
@@ -131,7 +180,10 @@ std::string encode_frames(const uint8_t* src, size_t n, uint8_t* out, size_t fra
         }
         frames[i] = {0, r, crc32c(slot, r, 0), encoded};
     });
-    for (Worker& wk : ws) pool().give_c(wk.ctx);
+    for (Worker& wk : ws) {
+        pool().give_c(wk.ctx);
+        scratch_pool().give(wk);
+    }
     if (err.failed()) return err.msg();
 
     size_t pos = 0;  // compact: every slot starts at or after its final position, so front to back is safe
@@ -193,7 +245,12 @@ long decode_frames(const uint8_t* src, uint8_t* dst, const std::vector<DecodeFra
         }
         uint8_t* out = target;
         if (planes) {
-            if (!wk.scratch) wk.scratch.reset(new (std::nothrow) uint8_t[max_raw ? max_raw : 1]);
+            size_t need = max_raw ? max_raw : 1;
+            if (!wk.scratch) scratch_pool().take(wk, need);
+            if (!wk.scratch) {
+                wk.scratch.reset(new (std::nothrow) uint8_t[need]);
+                wk.scratch_size = need;
+            }
             if (!wk.scratch) return err.set("out of memory for a byte-plane buffer");
             out = wk.scratch.get();
         }
@@ -201,7 +258,10 @@ long decode_frames(const uint8_t* src, uint8_t* dst, const std::vector<DecodeFra
         if (zstd.isError(r) || r != f.raw) return bad(FRAME_CORRUPT);
         if (planes) byteplane_merge(out, target, f.raw, itemsize);
     });
-    for (Worker& wk : ws) pool().give_d(wk.ctx);
+    for (Worker& wk : ws) {
+        pool().give_d(wk.ctx);
+        scratch_pool().give(wk);
+    }
     if (err.failed()) {
         *fatal = err.msg();
         return -1;

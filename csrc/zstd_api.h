@@ -27,7 +27,13 @@ extern ZstdApi zstd;
 // Values from zstd.h / zstd_errors.h (stable API).
 constexpr int ZSTD_c_compressionLevel = 100;
 constexpr int ZSTD_c_windowLog = 101;
+constexpr int ZSTD_c_hashLog = 102;
+constexpr int ZSTD_c_chainLog = 103;
+constexpr int ZSTD_c_searchLog = 104;
+constexpr int ZSTD_c_minMatch = 105;
+constexpr int ZSTD_c_targetLength = 106;
 constexpr int ZSTD_c_strategy = 107;
+constexpr int ZSTD_fast = 1;
 constexpr int ZSTD_c_contentSizeFlag = 200;
 constexpr int ZSTD_c_checksumFlag = 201;
 constexpr int ZSTD_c_dictIDFlag = 202;

@@ -277,15 +277,24 @@ def encode_bound(nbytes: int, frame_size: int, codec: int) -> int:
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int, planes: bool = False) -> zstandard.ZstdCompressor:
     cache = getattr(_local, "c", None)
     if cache is None:
         cache = _local.c = {}
-    c = cache.get(level)
+    c = cache.get((level, planes))
     if c is None:
-        # Same parameters as the native side: level only, content size written, no checksum, no dict id.
-        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False,
-                                                     write_dict_id=False)
+        # Same parameters as the native side (csrc/frames.cpp configure): content size written, no checksum,
+        # no dict id; the level for plain zstd, the fast strategy with a tiny hash table for byte planes.
+        if planes:
+            params = zstandard.ZstdCompressionParameters(
+                window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0,
+                strategy=zstandard.STRATEGY_FAST, write_content_size=True, write_checksum=False,
+                write_dict_id=False)
+            c = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            c = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False,
+                                         write_dict_id=False)
+        cache[(level, planes)] = c
     return c
 
 
@@ -326,7 +335,7 @@ def _encode_frames_impl(src, out, frame_size, itemsize, codec, level, nthreads, 
             tmp = np.empty_like(raw)
             split(raw, tmp, itemsize)
             raw = tmp
-        comp = _compressor(level).compress(raw)
+        comp = _compressor(level, codec == CODEC_ZSTD_BYTEPLANE).compress(raw)
         return comp if len(comp) < raw.size else None
 
     nt = _threads(nthreads, nframes)
