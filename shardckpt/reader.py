@@ -184,6 +184,23 @@ def _dest_view(task: ReadTask, rows: int):
     return narrow_src, dst
 
 
+def _decode(task: ReadTask, first: int, frames, src: np.ndarray, start: int, dst: np.ndarray,
+            nthreads: int) -> None:
+    """Decode consecutive frames (index `first` of the chunk onwards; their stored bytes are in `src`, which
+    begins at file offset `start`) into `dst`, mapping kernel errors to typed ones naming key and file."""
+    ch = task.chunk
+    table = [(f.offset - start, f.stored_len, f.raw_len, f.crc32c, f.encoded) for f in frames]
+    try:
+        _ext.decode_frames(src, table, dst, plane_size(task.meta.dtype), CODEC_IDS[ch.codec], nthreads)
+    except _ext.FrameError as e:
+        bad = frames[e.index]
+        cls = ChecksumError if e.reason == "checksum" else CorruptDataError
+        raise cls(f"frame {first + e.index} at byte offset {bad.offset} failed its {e.reason} check",
+                  key=ch.key, file=ch.file, rank=ch.rank) from None
+    except ValueError as e:
+        raise CorruptDataError(f"frame table is inconsistent: {e}", key=ch.key, file=ch.file) from None
+
+
 def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: ReadStats | None) -> None:
     ch, meta = task.chunk, task.meta
     frames = ch.frames[span.first:span.last]
@@ -191,24 +208,37 @@ def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: Re
     raw_total = sum(f.raw_len for f in frames)
     rows = task.row_hi - task.row_lo
     narrow_src, dst = _dest_view(task, rows) if meta.shape else (False, task.target.dest)
-    # decode straight into the caller's memory when these frames are exactly its contiguous region
-    direct = (span.skip == 0 and span.nbytes == raw_total and not narrow_src and dst.dtype == meta.dtype
-              and dst.device.type == "cpu" and dst.is_contiguous())
-    raw = dst.reshape(-1).view(torch.uint8).numpy() if direct else _scratch(raw_total)
-    table = [(f.offset - start, f.stored_len, f.raw_len, f.crc32c, f.encoded) for f in frames]
-    try:
-        _ext.decode_frames(src, table, raw, plane_size(meta.dtype), CODEC_IDS[ch.codec], nthreads)
-    except _ext.FrameError as e:
-        bad = frames[e.index]
-        cls = ChecksumError if e.reason == "checksum" else CorruptDataError
-        raise cls(f"frame {span.first + e.index} at byte offset {bad.offset} failed its {e.reason} check",
-                  key=ch.key, file=ch.file, rank=ch.rank) from None
-    except ValueError as e:
-        raise CorruptDataError(f"frame table is inconsistent: {e}", key=ch.key, file=ch.file) from None
     if stats is not None:
         stats.frames_decoded += len(frames)
-    if direct:
+    if not narrow_src and dst.dtype == meta.dtype and dst.device.type == "cpu" and dst.is_contiguous():
+        # The caller's region is these rows' bytes, in order: frames wholly inside it decode straight into
+        # place (one kernel call per run of them); only the partial frames at either end go through scratch.
+        out = dst.reshape(-1).view(torch.uint8).numpy()
+        lo_b = span.first * ch.frame_size + span.skip  # chunk byte offset of out[0]
+        hi_b = lo_b + span.nbytes
+        run: list[int] = []
+
+        def flush():
+            if run:
+                a = (span.first + run[0]) * ch.frame_size - lo_b
+                b = a + sum(frames[j].raw_len for j in run)
+                _decode(task, span.first + run[0], [frames[j] for j in run],
+                        src[frames[run[0]].offset - start:], frames[run[0]].offset, out[a:b], nthreads)
+                run.clear()
+        for j, f in enumerate(frames):
+            a = (span.first + j) * ch.frame_size
+            if lo_b <= a and a + f.raw_len <= hi_b:
+                run.append(j)
+                continue
+            flush()
+            tmp = _scratch(f.raw_len)
+            _decode(task, span.first + j, [f], src[f.offset - start:], f.offset, tmp, nthreads)
+            x, y = max(a, lo_b), min(a + f.raw_len, hi_b)
+            out[x - lo_b:y - lo_b] = tmp[x - a:y - a]
+        flush()
         return
+    raw = _scratch(raw_total)
+    _decode(task, span.first, frames, src, start, raw, nthreads)
     piece = torch.from_numpy(raw[span.skip:span.skip + span.nbytes]).view(meta.dtype)
     if not meta.shape:
         dst.copy_(piece.view(()))
