@@ -134,6 +134,7 @@ class StepInfo:
     metrics: dict = field(default_factory=dict)
     latest: bool = False
     best: bool = False
+    monitor: dict | None = None    # {"metric", "mode"} a CheckpointManager recorded
 
 
 def _metrics_of(user: dict) -> dict:
@@ -143,8 +144,10 @@ def _metrics_of(user: dict) -> dict:
     return {k: v for k, v in src.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
-def list_steps(root, *, metric: str | None = None, mode: str = "min", storage_options=None) -> list[StepInfo]:
-    """Every checkpoint directly below `root` (committed, or partial: data files but no manifest)."""
+def list_steps(root, *, metric: str | None = None, mode: str | None = None, storage_options=None) -> list[StepInfo]:
+    """Every checkpoint directly below `root` (committed, or partial: data files but no manifest). The best
+    step is picked by `metric` (lowest unless mode="max"), or else by the monitor a CheckpointManager
+    recorded in the newest manifest."""
     storage = storage_for(root, storage_options)
     now = time.time()
     out = []
@@ -166,10 +169,14 @@ def list_steps(root, *, metric: str | None = None, mode: str = "min", storage_op
         step = step if isinstance(step, int) and not isinstance(step, bool) else _step_from_name(name)
         out.append(StepInfo(name, "committed", step, stored, m.raw_bytes,
                             (m.raw_bytes / stored) if stored else None, m.created, now - m.created,
-                            _metrics_of(m.user_metadata)))
+                            _metrics_of(m.user_metadata), monitor=m.user_metadata.get("monitor")))
     committed = [s for s in out if s.state == "committed"]
     if committed:
-        max(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0)).latest = True
+        newest = max(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0))
+        newest.latest = True
+        if metric is None and isinstance(newest.monitor, dict) and isinstance(newest.monitor.get("metric"), str):
+            metric, mode = newest.monitor["metric"], mode or newest.monitor.get("mode")
+        mode = mode or "min"
         scored = [s for s in committed if metric in s.metrics]
         if metric and scored:
             pick = min if mode == "min" else max
@@ -633,8 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ls", parents=[common], help="steps under a root: committed/partial, size, ratio, metrics")
     s.add_argument("root")
-    s.add_argument("--metric", help="metric that picks the best step (from user metadata)")
-    s.add_argument("--mode", choices=["min", "max"], default="min", help="best = lowest (min) or highest (max)")
+    s.add_argument("--metric", help="metric that picks the best step (default: the monitor a "
+                                    "CheckpointManager recorded)")
+    s.add_argument("--mode", choices=["min", "max"], default=None,
+                   help="best = lowest (min, the default) or highest (max)")
     s.set_defaults(fn=cmd_ls)
 
     s = sub.add_parser("inspect", parents=[common], help="tree of keys with dtype, shape, chunks, bytes, codec")

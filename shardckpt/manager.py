@@ -10,7 +10,7 @@
     manager.close()
 
 Layout: `root/step-<10-digit step>/` per checkpoint (a normal shardckpt checkpoint); the manifest's
-user_metadata holds {"step": N, "metrics": {...}}. A step exists once its manifest.json is committed.
+user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set). A step exists once its manifest.json is committed.
 
 Who does what:
   all ranks     maybe_save / save / restore / wait / close, in the same order (they run collectives on
@@ -390,6 +390,8 @@ class CheckpointManager:
             self._delete_step(step)
             self._bad_steps.discard(step)
         meta = {"step": int(step), "metrics": _json_metrics(metrics)}
+        if self.monitor:  # so `shardckpt ls` marks the same best step without being told the metric
+            meta["monitor"] = {"metric": self.monitor, "mode": self.mode}
         path = self._path(step)
         kw = dict(process_group=self.process_group, metadata=meta, **self._save_kw)
         if self.async_save:

@@ -35,7 +35,7 @@ def test_retention_survives_restart_and_never_drops_latest_or_best(tmp_path):
         m.save(s, _state(s), metrics={"loss": losses[s]})
         m.wait()
     assert m.steps() == [20, 30, 50, 60]  # best (20), multiple of 30, last two
-    assert m.metadata(50) == {"step": 50, "metrics": {"loss": 6.0}}
+    assert m.metadata(50) == {"step": 50, "metrics": {"loss": 6.0}, "monitor": {"metric": "loss", "mode": "min"}}
     into = _state(-1)
     assert m.restore(into, "best") == 20 and torch.equal(into["w"], _state(20)["w"]) and into["step"] == 20
     assert m.restore(into) == 60 and into["step"] == 60
@@ -180,3 +180,16 @@ def test_preemption_multirank(tmp_path):
     outs = run_ranks(2, _preempt, str(tmp_path), timeout=120)
     for saved, stop, got, step, ok, steps in outs:
         assert saved == [4, 6] and stop == 6 and got == 6 and step == 6 and ok and steps == [6]
+
+
+def test_ls_marks_the_managers_best_step_without_being_told_the_metric(tmp_path):
+    import torch
+    from shardckpt import CheckpointManager
+    from shardckpt.cli import list_steps
+    mgr = CheckpointManager(tmp_path, keep_best=1, keep_last=1, monitor="acc", mode="max", async_save=False)
+    for step, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):
+        mgr.save(step, {"w": torch.full((4,), float(step))}, metrics={"acc": acc})
+    mgr.close()
+    steps = {s.step: s for s in list_steps(str(tmp_path))}
+    assert steps[2].best and steps[3].latest and not steps[3].best
+    assert sorted(steps) == [2, 3]  # retention kept the best and the latest
