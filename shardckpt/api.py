@@ -29,12 +29,12 @@ from .errors import (CheckpointError, CheckpointExistsError, DtypeMismatchError,
                      ShapeMismatchError, StorageError)
 from .format import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, Chunk, Manifest, build_manifest, check_coverage,
                      dtype_name, parse_index, parse_manifest)
-from .plan import TensorInfo, WriteItem, local_tensor, plan_digest, plan_tensor
+from .plan import TensorInfo, WriteItem, local_tensor, plan_digest, plan_tensor, split_rows
 from .reader import ReadStats, Target, plan_reads, run_reads
-from .staging import HostBufferPool, default_pool, snapshot_into
+from .staging import HostBufferPool, aligned, default_pool, snapshot_into
 from .storage import Storage, storage_for
 from .tree import decode_value, encode_value, flatten, rebuild
-from .writer import write_rank
+from .writer import RankWriter, write_rank
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -53,6 +53,8 @@ class _Prepared:
     total_elements: int
     frame_size: int
     user_metadata: dict
+    writer: RankWriter | None = None  # started on the caller's thread when the state overflows the pool
+    error: str | None = None          # a failure of that early part, reported at the commit round
 
 
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
@@ -106,19 +108,42 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
         cls = {"exists": CheckpointExistsError, "plan": PlanMismatchError}.get(verdict["kind"], SaveError)
         raise cls(verdict["message"], file=storage.url, rank=verdict["rank"])
     fault_point("stage", comm.rank)
-    sources = _stage(items, pool or default_pool()) if stage else _contiguous_cpu(items, pool)
+    pool = pool or default_pool()
     total = sum(math.prod(i.shape) for i in infos)
-    return _Prepared(storage, comm, verdict["save_id"], items, sources, infos, flat.tree, values, total,
-                     frame_size, meta)
+    p = _Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta)
+    # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
+    # (and strided views, GPU tensors) snapshot through the staging pool.
+    direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
+    staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
+    staged = _stream_overflow(p, staged, pool) if pool.max_bytes else staged
+    p.items = direct + staged
+    p.sources = [i.source for i in direct] + _stage(staged, pool)
+    return p
 
 
-def _contiguous_cpu(items: list[WriteItem], pool: HostBufferPool | None) -> list[torch.Tensor]:
-    """Sync saves encode straight from the caller's memory when it is contiguous on the CPU; anything
-    else (strided views, GPU tensors) goes through the staging pool."""
-    direct = [i.source if (not i.source.is_cuda and i.source.is_contiguous()) else None for i in items]
-    rest = [i for i, d in zip(items, direct) if d is None]
-    staged = iter(_stage(rest, pool or default_pool()) if rest else [])
-    return [d if d is not None else next(staged) for d in direct]
+def _stream_overflow(p: _Prepared, items: list[WriteItem], pool: HostBufferPool) -> list[WriteItem]:
+    """A bounded pool: write the chunks that do not fit in it now, on the caller's thread (one pool-load at
+    a time: snapshot, encode, write), and return the rest, which fit, to be staged and written as usual.
+    Chunks larger than the pool are split into slabs of rows first."""
+    try:  # after the go-ahead every rank must reach the commit round: failures are reported there
+        items = [piece for i in items for piece in split_rows(i, pool.max_bytes)]
+        tail, room = len(items), pool.max_bytes
+        while tail > 0 and aligned(items[tail - 1].nbytes) <= room:
+            tail -= 1
+            room -= aligned(items[tail].nbytes)
+        if tail == 0:
+            return items
+        p.writer = RankWriter(p.storage, p.save_id, p.comm.rank, p.frame_size)
+        for item in items[:tail]:
+            p.writer.add(item, _stage([item], pool)[0])
+            p.writer.drain()  # raw frames are written from the pool: finish before it is reused
+    except Exception as e:
+        if p.writer is not None:
+            p.writer.abort()
+            p.writer = None
+        p.error = f"{type(e).__name__}: {e}"[:2000]
+        return []
+    return items[tail:]
 
 
 def _stage(items: list[WriteItem], pool: HostBufferPool) -> list[torch.Tensor]:
@@ -135,7 +160,9 @@ def _write_and_commit(p: _Prepared) -> Manifest:
     comm, storage = p.comm, p.storage
     summary: dict = {"rank": comm.rank, "ok": True}
     try:
-        files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size)
+        if p.error:
+            raise SaveError(p.error, rank=comm.rank)
+        files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size, p.writer)
         if files is not None:
             summary.update(vars(files))
         fault_point("before_commit", comm.rank)

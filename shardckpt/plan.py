@@ -119,3 +119,21 @@ def plan_digest(infos: list[TensorInfo], value_keys: list[str]) -> str:
     """What every rank must agree on before writing: keys, dtypes, global shapes and layouts."""
     rows = [[i.key, dtype_name(i.dtype), list(i.shape), i.layout] for i in infos]
     return hashlib.sha256(json.dumps([rows, sorted(value_keys)], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def split_rows(item: WriteItem, max_bytes: int) -> list[WriteItem]:
+    """Split a chunk into slabs of whole rows (dim 0) of at most max_bytes each, for staging through a
+    bounded pool. The slabs are chunks of their own: together they cover the item exactly once."""
+    if item.nbytes <= max_bytes or not item.sizes:
+        return [item]
+    row_bytes = item.nbytes // item.sizes[0] if item.sizes[0] else item.nbytes
+    if row_bytes > max_bytes:
+        raise UnsupportedValueError(f"one row of this chunk is {row_bytes} bytes, more than the staging pool's "
+                                    f"bound of {max_bytes}: raise SHARDCKPT_POOL_BYTES", key=item.key)
+    per = max_bytes // row_bytes
+    out = []
+    for lo in range(0, item.sizes[0], per):
+        n = min(per, item.sizes[0] - lo)
+        out.append(WriteItem(item.key, (item.offsets[0] + lo,) + item.offsets[1:], (n,) + item.sizes[1:],
+                             item.codec, item.source.narrow(0, lo, n)))
+    return out

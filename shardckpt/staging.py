@@ -5,6 +5,7 @@ CUDA it is pinned by torch so device-to-host copies run asynchronously on a side
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 
 import torch
@@ -15,17 +16,32 @@ from .codec import threads
 ALIGN = 4096
 
 
-def _align(n: int) -> int:
+def aligned(n: int) -> int:
+    """Bytes a staging view of n bytes takes in the pool."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-class HostBufferPool:
-    """One growable, reusable staging region. `take(sizes)` hands out aligned uint8 views of it for one save;
-    the caller `release()`s them when the save's writes are done. Only one save uses the pool at a time
-    (async saves wait for the previous one before staging)."""
+def pool_bytes_from_env() -> int | None:
+    """SHARDCKPT_POOL_BYTES ("8G", "512M", or bytes): the default bound of staging pools; unset: unbounded."""
+    v = os.environ.get("SHARDCKPT_POOL_BYTES", "").strip().upper()
+    if not v:
+        return None
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(v[-1:], 1)
+    return int(float(v.rstrip("KMGTB") or 0) * mult)
 
-    def __init__(self, pin: bool | None = None):
+
+class HostBufferPool:
+    """One growable, reusable staging region. `take(sizes)` hands out aligned uint8 views of it for one save.
+    Only one save uses a pool at a time (async saves give each in-flight save its own pool).
+
+    max_bytes bounds it (default SHARDCKPT_POOL_BYTES, else unbounded: it grows to this rank's share of the
+    state once and is reused). A save whose state is larger streams through a bounded pool: the part that
+    does not fit is snapshotted, encoded and written one pool-load at a time before the save returns (so
+    an async save stalls longer), the rest is staged and written as usual."""
+
+    def __init__(self, pin: bool | None = None, max_bytes: int | None = None):
         self.pin = torch.cuda.is_available() if pin is None else pin
+        self.max_bytes = max_bytes if max_bytes is not None else pool_bytes_from_env()
         self._buf: torch.Tensor | None = None
         self._mmap: mmap.mmap | None = None
         self._lock = threading.Lock()
@@ -54,14 +70,15 @@ class HostBufferPool:
 
     def take(self, sizes: list[int]) -> list[torch.Tensor]:
         """Aligned uint8 views, one per requested size, of a region reused across saves."""
-        need = sum(_align(s) for s in sizes)
+        need = sum(aligned(s) for s in sizes)
         with self._lock:
             if need > self.capacity:
-                self._allocate(max(need, int(self.capacity * 1.25)))
+                grown = max(need, int(self.capacity * 1.25))
+                self._allocate(min(grown, self.max_bytes) if self.max_bytes and need <= self.max_bytes else grown)
             views, pos = [], 0
             for s in sizes:
                 views.append(self._buf[pos:pos + s])
-                pos += _align(s)
+                pos += aligned(s)
             return views
 
 

@@ -32,16 +32,25 @@ class RankFiles:
 
 
 class _EncodeBuffers:
-    """Two reusable output buffers for encoded batches (kept per process: no per-save allocation)."""
+    """Pairs of reusable output buffers for encoded batches. A RankWriter takes a pair for its lifetime and
+    gives it back, so concurrent saves in one process (an async save in flight and a sync save) never share
+    one, and no save allocates them anew once the process has warmed up."""
     _lock = threading.Lock()
-    _bufs: list[np.ndarray] = []
+    _free: list[list[np.ndarray]] = []
 
     @classmethod
-    def get(cls, nbytes: int) -> list[np.ndarray]:
+    def take(cls, nbytes: int) -> list[np.ndarray]:
         with cls._lock:
-            if not cls._bufs or cls._bufs[0].nbytes < nbytes:
-                cls._bufs = [np.empty(nbytes, dtype=np.uint8) for _ in range(2)]
-            return cls._bufs
+            for i, pair in enumerate(cls._free):
+                if pair[0].nbytes >= nbytes:
+                    return cls._free.pop(i)
+        return [np.empty(nbytes, dtype=np.uint8) for _ in range(2)]
+
+    @classmethod
+    def give(cls, pair: list[np.ndarray]) -> None:
+        with cls._lock:
+            if len(cls._free) < 4:
+                cls._free.append(pair)
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -51,66 +60,109 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem],
-               sources: list[torch.Tensor], frame_size: int) -> RankFiles | None:
-    """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
-    index. Returns None if this rank has nothing to write. Called on every rank during a save."""
-    if not items:
-        return None
-    data_name = data_file_name(save_id, rank)
-    writer = storage.open_write(data_name)
-    nthreads = threads()
-    bufs = _EncodeBuffers.get(_ext.encode_bound(BATCH_FRAMES * frame_size, frame_size, CODEC_IDS["zstd/1"]))
-    io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-write")
-    pending: list[Future | None] = [None, None]
-    pos = 0
-    chunks = []
-    raw_bytes = elements = 0
-    turn = 0
-    try:
-        for item, src in zip(items, sources):
-            data = as_bytes(src)
-            fs = chunk_frame_size(len(data), frame_size)
-            batch_bytes = BATCH_FRAMES * fs
-            itemsize = plane_size(item.source.dtype)
-            cid = CODEC_IDS[item.codec]
-            frames = []
-            for start in range(0, len(data), batch_bytes):
-                part = data[start:start + batch_bytes]
-                if cid == CODEC_IDS[RAW]:
-                    crcs = _ext.crc32c_frames(part, fs, nthreads)
-                    out, table = part, [(i * fs, min(fs, len(part) - i * fs), c, False)
-                                        for i, c in enumerate(crcs)]
-                    if pending[turn] is not None:
-                        pending[turn].result()
-                else:
-                    if pending[turn] is not None:
-                        pending[turn].result()  # this buffer's previous batch is on disk
-                    out = bufs[turn]
-                    table = _ext.encode_frames(part, out, fs, itemsize, cid, ZSTD_LEVEL, nthreads)
-                n = sum(f[1] for f in table)
-                for off, stored, crc, enc in table:
-                    frames.append([pos + off, stored, crc, bool(enc)])
-                pending[turn] = io.submit(writer.write, out[:n])
-                fault_point("write", rank)
-                pos += n
-                turn ^= 1
-            chunks.append({"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
-                           "codec": item.codec, "frame_size": fs, "frames": frames})
-            raw_bytes += len(data)
-            elements += math.prod(item.sizes)
-        for p in pending:
-            if p is not None:
-                p.result()
-        size = writer.close()
-    except BaseException:
-        for p in pending:
+class RankWriter:
+    """Writes one rank's data file chunk by chunk, then its index. Encoding (native threads, GIL released)
+    overlaps with the write of the previous batch. Used by one thread at a time: a bounded-pool async save
+    adds its first chunks on the caller's thread and hands the writer to the background thread.
+
+    Call sequence (every rank that has chunks): add(item, src)* -> close() -> RankFiles; abort() on error."""
+
+    def __init__(self, storage: Storage, save_id: str, rank: int, frame_size: int):
+        self.storage, self.save_id, self.rank, self.frame_size = storage, save_id, rank, frame_size
+        self._file = storage.open_write(data_file_name(save_id, rank))
+        self._bufs = _EncodeBuffers.take(_ext.encode_bound(BATCH_FRAMES * frame_size, frame_size,
+                                                           CODEC_IDS["zstd/1"]))
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-write")
+        self._pending: list[Future | None] = [None, None]
+        self._turn = 0
+        self._pos = 0
+        self._chunks: list[dict] = []
+        self._raw_bytes = self._elements = 0
+        self._nthreads = threads()
+
+    def add(self, item: WriteItem, src: torch.Tensor) -> None:
+        """Encode and write one chunk whose bytes are `src` (contiguous CPU). `src` may be reused once
+        drain() returns (raw frames are written from it directly)."""
+        data = as_bytes(src)
+        fs = chunk_frame_size(len(data), self.frame_size)
+        batch_bytes = BATCH_FRAMES * fs
+        itemsize = plane_size(item.source.dtype)
+        cid = CODEC_IDS[item.codec]
+        frames = []
+        for start in range(0, len(data), batch_bytes):
+            part = data[start:start + batch_bytes]
+            self._wait(self._turn)  # this buffer's previous batch is on storage
+            if cid == CODEC_IDS[RAW]:
+                crcs = _ext.crc32c_frames(part, fs, self._nthreads)
+                out, table = part, [(i * fs, min(fs, len(part) - i * fs), c, False) for i, c in enumerate(crcs)]
+            else:
+                out = self._bufs[self._turn]
+                table = _ext.encode_frames(part, out, fs, itemsize, cid, ZSTD_LEVEL, self._nthreads)
+            n = sum(f[1] for f in table)
+            for off, stored, crc, enc in table:
+                frames.append([self._pos + off, stored, crc, bool(enc)])
+            self._pending[self._turn] = self._io.submit(self._file.write, out[:n])
+            fault_point("write", self.rank)
+            self._pos += n
+            self._turn ^= 1
+        self._chunks.append({"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
+                             "codec": item.codec, "frame_size": fs, "frames": frames})
+        self._raw_bytes += len(data)
+        self._elements += math.prod(item.sizes)
+
+    def _wait(self, turn: int) -> None:
+        p = self._pending[turn]
+        if p is not None:
+            self._pending[turn] = None
+            p.result()
+
+    def drain(self) -> None:
+        """Wait until every batch handed to storage has been written."""
+        self._wait(0)
+        self._wait(1)
+
+    def close(self) -> RankFiles:
+        """Finish the data file (durable), write the index (durable)."""
+        try:
+            self.drain()
+            size = self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._release()
+        index = build_index(save_id=self.save_id, rank=self.rank, chunks=self._chunks)
+        self.storage.write_file(index_file_name(self.save_id, self.rank), index)
+        return RankFiles(size, len(index), _ext.crc32c(index), len(self._chunks), self._raw_bytes,
+                         self._elements)
+
+    def abort(self) -> None:
+        """Drop the partial data file; never raises."""
+        for p in self._pending:
             if p is not None:
                 p.exception()
+        self._file.abort()
+        self._release()
+
+    def _release(self) -> None:
+        self._io.shutdown(wait=True)
+        if self._bufs is not None:
+            _EncodeBuffers.give(self._bufs)
+            self._bufs = None
+
+
+def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem],
+               sources: list[torch.Tensor], frame_size: int, writer: RankWriter | None = None) -> RankFiles | None:
+    """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
+    index, continuing `writer` if a bounded-pool save already started it. Returns None if this rank has
+    nothing to write. Called on every rank during a save."""
+    if writer is None:
+        if not items:
+            return None
+        writer = RankWriter(storage, save_id, rank, frame_size)
+    try:
+        for item, src in zip(items, sources):
+            writer.add(item, src)
+    except BaseException:
         writer.abort()
         raise
-    finally:
-        io.shutdown(wait=True)
-    index = build_index(save_id=save_id, rank=rank, chunks=chunks)
-    storage.write_file(index_file_name(save_id, rank), index)
-    return RankFiles(size, len(index), _ext.crc32c(index), len(chunks), raw_bytes, elements)
+    return writer.close()
