@@ -147,13 +147,45 @@ def _stream_overflow(p: _Prepared, items: list[WriteItem], pool: HostBufferPool)
 
 
 def _stage(items: list[WriteItem], pool: HostBufferPool) -> list[torch.Tensor]:
+    """Snapshot the items into the pool. Device tensors are copied (non_blocking, into pinned memory) on a
+    side stream that first waits for the work already queued on the current stream, so the snapshot sees
+    every pending update and training kernels queued later never wait behind it; one event ends it."""
     views = pool.take([i.nbytes for i in items])
-    for v, i in zip(views, items):
-        snapshot_into(v, i.source)
-    if any(i.source.is_cuda for i in items):
-        torch.cuda.synchronize()
+    cuda = any(i.source.is_cuda for i in items)
+    stream = None
+    if cuda:
+        stream = _side_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if cuda else _nullcontext():
+        for v, i in zip(views, items):
+            snapshot_into(v, i.source)
+    if cuda:
+        done = torch.cuda.Event()
+        done.record(stream)
+        done.synchronize()
+        for i in items:  # the caller's tensors were read on our stream: keep their memory alive for it
+            if i.source.is_cuda:
+                i.source.record_stream(stream)
     return [v.view(i.source.dtype).view(i.sizes) if i.nbytes else i.source.detach().cpu()
             for v, i in zip(views, items)]
+
+
+_side_streams: dict = {}
+
+
+def _side_stream():
+    dev = torch.cuda.current_device()
+    if dev not in _side_streams:
+        _side_streams[dev] = torch.cuda.Stream(dev)
+    return _side_streams[dev]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _write_and_commit(p: _Prepared) -> Manifest:
