@@ -27,13 +27,13 @@ s3_setup() {
 
 run_tests() {
   export SHARDCKPT_REQUIRE_NATIVE=${SHARDCKPT_REQUIRE_NATIVE:-1}
-  # 1. the whole suite on the native backend, two workers
-  $PY -m pytest -n 2 -q -p no:cacheprovider tests
-  # 2. the data path again on the pure-Python twin (same signatures, same files)
+  # 1. the native frame decoder under AddressSanitizer, fed hostile input
+  bash scripts/asan.sh 20
+  # 2. the data path on the pure-Python twin (same signatures, same files)
   SHARDCKPT_BACKEND=python $PY -m pytest -n 2 -q -p no:cacheprovider \
     tests/test_ext.py tests/test_multirank.py tests/test_errors.py tests/test_golden.py
-  # 3. the native frame decoder under AddressSanitizer, fed hostile input
-  bash scripts/asan.sh 20
+  # 3. the whole suite on the native backend, two workers
+  $PY -m pytest -n 2 -q -p no:cacheprovider tests
 }
 
 case "${1:-test}" in
