@@ -6,7 +6,7 @@ import bisect
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from .errors import ChecksumError, CorruptDataError, StorageError
 from .format import Chunk, Manifest, TensorMeta
 from .geometry import frame_span, intersect, row_batches
 from .storage.base import ReadRange, Storage
+from .storage.local import LocalStorage
 
 TASK_BYTES = 64 << 20
 READ_WORKERS = 4
@@ -46,6 +47,7 @@ class ReadTask:
 class ReadStats:
     bytes_read: int = 0
     frames_decoded: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def plan_reads(targets: list[Target], manifest: Manifest, chunks_by_key: dict[str, list[Chunk]]) -> list[ReadTask]:
@@ -101,7 +103,11 @@ def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats
             size = 0
         batches[-1].append(f)
         size += f.stored
-    workers = min(READ_WORKERS, max(1, len(batches)))
+    # Local files on few cores: each batch's fetch and decode on as few threads as the cores allow (on 2
+    # cores, concurrent readers and decoders only compete: measured 1.3-1.7 s vs 1.6-2.2 s for a 2->3 reshard
+    # of 1.9 GB); object stores: several batches in flight to hide request latency.
+    cap = READ_WORKERS if not isinstance(storage, LocalStorage) else max(1, min(READ_WORKERS, threads() // 2))
+    workers = min(cap, max(1, len(batches)))
     nthreads = max(1, threads() // workers)
     if workers == 1:
         for b in batches:
@@ -123,7 +129,7 @@ def _run_batch(storage: Storage, batch: list[_Fetch], nthreads: int, stats: Read
         else:
             merged.append([f.start, f.start + f.stored, total])
             total += f.stored
-    buf = np.empty(total, dtype=np.uint8)
+    buf = _scratch(total, "fetch")
     try:
         storage.read_ranges(batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
     except StorageError as e:
@@ -132,7 +138,8 @@ def _run_batch(storage: Storage, batch: list[_Fetch], nthreads: int, stats: Read
             raise  # an I/O error, not a damaged checkpoint
         raise short from e
     if stats is not None:
-        stats.bytes_read += total
+        with stats.lock:
+            stats.bytes_read += total
     starts = [m[0] for m in merged]
     for f in batch:
         m = merged[bisect.bisect_right(starts, f.start) - 1]
@@ -209,7 +216,8 @@ def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: Re
     rows = task.row_hi - task.row_lo
     narrow_src, dst = _dest_view(task, rows) if meta.shape else (False, task.target.dest)
     if stats is not None:
-        stats.frames_decoded += len(frames)
+        with stats.lock:
+            stats.frames_decoded += len(frames)
     if not narrow_src and dst.dtype == meta.dtype and dst.device.type == "cpu" and dst.is_contiguous():
         # The caller's region is these rows' bytes, in order: frames wholly inside it decode straight into
         # place (one kernel call per run of them); only the partial frames at either end go through scratch.
