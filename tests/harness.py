@@ -15,6 +15,9 @@ TIMEOUT_S = 60
 
 
 def _entry(rank, world_size, store_path, fn, args, env, result_q):
+    # what torchrun sets for ranks on one node (shardckpt splits the node's cores among them)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size)})
     os.environ.update(env)
     import torch
     import torch.distributed as dist
