@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 import zlib
@@ -57,8 +56,7 @@ def local_state(shapes, dtype, rank, ws, seed=0):
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     mesh = init_device_mesh("cpu", (ws,))
     state = {"model": {}, "optim": {"state": {}}, "step": 1000}
-    g = torch.Generator().manual_seed(seed * 1000 + 1)
-    for i, (name, shape) in enumerate(shapes.items()):
+    for name, shape in shapes.items():
         lshape, off = compute_local_shape_and_global_offset(shape, mesh, [Shard(0)])
 
         def make(scale, square=False, kind=0):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
-from bench.compare import RESULTS, _tensors, _zero, gpt_shapes, local_state  # noqa: E402
+from bench.compare import RESULTS, _zero, gpt_shapes, local_state  # noqa: E402
 
 
 def _timed(fn):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import re
 import time
 import uuid
@@ -24,12 +23,11 @@ import torch
 
 from . import _ext, dist as sdist
 from ._faults import fault_point
-from .errors import (CheckpointError, CheckpointExistsError, DtypeMismatchError, FormatError,
-                     IncompleteCheckpointError, KeyMismatchError, PlanMismatchError, SaveError,
+from .errors import (CheckpointError, CheckpointExistsError, DtypeMismatchError, IncompleteCheckpointError, KeyMismatchError, PlanMismatchError, SaveError,
                      ShapeMismatchError, StorageError)
 from .format import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, Chunk, Manifest, build_manifest, check_coverage,
                      dtype_name, parse_index, parse_manifest)
-from .plan import TensorInfo, WriteItem, local_tensor, plan_digest, plan_tensor, split_rows
+from .plan import TensorInfo, WriteItem, plan_digest, plan_tensor, split_rows
 from .reader import ReadStats, Target, plan_reads, run_reads
 from .staging import HostBufferPool, aligned, default_pool, snapshot_into
 from .storage import Storage, storage_for

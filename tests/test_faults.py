@@ -20,7 +20,6 @@ import errno
 import io
 import os
 import subprocess
-import time
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 size, restored at another (including an uneven split), compared bit-exactly; and FSDP2 + TP on a 2-D mesh."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ import torch
 import shardckpt
 from shardckpt import _ext
 from shardckpt.errors import (ChecksumError, CheckpointError, CorruptDataError, FormatError, ShapeMismatchError,
-                              StorageError, UnsupportedVersionError)
+                              UnsupportedVersionError)
 from shardckpt.format import canonical_json
 
 PKG = pathlib.Path(shardckpt.__file__).parent
