@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,7 +21,6 @@ from .storage.base import ReadRange, Storage
 from .storage.local import LocalStorage
 
 TASK_BYTES = 64 << 20
-READ_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def plan_reads(targets: list[Target], manifest: Manifest, chunks_by_key: dict[st
 
 
 BATCH_BYTES = 64 << 20
+AHEAD_LOCAL = 2   # batches fetched ahead of the one being decoded, local files
+AHEAD_REMOTE = 4  # object stores: more requests in flight to hide their latency
 
 
 @dataclass(frozen=True)
@@ -83,43 +85,87 @@ class _Fetch:
     stored: int       # stored bytes of its frames
 
 
-def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats: ReadStats | None = None) -> None:
-    """Fetch and decode the tasks: consecutive tasks of one file form batches of about BATCH_BYTES fetched
-    with one read_ranges call (overlapping or adjacent frame ranges merged, so a frame shared by two tasks is
-    fetched once; object stores get one parallel ranged request set per batch); batches run in parallel."""
-    fetches = []
+def _batches(tasks: list[ReadTask]) -> list[list[_Fetch]]:
+    """Consecutive tasks of one file grouped into batches of about BATCH_BYTES stored bytes."""
+    batches: list[list[_Fetch]] = []
+    size = 0
     for t in tasks:
         span = frame_span(t.chunk.sizes, t.meta.itemsize, t.chunk.frame_size, t.row_lo, t.row_hi)
         if span.nbytes == 0:
             continue
         frames = t.chunk.frames[span.first:span.last]
         start = frames[0].offset
-        fetches.append(_Fetch(t, span, start, frames[-1].offset + frames[-1].stored_len - start))
-    batches: list[list[_Fetch]] = []
-    size = 0
-    for f in fetches:
+        f = _Fetch(t, span, start, frames[-1].offset + frames[-1].stored_len - start)
         if not batches or batches[-1][0].task.chunk.file != f.task.chunk.file or size >= BATCH_BYTES:
             batches.append([])
             size = 0
         batches[-1].append(f)
         size += f.stored
-    # Local files on few cores: each batch's fetch and decode on as few threads as the cores allow (on 2
-    # cores, concurrent readers and decoders only compete: measured 1.3-1.7 s vs 1.6-2.2 s for a 2->3 reshard
-    # of 1.9 GB); object stores: several batches in flight to hide request latency.
-    cap = READ_WORKERS if not isinstance(storage, LocalStorage) else max(1, min(READ_WORKERS, threads() // 2))
-    workers = min(cap, max(1, len(batches)))
-    nthreads = max(1, threads() // workers)
-    if workers == 1:
-        for b in batches:
-            _run_batch(storage, b, nthreads, stats)
+    return batches
+
+
+def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats: ReadStats | None = None) -> None:
+    """Fetch and decode the tasks as a pipeline: batches (consecutive tasks of one file, about BATCH_BYTES)
+    are fetched ahead on I/O threads, one read_ranges call each (overlapping or adjacent frame ranges merged,
+    so a frame two tasks share is fetched once), while this thread decodes the oldest fetched batch with
+    every native thread the rank has. Reading from disk or network and decoding overlap instead of taking
+    turns; memory stays bounded by (ahead + 1) fetch buffers."""
+    batches = _batches(tasks)
+    if not batches:
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-        for fut in [pool.submit(_run_batch, storage, b, nthreads, stats) for b in batches]:
-            fut.result()
+    ahead = min(len(batches), AHEAD_LOCAL if isinstance(storage, LocalStorage) else AHEAD_REMOTE)
+    nthreads = threads()
+    pending: deque = deque()
+    todo = iter(batches)
+    pool = ThreadPoolExecutor(ahead, thread_name_prefix="shardckpt-fetch")
+    try:
+        def submit():
+            b = next(todo, None)
+            if b is not None:
+                pending.append((b, pool.submit(_fetch, storage, b, stats)))
+        for _ in range(ahead):
+            submit()
+        while pending:
+            batch, fut = pending.popleft()
+            buf, merged = fut.result()
+            submit()
+            try:
+                _decode_batch(batch, buf, merged, nthreads, stats)
+            finally:
+                _FetchBuffers.give(buf)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for _, fut in pending:  # fetched but never decoded (an error stopped the loop): recycle buffers
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                _FetchBuffers.give(fut.result()[0])
 
 
-def _run_batch(storage: Storage, batch: list[_Fetch], nthreads: int, stats: ReadStats | None) -> None:
-    merged: list[list[int]] = []  # [file_start, file_end, dest_offset]
+class _FetchBuffers:
+    """Fetch buffers reused across batches and loads (a fresh one per batch would spend its time in page
+    faults); a few are kept, the rest are dropped."""
+    _lock = threading.Lock()
+    _free: list[np.ndarray] = []
+
+    @classmethod
+    def take(cls, nbytes: int) -> np.ndarray:
+        with cls._lock:
+            for i, b in enumerate(cls._free):
+                if b.nbytes >= nbytes:
+                    return cls._free.pop(i)[:nbytes]
+        return np.empty(max(nbytes, 1 << 20), dtype=np.uint8)[:nbytes]
+
+    @classmethod
+    def give(cls, buf: np.ndarray) -> None:
+        base = buf.base if isinstance(buf.base, np.ndarray) else buf
+        with cls._lock:
+            if len(cls._free) < AHEAD_REMOTE + 1:
+                cls._free.append(base)
+
+
+def _fetch(storage: Storage, batch: list[_Fetch], stats: ReadStats | None):
+    """Read one batch's stored bytes (merged ranges) into a fetch buffer. Returns (buffer, merged ranges as
+    [file_start, file_end, buffer_offset])."""
+    merged: list[list[int]] = []
     total = 0
     for f in sorted(batch, key=lambda f: f.start):
         if merged and f.start <= merged[-1][1]:
@@ -129,17 +175,26 @@ def _run_batch(storage: Storage, batch: list[_Fetch], nthreads: int, stats: Read
         else:
             merged.append([f.start, f.start + f.stored, total])
             total += f.stored
-    buf = _scratch(total, "fetch")
+    buf = _FetchBuffers.take(total)
     try:
         storage.read_ranges(batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
     except StorageError as e:
+        _FetchBuffers.give(buf)
         short = _short_file_error(storage, batch)
         if short is None:
             raise  # an I/O error, not a damaged checkpoint
         raise short from e
+    except BaseException:
+        _FetchBuffers.give(buf)
+        raise
     if stats is not None:
         with stats.lock:
             stats.bytes_read += total
+    return buf, merged
+
+
+def _decode_batch(batch: list[_Fetch], buf: np.ndarray, merged: list[list[int]], nthreads: int,
+                  stats: ReadStats | None) -> None:
     starts = [m[0] for m in merged]
     for f in batch:
         m = merged[bisect.bisect_right(starts, f.start) - 1]
@@ -166,13 +221,13 @@ def _short_file_error(storage: Storage, batch: list[_Fetch]) -> CorruptDataError
 _local = threading.local()
 
 
-def _scratch(nbytes: int, name: str = "decode") -> np.ndarray:
-    """A per-thread buffer reused across tasks (a fresh allocation per task would spend its time in page
-    faults). One per name: "fetch" holds stored bytes while "decode" receives raw ones."""
-    buf = getattr(_local, name, None)
+def _scratch(nbytes: int) -> np.ndarray:
+    """A per-thread buffer for decoded bytes that cannot go straight into the caller's tensor, reused
+    across tasks (a fresh allocation per task would spend its time in page faults)."""
+    buf = getattr(_local, "decode", None)
     if buf is None or buf.nbytes < nbytes:
         buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
-        setattr(_local, name, buf)
+        _local.decode = buf
     return buf[:nbytes]
 
 
