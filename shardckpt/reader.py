@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import mmap
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -152,29 +153,35 @@ class _FetchBuffers:
             for i, b in enumerate(cls._free):
                 if b.nbytes >= nbytes:
                     return cls._free.pop(i)[:nbytes]
-        return np.empty(max(nbytes, 1 << 20), dtype=np.uint8)[:nbytes]
+        size = -(-max(nbytes, 1 << 20) // mmap.PAGESIZE) * mmap.PAGESIZE
+        return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                             dtype=np.uint8)[:nbytes]  # page-aligned, as O_DIRECT reads need
 
     @classmethod
     def give(cls, buf: np.ndarray) -> None:
-        base = buf.base if isinstance(buf.base, np.ndarray) else buf
+        while isinstance(buf.base, np.ndarray):  # the whole buffer, not the slice handed out
+            buf = buf.base
         with cls._lock:
             if len(cls._free) < AHEAD_REMOTE + 1:
-                cls._free.append(base)
+                cls._free.append(buf)
 
 
 def _fetch(storage: Storage, batch: list[_Fetch], stats: ReadStats | None):
     """Read one batch's stored bytes (merged ranges) into a fetch buffer. Returns (buffer, merged ranges as
     [file_start, file_end, buffer_offset])."""
+    align = storage.read_align  # ranges start on its boundaries, in the buffer too (O_DIRECT on local files)
     merged: list[list[int]] = []
     total = 0
     for f in sorted(batch, key=lambda f: f.start):
-        if merged and f.start <= merged[-1][1]:
-            if f.start + f.stored > merged[-1][1]:
-                total += f.start + f.stored - merged[-1][1]
-                merged[-1][1] = f.start + f.stored
+        start, end = f.start - f.start % align, f.start + f.stored
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                total += end - merged[-1][1]
+                merged[-1][1] = end
         else:
-            merged.append([f.start, f.start + f.stored, total])
-            total += f.stored
+            total = -(-total // align) * align
+            merged.append([start, end, total])
+            total += end - start
     buf = _FetchBuffers.take(total)
     try:
         storage.read_ranges(batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)

@@ -17,7 +17,9 @@ from .format import build_index, chunk_frame_size, data_file_name, index_file_na
 from .plan import WriteItem
 from .storage.base import Storage
 
-BATCH_FRAMES = 16  # frames encoded per native call; two batches in flight (encode one, write the other)
+BATCH_FRAMES = 16  # most frames encoded per native call; two batches in flight (encode one, write the other)
+BATCH_BYTES = 16 << 20  # smaller batches fill and drain that pipeline sooner, while still giving every
+                        # native thread two frames
 
 
 @dataclass
@@ -85,7 +87,7 @@ class RankWriter:
         drain() returns (raw frames are written from it directly)."""
         data = as_bytes(src)
         fs = chunk_frame_size(len(data), self.frame_size)
-        batch_bytes = BATCH_FRAMES * fs
+        batch_bytes = min(BATCH_FRAMES, max(2 * self._nthreads, -(-BATCH_BYTES // fs))) * fs
         itemsize = plane_size(item.source.dtype)
         cid = CODEC_IDS[item.codec]
         frames = []

@@ -7,6 +7,10 @@ SHARDCKPT_REQUIRE_S3=1). FsspecStorage-only behaviour (request coalescing, delet
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
+import os
 import random
 import threading
 import uuid
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 
 from shardckpt.errors import CheckpointExistsError, StorageError
-from shardckpt.storage import LocalStorage, ReadRange, storage_for
+from shardckpt.storage import LocalStorage, ReadRange, local, storage_for
 from shardckpt.storage.fsspec import MIN_PART_SIZE, FsspecStorage
 
 from s3_server import s3_server  # noqa: F401  (session fixture)
@@ -288,9 +292,80 @@ class StorageConformance:
 
 
 class TestLocalStorage(StorageConformance):
-    @pytest.fixture
-    def storage(self, tmp_path):
-        return LocalStorage(tmp_path / "ckpt")
+    @pytest.fixture(params=[True, False], ids=["direct", "buffered"])
+    def storage(self, tmp_path, request):
+        return LocalStorage(tmp_path / "ckpt", direct_io=request.param)
+
+
+class TestLocalDirectIO:
+    """O_DIRECT on local files: whole aligned blocks go direct, tails and refusals fall back to the page
+    cache, and what comes back is always the bytes written."""
+
+    def _write(self, storage, name, data, sizes=(1, 4095, 3 * MIB + 5, 5 * MIB, 17)):
+        w = storage.open_write(name)
+        view, pos, i = memoryview(data), 0, 0
+        while pos < len(data):
+            w.write(view[pos:pos + sizes[i % len(sizes)]])
+            pos += sizes[i % len(sizes)]
+            i += 1
+        return w
+
+    def test_large_file_goes_direct_and_reads_back(self, tmp_path, monkeypatch):
+        storage = LocalStorage(tmp_path, direct_io=True)
+        calls = []
+        real = local._LocalWriter._set_direct
+        monkeypatch.setattr(local._LocalWriter, "_set_direct", lambda self, on: (calls.append(on), real(self, on)))
+        data = _payload(2 * local.DIRECT_STAGE + 12345, seed=5)
+        w = self._write(storage, "big.bin", data)
+        assert calls == [True]  # switched on at the first whole stage
+        assert w.close() == len(data)
+        assert calls == [True, False]  # and off for the unaligned tail
+        assert (tmp_path / "big.bin").read_bytes() == data
+
+    def test_small_file_never_goes_direct(self, tmp_path, monkeypatch):
+        storage = LocalStorage(tmp_path, direct_io=True)
+        monkeypatch.setattr(local._LocalWriter, "_set_direct", lambda self, on: pytest.fail("went direct"))
+        storage.write_file("small.bin", _payload(local.DIRECT_STAGE - 1))
+        assert storage.size("small.bin") == local.DIRECT_STAGE - 1
+
+    def test_refused_direct_falls_back_to_the_page_cache(self, tmp_path, monkeypatch):
+        storage = LocalStorage(tmp_path, direct_io=True)
+        real_write = os.write
+
+        def einval_when_direct(fd, data):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+        monkeypatch.setattr(local.os, "write", einval_when_direct)
+        data = _payload(local.DIRECT_STAGE * 2 + 3, seed=6)
+        self._write(storage, "f.bin", data).close()
+        assert (tmp_path / "f.bin").read_bytes() == data
+
+    def test_aligned_ranges_read_direct_into_aligned_buffers(self, tmp_path, monkeypatch):
+        storage = LocalStorage(tmp_path, direct_io=True)
+        data = _payload(3 * MIB + 777, seed=7)
+        storage.write_file("r.bin", data)
+        opened = []
+        real_open = local._open_direct
+        monkeypatch.setattr(local, "_open_direct", lambda path: (opened.append(path), real_open(path))[1])
+        A = local.DIRECT_ALIGN
+        # aligned starts, odd lengths, one running to the end of the file, one piece-splitting range
+        ranges = [ReadRange(0, A + 5, 0), ReadRange(5 * A, 3 * A, 2 * A), ReadRange(len(data) - 777 - A, A + 777, 5 * A),
+                  ReadRange(A, 2 * MIB + 3, 7 * A)]
+        dest = np.frombuffer(mmap.mmap(-1, 7 * A + 2 * MIB + 3), dtype=np.uint8)
+        storage.read_ranges("r.bin", ranges, dest)
+        assert opened
+        for r in ranges:
+            assert dest[r.dest_offset:r.dest_offset + r.length].tobytes() == data[r.offset:r.offset + r.length]
+        with pytest.raises(StorageError, match="truncated"):
+            storage.read_ranges("r.bin", [ReadRange(len(data) - 777, 2 * A, 0)], dest)
+
+    def test_env_switch(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "0")
+        assert LocalStorage(tmp_path).direct_io is False and LocalStorage(tmp_path).read_align == 1
+        monkeypatch.delenv("SHARDCKPT_DIRECT_IO")
+        assert LocalStorage(tmp_path).direct_io is True
+        assert LocalStorage(tmp_path).child("x").direct_io is True
 
 
 class TestMemoryStorage(StorageConformance):

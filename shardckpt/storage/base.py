@@ -46,6 +46,10 @@ class Storage(abc.ABC):
     """A directory-like namespace. Implementations: LocalStorage (POSIX), FsspecStorage (any fsspec URL)."""
 
     url: str
+    # Alignment (bytes) that read_ranges likes for file offsets and destination addresses: a reader that
+    # starts its ranges on such boundaries in page-aligned buffers lets a local backend read them with
+    # O_DIRECT. 1: no preference.
+    read_align: int = 1
 
     @abc.abstractmethod
     def child(self, relpath: str) -> "Storage":
