@@ -18,7 +18,7 @@ const char* crc32c_impl();  // "sse4.2" or "table"
 // ---- byteplane.cpp: itemsize in {1,2,4,8}, n % itemsize == 0 (checked by the caller).
 void byteplane_split(const uint8_t* src, uint8_t* dst, size_t n, int itemsize);
 void byteplane_merge(const uint8_t* src, uint8_t* dst, size_t n, int itemsize);
-const char* byteplane_impl();  // "avx2" or "scalar"
+const char* byteplane_impl();  // "sse2" (x86-64) or "generic"
 
 // ---- copy.cpp
 void copy_parallel(uint8_t* dst, const uint8_t* src, size_t n, int nthreads);

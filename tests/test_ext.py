@@ -210,7 +210,7 @@ def test_byteplane_layout(be):
 
 
 @pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
-@pytest.mark.parametrize("elems", [0, 1, 3, 63, 64, 65, 1000, 4097])
+@pytest.mark.parametrize("elems", [0, 1, 3, 15, 16, 17, 33, 63, 64, 65, 1000, 4097])
 def test_byteplane_roundtrip_and_equivalence(be, itemsize, elems):
     src = rand(elems * itemsize, elems)
     split = np.empty_like(src)
