@@ -1,10 +1,12 @@
 """shardckpt vs torch.distributed.checkpoint vs torch.save on one state, side by side in one run.
 
     python -m bench.compare                       # ~350M-param GPT bf16 + AdamW (about 2.1 GB), 2 ranks -> 3
-    python -m bench.compare --params 50M --repeat 3 --only shardckpt,dcp
+    python -m bench.compare --params 50M --repeat 5 --only shardckpt,dcp
 
 State: a GPT-style model's parameters and AdamW moments (exp_avg, exp_avg_sq), sharded Shard(0) over the
-saving ranks like FSDP2. Measured per method (max over ranks, barriers around each phase):
+saving ranks like FSDP2. Each phase runs --repeat times in one set of processes, methods in alternating order,
+as a training job saves again and again (warm buffers, clients); reported: per run the slowest rank, then the
+best run. Measured per method (barriers around each phase):
   save        sync save until durable (fsync; DCP's FileSystemWriter syncs files too)
   load        cold (page cache dropped when possible), same world size and layout
   reshard     cold, loaded by --load-ws ranks (Shard(0) over the new world)
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 import zlib
@@ -130,32 +133,41 @@ def _fsync_tree(path):
 
 # ------------------------------------------------------------------------------------------- per-rank jobs
 
+def _order(methods, r):
+    """Methods in alternating order per repeat, so none always pays for going first."""
+    return methods if r % 2 == 0 else methods[::-1]
+
+
 def _save_job(rank, ws, args, root):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     import shardckpt
     shapes, dtype = gpt_shapes(args["params"]), getattr(torch, args["dtype"])
     state = local_state(shapes, dtype, rank, ws)
-    out = {}
-    for method in args["only"]:
-        path = os.path.join(root, method)
-        if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        dist.barrier()
-        if method == "shardckpt":
-            out[method] = _timed(lambda: shardckpt.save(state, path, codec=args["codec"]))
-        elif method == "dcp":
-            out[method] = _timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=True)))
-        elif method == "torch":
-            def ts():
-                os.makedirs(path, exist_ok=True)
-                f = os.path.join(path, f"rank{rank}.pt")
-                local = {k: (v._local_tensor if hasattr(v, "_local_tensor") else v) for k, v in _flat(state).items()}
-                with open(f, "wb") as fh:
-                    torch.save(local, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            out[method] = _timed(ts)
+    out = {m: [] for m in args["only"]}
+    for r in range(args["repeat"]):
+        for method in _order(args["only"], r):
+            path = os.path.join(root, method)
+            if rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+                os.sync()
+            dist.barrier()
+            if method == "shardckpt":
+                out[method].append(_timed(lambda: shardckpt.save(state, path, codec=args["codec"])))
+            elif method == "dcp":
+                out[method].append(_timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(
+                    path, sync_files=True))))
+            elif method == "torch":
+                def ts():
+                    os.makedirs(path, exist_ok=True)
+                    f = os.path.join(path, f"rank{rank}.pt")
+                    local = {k: (v._local_tensor if hasattr(v, "_local_tensor") else v)
+                             for k, v in _flat(state).items()}
+                    with open(f, "wb") as fh:
+                        torch.save(local, fh)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                out[method].append(_timed(ts))
     return out
 
 
@@ -177,29 +189,29 @@ def _load_job(rank, ws, args, root, same_layout):
     shapes, dtype = gpt_shapes(args["params"]), getattr(torch, args["dtype"])
     state = local_state(shapes, dtype, rank, ws, seed=1)
     ref = local_state(shapes, dtype, rank, ws) if args["check"] else None
-    out = {}
-    for method in args["only"]:
-        path = os.path.join(root, method)
-        if method == "torch" and not same_layout:
-            continue
-        _zero(state)
-        if rank == 0:
-            drop_caches()
-        dist.barrier()
-        if method == "shardckpt":
-            out[method] = _timed(lambda: shardckpt.load(state, path))
-        elif method == "dcp":
-            out[method] = _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(path)))
-        elif method == "torch":
-            def tl():
-                local = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
-                for k, v in _flat(state).items():
-                    if isinstance(v, torch.Tensor):
-                        v._local_tensor.copy_(local[k])
-            out[method] = _timed(tl)
-        if ref is not None:
-            for a, b in zip(_tensors(state), _tensors(ref)):
-                assert torch.equal(a._local_tensor, b._local_tensor), method
+    methods = [m for m in args["only"] if same_layout or m != "torch"]
+    out = {m: [] for m in methods}
+    for r in range(args["repeat"]):
+        for method in _order(methods, r):
+            path = os.path.join(root, method)
+            _zero(state)
+            if rank == 0:
+                drop_caches()
+            dist.barrier()
+            if method == "shardckpt":
+                out[method].append(_timed(lambda: shardckpt.load(state, path)))
+            elif method == "dcp":
+                out[method].append(_timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(path))))
+            elif method == "torch":
+                def tl():
+                    local = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+                    for k, v in _flat(state).items():
+                        if isinstance(v, torch.Tensor):
+                            v._local_tensor.copy_(local[k])
+                out[method].append(_timed(tl))
+            if ref is not None:
+                for a, b in zip(_tensors(state), _tensors(ref)):
+                    assert torch.equal(a._local_tensor, b._local_tensor), method
     return out
 
 
@@ -207,24 +219,26 @@ def _full_load(args, root):
     import torch.distributed.checkpoint as dcp
     import shardckpt
     shapes, dtype = gpt_shapes(args["params"]), getattr(torch, args["dtype"])
-    out = {}
-    for method in args["only"]:
-        path = os.path.join(root, method)
-        drop_caches()
-        t0 = time.perf_counter()
-        if method == "shardckpt":
-            shardckpt.load_full(path)
-        elif method == "dcp":
-            state = {"model": {k: torch.empty(s, dtype=dtype) for k, s in shapes.items()},
-                     "optim": {"state": {k: {"exp_avg": torch.empty(s, dtype=dtype),
-                                             "exp_avg_sq": torch.empty(s, dtype=dtype)} for k, s in shapes.items()}},
-                     "step": 0}
-            dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-        elif method == "torch":
-            parts = [torch.load(os.path.join(path, f), weights_only=True) for f in sorted(os.listdir(path))]
-            {k: torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor) else parts[0][k]
-             for k in parts[0]}
-        out[method] = time.perf_counter() - t0
+    out = {m: [] for m in args["only"]}
+    for r in range(args["repeat"]):
+        for method in _order(args["only"], r):
+            path = os.path.join(root, method)
+            drop_caches()
+            t0 = time.perf_counter()
+            if method == "shardckpt":
+                shardckpt.load_full(path)
+            elif method == "dcp":
+                state = {"model": {k: torch.empty(s, dtype=dtype) for k, s in shapes.items()},
+                         "optim": {"state": {k: {"exp_avg": torch.empty(s, dtype=dtype),
+                                                 "exp_avg_sq": torch.empty(s, dtype=dtype)}
+                                             for k, s in shapes.items()}},
+                         "step": 0}
+                dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+            elif method == "torch":
+                parts = [torch.load(os.path.join(path, f), weights_only=True) for f in sorted(os.listdir(path))]
+                {k: torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor) else parts[0][k]
+                 for k in parts[0]}
+            out[method].append(time.perf_counter() - t0)
     return out
 
 
@@ -257,21 +271,26 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def _count(text: str) -> float:
+    """350e6, 350M, 1.3B."""
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1:].upper())
+    return float(text[:-1]) * mult if mult else float(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=float, default=350e6, help="model parameters (e.g. 350e6, or 350M)")
+    ap.add_argument("--params", type=_count, default=350e6, help="model parameters (e.g. 350e6, or 350M)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ws", type=int, default=2, help="saving world size")
     ap.add_argument("--load-ws", type=int, default=3, help="resharding load world size")
     ap.add_argument("--only", default="shardckpt,dcp,torch")
     ap.add_argument("--codec", default="auto")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each phase in one set of processes (alternating method order); best reported")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/tmp/shardckpt-bench"))
     ap.add_argument("--check", action="store_true", help="verify loaded tensors (slower)")
     a = ap.parse_args(argv)
     params = a.params
-    if isinstance(params, str):
-        params = float(params)
     from harness import run_ranks
     args = {"params": params, "dtype": a.dtype, "only": a.only.split(","), "codec": a.codec, "check": a.check}
     shapes = gpt_shapes(params)
@@ -282,34 +301,42 @@ def main(argv=None):
           f"backend {__import__('shardckpt').backend}; cold loads: {drop_caches()}")
     os.makedirs(a.dir, exist_ok=True)
     ref = {"memcpy_GBps": memcpy_gbps(min(state_bytes, 1 << 30)), "disk_write_fsync_GBps": disk_gbps(a.dir, 1 << 30)}
-    runs = []
-    for r in range(a.repeat):
-        res = {"save": run_ranks(a.ws, _save_job, args, a.dir, timeout=3600)[0]}
-        res["bytes"] = {m: du(os.path.join(a.dir, m)) for m in args["only"]}
-        res["load"] = run_ranks(a.ws, _load_job, args, a.dir, True, timeout=3600)[0]
-        res["reshard"] = run_ranks(a.load_ws, _load_job, args, a.dir, False, timeout=3600)[0]
-        res["full"] = _full_load(args, a.dir)
-        runs.append(res)
-        print(f"run {r + 1}/{a.repeat}: " + json.dumps(res))
+    args["repeat"] = a.repeat
+    ranks = lambda res: {m: [max(r[m][i] for r in res) for i in range(a.repeat)] for m in res[0]}  # noqa: E731
+    times = {"save": ranks(run_ranks(a.ws, _save_job, args, a.dir, timeout=3600))}
+    sizes = {m: du(os.path.join(a.dir, m)) for m in args["only"]}
+    times["load"] = ranks(run_ranks(a.ws, _load_job, args, a.dir, True, timeout=3600))
+    times["reshard"] = ranks(run_ranks(a.load_ws, _load_job, args, a.dir, False, timeout=3600))
+    times["full"] = _full_load(args, a.dir)
+    runs = [{ph: {m: v[i] for m, v in times[ph].items()} for ph in times} | {"bytes": sizes}
+            for i in range(a.repeat)]
+    for i, run in enumerate(runs):
+        print(f"run {i + 1}/{a.repeat}: " + json.dumps(run))
     best = {ph: {m: min(run[ph][m] for run in runs if m in run[ph]) for m in runs[0][ph]}
             for ph in ("save", "load", "reshard", "full")}
     best["bytes"] = runs[-1]["bytes"]
-    rows = []
-    print(f"\n{'phase':<10}" + "".join(f"{m:>14}" for m in args["only"]) + f"{'dcp/shardckpt':>16}")
+    median = {ph: {m: statistics.median(run[ph][m] for run in runs) for m in runs[0][ph]}
+              for ph in ("save", "load", "reshard", "full")}
+    rows, med_rows = [], {}
+    print(f"\n{'phase':<10}" + "".join(f"{m:>14}" for m in args["only"]) + f"{'dcp/shardckpt':>16}"
+          f"{'(median)':>10}")
     for ph in ("save", "load", "reshard", "full", "bytes"):
         vals = best[ph]
         cells = "".join(f"{vals[m] / 1e9:>12.3f}GB" if ph == "bytes" else f"{vals[m]:>13.2f}s"
                         if m in vals else f"{'n/a':>14}" for m in args["only"])
         ratio = vals["dcp"] / vals["shardckpt"] if "dcp" in vals and "shardckpt" in vals else float("nan")
         rows.append((ph, ratio))
-        print(f"{ph:<10}{cells}{ratio:>15.2f}x")
+        med = median.get(ph, vals)
+        med_rows[ph] = med["dcp"] / med["shardckpt"] if "dcp" in med and "shardckpt" in med else float("nan")
+        print(f"{ph:<10}{cells}{ratio:>15.2f}x{med_rows[ph]:>9.2f}x")
     print(f"\nreference: memcpy {ref['memcpy_GBps']:.1f} GB/s, disk write+fsync {ref['disk_write_fsync_GBps']:.2f} GB/s;"
           f" state {state_bytes / 1e9:.2f} GB raw; shardckpt bytes on disk / raw = "
           f"{best['bytes'].get('shardckpt', float('nan')) / state_bytes:.3f}")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "compare.json"), "w") as f:
         json.dump({"args": vars(a), "state_bytes": state_bytes, "reference": ref, "runs": runs, "best": best,
-                   "dcp_over_shardckpt": dict(rows)}, f, indent=1)
+                   "dcp_over_shardckpt": dict(rows),
+                   "median": median, "dcp_over_shardckpt_median": med_rows}, f, indent=1)
     shutil.rmtree(a.dir, ignore_errors=True)
 
 

@@ -10,9 +10,12 @@ ranges, overflow) before any file is opened or any buffer is allocated.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,35 @@ DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, name)
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+def _without_gc(fn):
+    """Run fn with the cyclic garbage collector paused. Parsing or building a manifest or index allocates
+    tens of thousands of small containers, none of them garbage; in a training process whose heap holds a
+    large object graph, the collections they trigger cost 10-30x the parse itself (measured: 57 ms against
+    2 ms per 356 KB manifest on the coordinator after a save). Safe across threads: the collector is
+    paused by the first caller and resumed by the last, and left alone if it was off."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _gc_depth, _gc_was_enabled
+        with _gc_lock:
+            if _gc_depth == 0:
+                _gc_was_enabled = gc.isenabled()
+                gc.disable()
+            _gc_depth += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _gc_lock:
+                _gc_depth -= 1
+                if _gc_depth == 0 and _gc_was_enabled:
+                    gc.enable()
+    return wrapper
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -296,6 +328,7 @@ def _check_value(v, file: str, key: str, depth: int = 0) -> None:
     _fail(f"unknown value type {t!r:.40}", file, key)
 
 
+@_without_gc
 def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
     """Validate and parse manifest bytes. Raises FormatError / UnsupportedVersionError / ChecksumError."""
     from .errors import ChecksumError
@@ -358,6 +391,7 @@ def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
                     tuple(files), user, str(obj.get("backend", "")))
 
 
+@_without_gc
 def build_manifest(*, save_id: str, created: float, world_size: int, frame_size: int, tree: dict,
                    tensors: dict[str, dict], values: dict[str, Any], files: list[dict],
                    user_metadata: dict, backend: str) -> bytes:
@@ -370,12 +404,14 @@ def build_manifest(*, save_id: str, created: float, world_size: int, frame_size:
     return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False).encode()
 
 
+@_without_gc
 def build_index(*, save_id: str, rank: int, chunks: list[dict]) -> bytes:
     obj = {"format": "shardckpt-index", "format_version": FORMAT_VERSION, "save_id": save_id, "rank": rank,
            "chunks": chunks}
     return canonical_json(obj)
 
 
+@_without_gc
 def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk]:
     """Validate one rank's index against the manifest that pins it (size, crc32c) and against the tensors
     table: boxes inside the tensor, frames inside the data file, frames that never share bytes."""

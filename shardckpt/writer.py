@@ -20,6 +20,8 @@ from .storage.base import Storage
 BATCH_FRAMES = 16  # most frames encoded per native call; two batches in flight (encode one, write the other)
 BATCH_BYTES = 16 << 20  # smaller batches fill and drain that pipeline sooner, while still giving every
                         # native thread two frames
+FLUSH_BYTES = 4 << 20   # encoded bytes gathered in a buffer (the chunks of many small tensors) before it goes
+                        # to storage: one hand-off per few MB instead of one per tensor
 
 
 @dataclass
@@ -64,8 +66,9 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 class RankWriter:
     """Writes one rank's data file chunk by chunk, then its index. Encoding (native threads, GIL released)
-    overlaps with the write of the previous batch. Used by one thread at a time: a bounded-pool async save
-    adds its first chunks on the caller's thread and hands the writer to the background thread.
+    overlaps with the write of the previous buffer; the chunks of small tensors are gathered into one buffer
+    first. Used by one thread at a time: a bounded-pool async save adds its first chunks on the caller's
+    thread and hands the writer to the background thread.
 
     Call sequence (every rank that has chunks): add(item, src)* -> close() -> RankFiles; abort() on error."""
 
@@ -77,6 +80,7 @@ class RankWriter:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-write")
         self._pending: list[Future | None] = [None, None]
         self._turn = 0
+        self._fill = 0  # encoded bytes gathered in the current buffer, not yet handed to storage
         self._pos = 0
         self._chunks: list[dict] = []
         self._raw_bytes = self._elements = 0
@@ -93,24 +97,42 @@ class RankWriter:
         frames = []
         for start in range(0, len(data), batch_bytes):
             part = data[start:start + batch_bytes]
-            self._wait(self._turn)  # this buffer's previous batch is on storage
             if cid == CODEC_IDS[RAW]:
+                self._flush()  # what is gathered goes first
+                self._wait(self._turn)
                 crcs = _ext.crc32c_frames(part, fs, self._nthreads)
-                out, table = part, [(i * fs, min(fs, len(part) - i * fs), c, False) for i, c in enumerate(crcs)]
+                table = [(i * fs, min(fs, len(part) - i * fs), c, False) for i, c in enumerate(crcs)]
+                self._submit(part)  # raw frames go to storage from the source itself
             else:
-                out = self._bufs[self._turn]
-                table = _ext.encode_frames(part, out, fs, itemsize, cid, ZSTD_LEVEL, self._nthreads)
+                if self._fill + _ext.encode_bound(len(part), fs, cid) > len(self._bufs[self._turn]):
+                    self._flush()
+                if self._fill == 0:
+                    self._wait(self._turn)  # this buffer's previous contents are on storage
+                table = _ext.encode_frames(part, self._bufs[self._turn][self._fill:], fs, itemsize, cid,
+                                           ZSTD_LEVEL, self._nthreads)
             n = sum(f[1] for f in table)
             for off, stored, crc, enc in table:
                 frames.append([self._pos + off, stored, crc, bool(enc)])
-            self._pending[self._turn] = self._io.submit(self._file.write, out[:n])
-            fault_point("write", self.rank)
             self._pos += n
-            self._turn ^= 1
+            if cid != CODEC_IDS[RAW]:
+                self._fill += n
+                if self._fill >= FLUSH_BYTES:
+                    self._flush()
         self._chunks.append({"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
                              "codec": item.codec, "frame_size": fs, "frames": frames})
         self._raw_bytes += len(data)
         self._elements += math.prod(item.sizes)
+
+    def _flush(self) -> None:
+        """Hand the bytes gathered in the current buffer to storage and switch buffers."""
+        if self._fill:
+            self._submit(self._bufs[self._turn][:self._fill])
+            self._fill = 0
+
+    def _submit(self, data) -> None:
+        self._pending[self._turn] = self._io.submit(self._file.write, data)
+        fault_point("write", self.rank)
+        self._turn ^= 1
 
     def _wait(self, turn: int) -> None:
         p = self._pending[turn]
@@ -119,7 +141,8 @@ class RankWriter:
             p.result()
 
     def drain(self) -> None:
-        """Wait until every batch handed to storage has been written."""
+        """Write what is gathered and wait until every batch handed to storage has been written."""
+        self._flush()
         self._wait(0)
         self._wait(1)
 
