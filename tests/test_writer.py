@@ -83,3 +83,24 @@ def test_without_gc_restores_on_error():
     with pytest.raises(ValueError):
         fmt._without_gc(boom)()
     assert gc.isenabled()
+
+
+def test_repeat_saves_reuse_the_plan_but_write_the_new_tensors(tmp_path, monkeypatch):
+    from shardckpt import plan
+    g = torch.Generator().manual_seed(3)
+    st = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g).bfloat16()}
+    shardckpt.save(st, tmp_path / "a")
+    slow = []
+    real = plan._plan_tensor
+    monkeypatch.setattr(plan, "_plan_tensor", lambda *a: (slow.append(a[0]), real(*a))[1])
+    new = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g).bfloat16()}
+    shardckpt.save(new, tmp_path / "b")
+    assert slow == []  # same structure: remembered
+    out = shardckpt.load_full(tmp_path / "b")
+    assert torch.equal(out["w"], new["w"]) and torch.equal(out["b"], new["b"])
+    # a changed shape or dtype under the same key is planned afresh
+    changed = {"w": torch.randn(8, 32, generator=g), "b": torch.randn(32, generator=g)}
+    shardckpt.save(changed, tmp_path / "c")
+    assert sorted(slow) == ["b", "w"]
+    out = shardckpt.load_full(tmp_path / "c")
+    assert torch.equal(out["w"], changed["w"]) and torch.equal(out["b"], changed["b"])
