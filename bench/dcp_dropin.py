@@ -5,8 +5,10 @@
 The state is a training state as dcp.save sees it from a single process: bf16 model weights, fp32 master
 weights and AdamW moments (normal * 0.02, moments smaller), plus a few scalars. Each variant saves with
 dcp.save(state, storage_writer=...) into a fresh directory (fsync on, as both default to) and loads with
-dcp.load into preallocated tensors; after one uncounted warm-up run, the median of --reps runs is reported, with bytes on disk. Loads read
-from the page cache (files were just written): they measure the decode / copy path, not the disk.
+dcp.load into preallocated tensors; after one uncounted warm-up run, the median of --reps runs is reported,
+with bytes on disk. Loads are cold (page cache dropped where the machine allows, as in bench.compare):
+shardckpt writes its data files with O_DIRECT, so a load right after a save would read DCP's files from the
+page cache and shardckpt's from disk.
 Prints a table and writes bench/results/dcp_dropin.json.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 import shardckpt
 import shardckpt.dcp as sdcp
+from bench.compare import drop_caches
 
 
 def make_state(mb: int) -> dict:
@@ -76,6 +79,7 @@ def run_variant(name, writer_fn, reader_fn, state, base: str, reps: int) -> dict
         saves.append(time.perf_counter() - t0)
         size = dir_bytes(path)
         target = empty_like_state(state)
+        drop_caches()
         t0 = time.perf_counter()
         dcp.load(target, storage_reader=reader_fn(path))
         loads.append(time.perf_counter() - t0)
