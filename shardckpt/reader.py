@@ -143,7 +143,8 @@ def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats
 
 class _FetchBuffers:
     """Fetch buffers reused across batches and loads (a fresh one per batch would spend its time in page
-    faults); a few are kept, the rest are dropped."""
+    faults). As many are kept as a local load keeps in flight (AHEAD_LOCAL + 1, up to ~200 MB), the rest
+    are dropped."""
     _lock = threading.Lock()
     _free: list[np.ndarray] = []
 
@@ -162,7 +163,7 @@ class _FetchBuffers:
         while isinstance(buf.base, np.ndarray):  # the whole buffer, not the slice handed out
             buf = buf.base
         with cls._lock:
-            if len(cls._free) < AHEAD_REMOTE + 1:
+            if len(cls._free) < AHEAD_LOCAL + 1:
                 cls._free.append(buf)
 
 
