@@ -12,6 +12,7 @@ import fcntl
 import mmap
 import os
 import random
+import subprocess
 import threading
 import uuid
 
@@ -359,6 +360,28 @@ class TestLocalDirectIO:
             assert dest[r.dest_offset:r.dest_offset + r.length].tobytes() == data[r.offset:r.offset + r.length]
         with pytest.raises(StorageError, match="truncated"):
             storage.read_ranges("r.bin", [ReadRange(len(data) - 777, 2 * A, 0)], dest)
+
+    def test_disk_full_mid_direct_write_is_typed_and_leaves_nothing(self, tmp_path):
+        mnt = tmp_path / "small"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs for the disk-full test: {r.stderr.strip() or r.returncode}")
+        try:
+            storage = LocalStorage(mnt, direct_io=True)
+            w = storage.open_write("big.bin")
+            went_direct = False
+            with pytest.raises(StorageError, match="disk full") as info:
+                for _ in range(4):
+                    w.write(_payload(local.DIRECT_STAGE, seed=8))
+                    went_direct |= w._direct
+            assert went_direct  # the first whole block went direct; the device filled during a later one
+            assert "big.bin" in str(info.value)
+            w.abort()
+            assert os.listdir(mnt) == []
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
     def test_env_switch(self, tmp_path, monkeypatch):
         monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "0")
