@@ -2,6 +2,7 @@
 // (C-contiguous, held for the whole call), every argument is checked here, then the GIL is released and
 // the kernels run on pointers and lengths.
 #include <cerrno>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -107,6 +108,24 @@ void py_copy_into(py::handle dst, py::handle src, int nthreads) {
                               std::to_string(s.size()));
     py::gil_scoped_release nogil;
     copy_parallel(d.data(), s.data(), s.size(), nthreads);
+}
+
+void py_copy_many(py::sequence dsts, py::sequence srcs, int nthreads) {
+    if (py::len(dsts) != py::len(srcs)) throw py::value_error("copy_many: dsts and srcs differ in length");
+    std::vector<std::unique_ptr<Buffer>> held;  // the buffers stay exported while the GIL is released
+    std::vector<CopyJob> jobs;
+    for (size_t i = 0; i < py::len(dsts); ++i) {
+        held.push_back(std::make_unique<Buffer>(dsts[i], true, "dst"));
+        Buffer& d = *held.back();
+        held.push_back(std::make_unique<Buffer>(srcs[i], false, "src"));
+        Buffer& s = *held.back();
+        if (s.size() > d.size())
+            throw py::value_error("copy_many: dst " + std::to_string(i) + " has " + std::to_string(d.size()) +
+                                  " bytes, src " + std::to_string(s.size()));
+        if (s.size()) jobs.push_back({d.data(), s.data(), s.size()});
+    }
+    py::gil_scoped_release nogil;
+    copy_many(jobs, nthreads);
 }
 
 void planes(py::handle src, py::handle dst, int itemsize, bool split) {
@@ -247,6 +266,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("value") = 0);
     m.def("crc32c_frames", &py_crc32c_frames, py::arg("src"), py::arg("frame_size"), py::arg("nthreads") = 0);
     m.def("copy_into", &py_copy_into, py::arg("dst"), py::arg("src"), py::arg("nthreads") = 0);
+    m.def("copy_many", &py_copy_many, py::arg("dsts"), py::arg("srcs"), py::arg("nthreads") = 0);
     m.def("byteplane_split", [](py::handle s, py::handle d, int k) { planes(s, d, k, true); }, py::arg("src"),
           py::arg("dst"), py::arg("itemsize"));
     m.def("byteplane_merge", [](py::handle s, py::handle d, int k) { planes(s, d, k, false); }, py::arg("src"),

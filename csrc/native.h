@@ -22,6 +22,13 @@ const char* byteplane_impl();  // "sse2" (x86-64) or "generic"
 
 // ---- copy.cpp
 void copy_parallel(uint8_t* dst, const uint8_t* src, size_t n, int nthreads);
+struct CopyJob {
+    uint8_t* dst;
+    const uint8_t* src;
+    size_t n;
+};
+// Many copies (non-overlapping) in one call: one set of threads shares them in 1 MiB pieces.
+void copy_many(const std::vector<CopyJob>& jobs, int nthreads);
 
 // ---- zstd_dl.cpp: libzstd.so.1 loaded with dlopen, no headers needed at build time.
 bool zstd_load();                  // idempotent; false when the library or a symbol is missing

@@ -23,7 +23,7 @@ __all__ = [
     "encode_frames", "decode_frames", "pread_into", "pwrite_from",
 ]
 
-_API = ("crc32c", "crc32c_frames", "copy_into", "byteplane_split", "byteplane_merge", "encode_bound",
+_API = ("crc32c", "crc32c_frames", "copy_into", "copy_many", "byteplane_split", "byteplane_merge", "encode_bound",
         "encode_frames", "decode_frames", "pread_into", "pwrite_from")
 
 
@@ -99,6 +99,7 @@ ZSTD_SOURCE: str = _impl.ZSTD_SOURCE
 crc32c = _impl.crc32c
 crc32c_frames = _impl.crc32c_frames
 copy_into = _impl.copy_into
+copy_many = _impl.copy_many
 byteplane_split = _impl.byteplane_split
 byteplane_merge = _impl.byteplane_merge
 encode_bound = _impl.encode_bound

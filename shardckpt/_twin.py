@@ -228,6 +228,18 @@ def copy_into(dst, src, nthreads: int = 0) -> None:
     d[:s.size] = s
 
 
+def copy_many(dsts, srcs, nthreads: int = 0) -> None:
+    """copy_into for each (dst, src) pair, in one call."""
+    if len(dsts) != len(srcs):
+        raise ValueError("copy_many: dsts and srcs differ in length")
+    pairs = [(_rw(d), _ro(s)) for d, s in zip(dsts, srcs)]
+    for i, (d, s) in enumerate(pairs):
+        if s.size > d.size:
+            raise ValueError(f"copy_many: dst {i} has {d.size} bytes, src {s.size}")
+    for d, s in pairs:
+        d[:s.size] = s
+
+
 def _check_planes(s: np.ndarray, d: np.ndarray, itemsize: int) -> None:
     if itemsize not in _ITEMSIZES:
         raise ValueError(f"itemsize must be one of {_ITEMSIZES}, got {itemsize}")

@@ -196,6 +196,23 @@ def test_copy_into_rejects_short_or_readonly_dst(be):
         be.copy_into(b"xxxx", b"abcd")
 
 
+def test_copy_many(be):
+    # sizes around the 1 MiB work piece and the 64-byte copy block, an empty source, odd lengths
+    sizes = [0, 1, 63, 64, 65, (1 << 20) - 1, 1 << 20, (3 << 20) + 17]
+    srcs = [rand(n, i) for i, n in enumerate(sizes)]
+    dsts = [np.full(n + 5, 7, np.uint8) for n in sizes]
+    be.copy_many(dsts, srcs, nthreads=3)
+    for s, d in zip(srcs, dsts):
+        assert (d[:s.size] == s).all() and (d[s.size:] == 7).all()
+
+
+def test_copy_many_rejects_short_dst_and_mismatched_lists(be):
+    with pytest.raises(ValueError, match="dst 1"):
+        be.copy_many([bytearray(4), bytearray(3)], [b"ab", b"abcd"])
+    with pytest.raises(ValueError):
+        be.copy_many([bytearray(4)], [b"ab", b"cd"])
+
+
 # ----------------------------------------------------------------------------------------------- byte planes
 def test_byteplane_layout(be):
     src = np.arange(12, dtype=np.uint8)
