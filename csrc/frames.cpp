@@ -134,7 +134,7 @@ std::string encode_frames(const uint8_t* src, size_t n, uint8_t* out, size_t fra
 
     if (codec == CODEC_RAW) {
         copy_parallel(out, src, n, nthreads);
-        parallel_for(count, plan_threads(nthreads, count), [&](size_t i, int) {
+        parallel_for(count, plan_threads_for(nthreads, count, n), [&](size_t i, int) {
             size_t len = span(i);
             frames[i] = {i * frame_size, len, crc32c(out + i * frame_size, len, 0), false};
         });
@@ -142,7 +142,7 @@ std::string encode_frames(const uint8_t* src, size_t n, uint8_t* out, size_t fra
     }
     if (!zstd_load()) return "libzstd unavailable: " + zstd_source();
 
-    int workers = plan_threads(nthreads, count);
+    int workers = plan_threads_for(nthreads, count, n);
     std::vector<Worker> ws(workers);
     FirstError err;
     bool planes = codec == CODEC_ZSTD_BYTEPLANE && itemsize > 1;
@@ -211,7 +211,9 @@ long decode_frames(const uint8_t* src, uint8_t* dst, const std::vector<DecodeFra
         return -1;
     }
     bool planes = codec == CODEC_ZSTD_BYTEPLANE && itemsize > 1;
-    int workers = plan_threads(nthreads, count);
+    size_t total_raw = 0;
+    for (const DecodeFrame& f : frames) total_raw += f.raw;
+    int workers = plan_threads_for(nthreads, count, total_raw);
     std::vector<Worker> ws(workers);
     std::vector<int> result(count, FRAME_OK);
     std::atomic<size_t> lowest_bad{count};
