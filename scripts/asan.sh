@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds shardckpt._native with AddressSanitizer into a temp dir (the installed module is untouched) and
-# runs a short hostile-input fuzz of decode_frames, byte planes and crc32c under it. Exit 0 = clean.
+# runs a short hostile-input fuzz of decode_frames, byte planes, crc32c and copies under it. Exit 0 = clean.
 #   scripts/asan.sh [seconds]      (default 25 s of fuzzing; the build takes ~1 min on 2 cores)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +24,7 @@ LIBASAN="$($CXX -print-file-name=libasan.so)"
 LIBSTDCXX="$($CXX -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1"
 LD_PRELOAD="$LIBASAN $LIBSTDCXX" "$PY" - "$TMP/_native$EXT" "$SECONDS_TO_FUZZ" <<'PYEOF'
-import importlib.machinery, importlib.util, random, sys, time
+import importlib.machinery, importlib.util, os, random, sys, time
 import numpy as np
 
 path, budget = sys.argv[1], float(sys.argv[2])
@@ -52,7 +52,7 @@ def sample(n):
         return (nrng.standard_normal(n // 4 + 1) * 0.02).astype(np.float32).view(np.uint8)[:n].copy()
     return np.full(n, rng.randrange(4), np.uint8)
 
-counts = dict(roundtrip=0, hostile=0, planes=0, crc=0, errors=0)
+counts = dict(roundtrip=0, hostile=0, planes=0, crc=0, copy=0, errors=0)
 deadline = time.time() + budget
 while time.time() < deadline:
     itemsize = rng.choice([1, 2, 4, 8])
@@ -117,5 +117,20 @@ while time.time() < deadline:
     nat.crc32c(view, rng.randrange(2**32))
     nat.crc32c_frames(view, rng.randint(1, 5000), rng.randint(0, 4))
     counts["crc"] += 1
+    # copies at odd offsets and lengths, one call for many (with a destination one byte short now and then)
+    srcs = [np.frombuffer(a.tobytes(), np.uint8)[rng.randint(0, 7):] for _ in range(rng.randint(0, 4))]
+    dsts = [np.zeros(x.size + rng.choice([0, 0, 3, -1]), np.uint8) if x.size else np.zeros(1, np.uint8)
+            for x in srcs]
+    try:
+        nat.copy_many(dsts, srcs, rng.randint(0, 4))
+        assert all(d[:x.size].tobytes() == x.tobytes() for d, x in zip(dsts, srcs))
+    except ValueError:
+        counts["errors"] += 1
+    big = rng.random() < 0.001  # now and then past the 1 MiB piece and the threading threshold
+    src = np.frombuffer(os.urandom((9 << 20) + rng.randint(0, 99) if big else rng.randint(0, 5000)), np.uint8)
+    dst = np.zeros(src.size + 1, np.uint8)
+    nat.copy_into(dst[1:], src, rng.randint(0, 4))
+    assert dst[1:].tobytes() == src.tobytes()
+    counts["copy"] += 1
 print("asan: clean;", counts)
 PYEOF
