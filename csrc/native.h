@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -65,7 +66,7 @@ std::vector<uint32_t> crc32c_frames(const uint8_t* src, size_t n, size_t frame_s
 long long pread_full(int fd, uint64_t offset, uint8_t* dst, size_t n);
 long long pwrite_full(int fd, uint64_t offset, const uint8_t* src, size_t n);
 
-// ---- threading: a fresh set of std::threads per call (no pool survives a fork).
+// ---- threading
 inline int plan_threads(int nthreads, size_t items) {
     long n = nthreads > 0 ? nthreads : static_cast<long>(std::thread::hardware_concurrency());
     if (n < 1) n = 1;
@@ -83,8 +84,12 @@ inline int plan_threads_for(int nthreads, size_t items, size_t bytes) {
     return plan_threads(nthreads, std::min(items, worth ? worth : 1));
 }
 
-// Runs fn(item, worker) for item in [0, items) on `workers` threads (the caller is worker 0). If a thread
-// cannot be started, the remaining workers simply take more items.
+// Runs job(worker) for worker in [0, workers): the caller is worker 0, the others are threads of a pool kept
+// between calls (pool.cpp), or fresh threads when the pool is busy with another call.
+void run_workers(int workers, const std::function<void(int)>& job);
+
+// Runs fn(item, worker) for item in [0, items) on `workers` threads sharing a counter. If fewer threads can
+// be had, the others take more items.
 template <class F>
 void parallel_for(size_t items, int workers, F&& fn) {
     if (workers <= 1 || items <= 1) {
@@ -92,24 +97,13 @@ void parallel_for(size_t items, int workers, F&& fn) {
         return;
     }
     std::atomic<size_t> next{0};
-    auto run = [&](int w) {
+    run_workers(workers, [&](int w) {
         for (;;) {
             size_t i = next.fetch_add(1, std::memory_order_relaxed);
             if (i >= items) return;
             fn(i, w);
         }
-    };
-    std::vector<std::thread> threads;
-    threads.reserve(workers - 1);
-    for (int w = 1; w < workers; ++w) {
-        try {
-            threads.emplace_back(run, w);
-        } catch (...) {
-            break;
-        }
-    }
-    run(0);
-    for (auto& t : threads) t.join();
+    });
 }
 
 }  // namespace shardckpt

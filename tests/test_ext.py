@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -501,3 +504,44 @@ def test_pwrite_enospc(be):
         assert ei.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- native threads
+def _round_trip(be, seed: int, nthreads: int) -> bool:
+    src = floats(6 << 20, seed)  # 24 MB: enough work for every thread of the pool
+    f = 1 << 20
+    blob, tab, _ = encode(be, src, f, 4, PLANES, nthreads=nthreads)
+    dst = np.empty_like(src)
+    be.decode_frames(blob, tab, dst, 4, PLANES, nthreads)
+    return bool((dst == src).all())
+
+
+@needs_native
+def test_native_thread_pool_is_rebuilt_after_fork():
+    assert _round_trip(NATIVE, 1, 4)  # the pool exists now; fork() leaves the child without its threads
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = _round_trip(NATIVE, 2, 4) and _round_trip(NATIVE, 3, 3)
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in a native kernel (threads of the parent's pool awaited)")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert _round_trip(NATIVE, 4, 4)  # and the parent's pool still works
+
+
+@needs_native
+def test_native_kernels_called_from_many_threads_at_once():
+    # one call gets the pool, the others start threads of their own; all results are right
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(lambda s: _round_trip(NATIVE, s, 3), range(12)))
