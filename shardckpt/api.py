@@ -10,6 +10,7 @@ save, in order (all ranks unless noted):
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import re
@@ -54,6 +55,7 @@ class _Prepared:
     user_metadata: dict
     writer: RankWriter | None = None  # started on the caller's thread when the state overflows the pool
     error: str | None = None          # a failure of that early part, reported at the commit round
+    committed: bytes | None = None    # coordinator: the manifest it committed
 
 
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
@@ -219,7 +221,33 @@ def _write_and_commit(p: _Prepared) -> Manifest:
         cls = CheckpointExistsError if result.get("kind") == "exists" else SaveError
         raise cls(f"save failed, nothing was committed: {result['message']}", file=storage.url,
                   rank=result.get("rank"))
-    return read_manifest(storage)
+    if p.committed is not None:
+        return parse_manifest(p.committed, file=f"{storage.url}/{MANIFEST_NAME}")
+    return _CommittedManifest(storage)
+
+
+class _CommittedManifest(Manifest):
+    """What a save returns on the ranks other than the coordinator: the committed Manifest, read from storage
+    on first use. Most callers never look at it, and reading it on every rank at the end of every save
+    would cost each rank a manifest fetch and parse (on an object store, one GET per rank per save)."""
+
+    def __init__(self, storage: Storage):  # the dataclass fields arrive on first use
+        object.__setattr__(self, "_storage", storage)
+
+    def __eq__(self, other):
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(Manifest))
+
+    __hash__ = Manifest.__hash__
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_storage":
+            raise AttributeError(name)
+        loaded = read_manifest(self._storage)
+        for f in dataclasses.fields(Manifest):
+            object.__setattr__(self, f.name, getattr(loaded, f.name))
+        return object.__getattribute__(self, name)
 
 
 def _commit(p: _Prepared, records: list[dict]) -> dict:
@@ -245,6 +273,7 @@ def _commit(p: _Prepared, records: list[dict]) -> dict:
         p.storage.sync_dir(f"data/{p.save_id}") if files else None
         fault_point("manifest", 0)
         p.storage.commit(MANIFEST_NAME, manifest)
+        p.committed = manifest
         fault_point("committed", 0)
     except CheckpointExistsError as e:
         return {"ok": False, "kind": "exists", "rank": 0, "message": str(e)}
@@ -283,7 +312,7 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
         timeout_s: how long a collective may wait for a slow or dead rank (default 600 s).
 
     Returns:
-        The committed Manifest.
+        The committed Manifest (on ranks other than the coordinator it is read from storage on first use).
     """
     if frame_size <= 0 or frame_size % 8:
         raise ValueError("frame_size must be a positive multiple of 8")

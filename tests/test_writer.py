@@ -104,3 +104,22 @@ def test_repeat_saves_reuse_the_plan_but_write_the_new_tensors(tmp_path, monkeyp
     assert sorted(slow) == ["b", "w"]
     out = shardckpt.load_full(tmp_path / "c")
     assert torch.equal(out["w"], changed["w"]) and torch.equal(out["b"], changed["b"])
+
+
+def _save_and_report(rank, ws, path):
+    from shardckpt import api
+    reads = []
+    real = api.read_manifest
+    api.read_manifest = lambda *a, **k: (reads.append(1), real(*a, **k))[1]
+    m = shardckpt.save({"w": torch.arange(10.0) + rank * 0, "step": 3}, path)
+    during = len(reads)
+    return type(m).__name__, during, m.save_id, m.keys(), len(reads), m == real(path)
+
+
+def test_save_returns_the_manifest_without_every_rank_fetching_it(tmp_path):
+    from harness import run_ranks
+    (kind0, during0, id0, keys0, _, eq0), (kind1, during1, id1, keys1, after1, eq1) = \
+        run_ranks(2, _save_and_report, str(tmp_path / "c"))
+    assert kind0 == "Manifest" and during0 == 0       # the coordinator parses what it committed
+    assert during1 == 0 and after1 == 1               # the others fetch it on first use, once
+    assert id0 == id1 and keys0 == keys1 == ["step", "w"] and eq0 and eq1
