@@ -5,10 +5,12 @@ launch() runs a function on N gloo processes like harness.run_ranks, but expects
 of failing. Everything a trial does is a function of its seed, so a failing trial is rerun by its seed."""
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
 import signal
+import subprocess
 import tempfile
 import time
 
@@ -19,6 +21,24 @@ from harness import _entry
 
 FRAME = 1024  # small frames: a save makes many write batches, so "write" kills land mid-file
 PHASES = ("stage", "write", "before_commit", "manifest")
+
+
+# ----------------------------------------------------------------------------------------------- disk full
+
+@contextlib.contextmanager
+def small_tmpfs(mnt, size: str):
+    """A tmpfs of `size` ("2m") mounted at the new directory `mnt`, for disk-full tests; unmounted after.
+    Skips the test where mounting is not allowed (CI runs as root and mounts it)."""
+    import pytest
+    os.makedirs(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs for disk-full tests: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ----------------------------------------------------------------------------------------------- launcher

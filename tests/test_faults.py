@@ -19,14 +19,13 @@ import contextlib
 import errno
 import io
 import os
-import subprocess
 
 import pytest
 import torch
 
 import shardckpt
 from faultkit import (FRAME, PHASES, corruption_state, corruption_sweep, launch, race_worker, run_kill_trial,
-                      run_manager_trial, same_state, save_worker, trial_state)
+                      run_manager_trial, same_state, save_worker, small_tmpfs, trial_state)
 from harness import run_ranks
 
 TRIALS = int(os.environ.get("SHARDCKPT_FAULT_TRIALS", "5"))
@@ -124,16 +123,8 @@ def test_hung_rank_makes_survivors_raise_coordination_error_within_timeout(tmp_p
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs for disk-full tests: {r.stderr.strip() or r.returncode}")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(directory) -> str:

@@ -12,7 +12,6 @@ import fcntl
 import mmap
 import os
 import random
-import subprocess
 import threading
 import uuid
 
@@ -362,13 +361,8 @@ class TestLocalDirectIO:
             storage.read_ranges("r.bin", [ReadRange(len(data) - 777, 2 * A, 0)], dest)
 
     def test_disk_full_mid_direct_write_is_typed_and_leaves_nothing(self, tmp_path):
-        mnt = tmp_path / "small"
-        mnt.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs for the disk-full test: {r.stderr.strip() or r.returncode}")
-        try:
+        from faultkit import small_tmpfs
+        with small_tmpfs(tmp_path / "small", "12m") as mnt:
             storage = LocalStorage(mnt, direct_io=True)
             w = storage.open_write("big.bin")
             went_direct = False
@@ -380,8 +374,6 @@ class TestLocalDirectIO:
             assert "big.bin" in str(info.value)
             w.abort()
             assert os.listdir(mnt) == []
-        finally:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
     def test_env_switch(self, tmp_path, monkeypatch):
         monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "0")
