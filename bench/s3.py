@@ -31,10 +31,13 @@ def _timed(fn):
 
 def _job(rank, ws, args, mode):
     """Each method `repeat` times, in alternating order (the first request of a process pays the S3
-    client's session setup, whichever method makes it); saves go to fresh prefixes, loads read the first."""
+    client's session setup, whichever method makes it); saves go to fresh prefixes, loads read the first.
+    Later saves are deleted once timed (after a barrier), so the RAM-backed server never holds more than the
+    two first saves and one more: its cost per byte rises once it holds ~2 GB (tests/s3_server.py)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
     import shardckpt
+    from shardckpt.storage import storage_for
     os.environ["AWS_DEFAULT_REGION"] = args["region"]
     opts = args["opts"]
     shapes, dtype = gpt_shapes(args["params"]), getattr(torch, args["dtype"])
@@ -48,6 +51,9 @@ def _job(rank, ws, args, mode):
                     out[method].append(_timed(lambda: shardckpt.save(state, url, storage_options=opts))[0])
                 else:
                     out[method].append(_timed(lambda: dcp.save(state, storage_writer=FsspecWriter(url, **opts)))[0])
+                if r > 0 and rank == 0:  # the loads read repeat 0; the server frees what is deleted
+                    storage_for(url, opts).delete_tree()
+                    time.sleep(2.5)  # ... within ~1 s, not during the next timed save
             else:
                 _zero(state)
                 if method == "shardckpt":

@@ -423,6 +423,56 @@ class TestS3Storage(StorageConformance):
         assert uploads == []
         assert not storage.exists("ab.bin")
 
+    def test_part_buffers_reused_while_parts_are_in_flight(self, s3_server, monkeypatch):  # noqa: F811
+        # One part in flight: from the third part on, every part is filled into the buffer of a part whose
+        # upload is done, so a buffer refilled too early would upload (and read back) the wrong bytes.
+        s = FsspecStorage(s3_server.url(f"t-{uuid.uuid4().hex[:12]}"), s3_server.storage_options,
+                          part_size=MIN_PART_SIZE, upload_concurrency=1)
+        data = _payload(5 * MIN_PART_SIZE + 12345, seed=6)
+        from shardckpt.storage.fsspec import _PartBuffers
+        reused = []
+        take = _PartBuffers.take
+        monkeypatch.setattr(_PartBuffers, "take", classmethod(lambda cls, size: reused.append(take(size))
+                                                              or reused[-1]))
+        monkeypatch.setattr(_PartBuffers, "_free", [])
+        w = s.open_write("reuse.bin")
+        view, pos, rng = memoryview(data), 0, random.Random(6)
+        while pos < len(data):
+            n = rng.choice([7, 4096, MIB + 3, 3 * MIB])
+            w.write(view[pos:pos + n])
+            pos += n
+        assert w.close() == len(data)
+        try:
+            assert sum(b is not None for b in reused) >= 3
+            assert len(_PartBuffers._free) >= 2  # given back when done, for the next file
+            assert s.fs.info(s._path("reuse.bin"))["ETag"].strip('"').endswith("-6")
+            assert s.read_file("reuse.bin") == data
+        finally:
+            s.delete_tree()
+
+    def test_uploads_are_signed_without_a_second_checksum(self, storage):
+        # botocore's default adds a CRC32 of every body on top of the SHA-256 payload signature; shardckpt
+        # turns the CRC32 off, and the body must still be signed (the store checks every byte against it).
+        assert storage.fs.config_kwargs["request_checksum_calculation"] == "when_required"
+        storage.exists("x")  # the client exists from the first request on
+        seen = []
+        hook = lambda request, **_: seen.append(dict(request.headers))  # noqa: E731
+        storage.fs.s3.meta.events.register("before-send.s3", hook)
+        try:
+            data = _payload(MIN_PART_SIZE + 100, seed=7)
+            storage.write_file("signed.bin", data)
+            storage.write_file("small.bin", b"abc")
+        finally:
+            storage.fs.s3.meta.events.unregister("before-send.s3", hook)
+        bodies = [h for h in seen if h.get("Content-Length", b"0") not in (b"0", "0")]
+        assert len(bodies) >= 3  # two parts and a small PUT (plus the complete request)
+        for h in bodies:
+            sha = h["X-Amz-Content-SHA256"]
+            sha = sha.decode() if isinstance(sha, bytes) else sha
+            assert len(sha) == 64 and sha != "UNSIGNED-PAYLOAD"
+            assert not any(k.lower().startswith("x-amz-checksum-") for k in h)
+        assert storage.read_file("signed.bin") == data
+
     def test_delete_tree_never_deletes_the_bucket(self, s3_server):  # noqa: F811
         bucket = f"shardckpt-tmp-{uuid.uuid4().hex[:8]}"
         s = FsspecStorage(f"s3://{bucket}", s3_server.storage_options)
@@ -520,6 +570,20 @@ class TestFsspecSpecifics:
         assert isinstance(storage_for("memory://x/y"), FsspecStorage)
         assert isinstance(storage_for(f"file://{tmp_path}"), LocalStorage)
         assert isinstance(storage_for(str(tmp_path)), LocalStorage)
+
+    def test_s3_checksum_option_defaults_and_respects_the_caller(self, monkeypatch):
+        from shardckpt.storage.fsspec import _s3_options
+        monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+        base = {"key": "k", "config_kwargs": {"connect_timeout": 5}}
+        out = _s3_options(base)
+        assert out["config_kwargs"] == {"connect_timeout": 5, "request_checksum_calculation": "when_required"}
+        assert base["config_kwargs"] == {"connect_timeout": 5}  # the caller's dict is not changed
+        mine = {"config_kwargs": {"request_checksum_calculation": "when_supported"}}
+        assert _s3_options(mine) == mine
+        unsigned = {"config_kwargs": {"s3": {"payload_signing_enabled": False}}}
+        assert _s3_options(unsigned) == unsigned  # then the CRC32 is the only check: kept
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+        assert _s3_options({}) == {}
 
     def test_part_size_validated(self):
         with pytest.raises(ValueError):

@@ -75,6 +75,30 @@ def _is_precondition_failed(exc: BaseException) -> bool:
     return isinstance(exc, FileExistsError)
 
 
+def _s3_options(options: dict) -> dict:
+    """s3fs options with botocore's request checksums set to "when_required", unless the caller chose.
+
+    botocore >= 1.36 computes a CRC32 of every request body ("when_supported"), in Python on s3fs's event-loop
+    thread, on top of the SHA-256 with which it signs the body. The signature already lets the store verify
+    every byte it receives, so the CRC32 is a second pass over each part that checks nothing more; skipping
+    it takes ~25% off the client's CPU time per uploaded byte (measured: 0.26 -> 0.20 s per 104 MB). It is
+    left as it is where the caller set it (options or AWS_REQUEST_CHECKSUM_CALCULATION) or turned payload
+    signing off (then it is the only check)."""
+    config = dict(options.get("config_kwargs") or {})
+    signing = (config.get("s3") or {}).get("payload_signing_enabled", True)
+    if "request_checksum_calculation" in config or signing is False or \
+            "AWS_REQUEST_CHECKSUM_CALCULATION" in os.environ:
+        return options
+    try:
+        from botocore.config import Config
+    except ImportError:
+        return options
+    if "request_checksum_calculation" not in getattr(Config, "OPTION_DEFAULTS", {}):
+        return options  # an older botocore: it computes no such checksum
+    config["request_checksum_calculation"] = "when_required"
+    return {**options, "config_kwargs": config}
+
+
 def _is_local(fs) -> bool:
     return "file" in _protocols(fs) or "local" in _protocols(fs)
 
@@ -84,19 +108,45 @@ def _protocols(fs) -> tuple[str, ...]:
     return (p,) if isinstance(p, str) else tuple(p)
 
 
+class _PartBuffers:
+    """Part buffers kept between uploads and between saves: a fresh 8 MiB buffer costs its page faults and
+    zeroing on every part of every save (~10% of a rank's CPU time in an S3 save, measured), a kept one
+    nothing. A buffer comes back only after its upload is done; at most KEEP are kept per process."""
+    KEEP = 2 * DEFAULT_UPLOAD_CONCURRENCY + 2
+    _lock = threading.Lock()
+    _free: list[bytearray] = []
+
+    @classmethod
+    def take(cls, size: int) -> bytearray | None:
+        with cls._lock:
+            for i, buf in enumerate(cls._free):
+                if len(buf) == size:
+                    return cls._free.pop(i)
+        return None
+
+    @classmethod
+    def give(cls, buf: bytearray) -> None:
+        with cls._lock:
+            if len(cls._free) < cls.KEEP:
+                cls._free.append(buf)
+
+
 class _S3MultipartWriter(FileWriter):
-    """Writes one S3 object: buffers up to one part, then uploads parts concurrently on s3fs's event loop
+    """Writes one S3 object: fills a part buffer, then uploads parts concurrently on s3fs's event loop
     (at most `concurrency` in flight, so memory stays bounded); close() uploads the last part and completes
-    the upload. A file smaller than one part is a single PutObject."""
+    the upload. A file smaller than one part is a single PutObject. A full part goes out as its buffer itself
+    (botocore hashes and sends a bytearray as it is), and the buffer is reused (_PartBuffers) once its upload
+    is done, so the bytes are copied once, from the caller's buffer into a part."""
 
     def __init__(self, fs, path: str, url: str, part_size: int, concurrency: int):
         self.fs, self.url = fs, url
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_size, self.concurrency = part_size, concurrency
         self._buf = bytearray()
+        self._fill = 0  # bytes of _buf in use
         self._size = 0
         self._upload_id: str | None = None
-        self._inflight: list[tuple[int, concurrent.futures.Future]] = []
+        self._inflight: list[tuple[int, concurrent.futures.Future, bytes | bytearray]] = []
         self._etags: dict[int, str] = {}
         self._next_part = 1
         self._state = "open"  # -> "closed" (complete) or "aborted"
@@ -116,10 +166,15 @@ class _S3MultipartWriter(FileWriter):
         n = view.nbytes
         try:
             while view:
-                room = self._current_part_size() - len(self._buf)
-                self._buf += view[:room]
-                view = view[room:]
-                if len(self._buf) >= self._current_part_size():
+                part = self._current_part_size()
+                if self._fill == 0 and len(self._buf) != part:
+                    self._buf = _PartBuffers.take(part) or bytearray()
+                take = min(part - self._fill, view.nbytes)
+                # In place in a kept part buffer; appended to a new one (which then grows to a part).
+                self._buf[self._fill:self._fill + take] = view[:take]
+                self._fill += take
+                view = view[take:]
+                if self._fill == part:
                     self._upload_part()
         except Exception as e:
             self.abort()
@@ -132,18 +187,32 @@ class _S3MultipartWriter(FileWriter):
             self._upload_id = resp["UploadId"]
         while len(self._inflight) >= self.concurrency:
             self._reap_oldest()
-        body, self._buf = bytes(self._buf), bytearray()
+        # A full buffer is the request body as it is (it is not touched again until its upload is done);
+        # only a short last part is copied out.
+        body = self._buf if self._fill == len(self._buf) else bytes(memoryview(self._buf)[:self._fill])
         number = self._next_part
         self._next_part += 1
         if number > MAX_PARTS:
             raise StorageError(f"file needs more than {MAX_PARTS} upload parts", file=self.url)
         fut = self._submit(self.fs._call_s3("upload_part", Bucket=self.bucket, Key=self.key,
                                             UploadId=self._upload_id, PartNumber=number, Body=body))
-        self._inflight.append((number, fut))
+        self._inflight.append((number, fut, body))
+        if body is self._buf:
+            self._buf, self._fill = bytearray(), 0
+        else:
+            self._keep_buffer()
 
     def _reap_oldest(self) -> None:
-        number, fut = self._inflight.pop(0)
+        number, fut, body = self._inflight.pop(0)
         self._etags[number] = fut.result()["ETag"]
+        if isinstance(body, bytearray):
+            _PartBuffers.give(body)
+
+    def _keep_buffer(self) -> None:
+        """Give the current part buffer (not in any request) back for reuse."""
+        if len(self._buf) == self._current_part_size():
+            _PartBuffers.give(self._buf)
+        self._buf, self._fill = bytearray(), 0
 
     def close(self) -> int:
         """Upload the last part and complete the upload (or PUT a small file whole): the object exists,
@@ -153,12 +222,15 @@ class _S3MultipartWriter(FileWriter):
         _check_open(self._state, self.url)
         try:
             if self._upload_id is None:
-                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._buf))
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key,
+                                Body=bytes(memoryview(self._buf)[:self._fill]))
+                self._keep_buffer()
             else:
-                if self._buf:
+                if self._fill:
                     self._upload_part()
                 while self._inflight:
                     self._reap_oldest()
+                self._keep_buffer()
                 parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
                 self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
                                 UploadId=self._upload_id, MultipartUpload={"Parts": parts})
@@ -166,7 +238,6 @@ class _S3MultipartWriter(FileWriter):
             self.abort()
             raise _error(e, "upload", self.url) from e
         self._state = "closed"
-        self._buf = bytearray()
         return self._size
 
     def abort(self) -> None:
@@ -174,10 +245,10 @@ class _S3MultipartWriter(FileWriter):
         if self._state == "closed":
             return
         self._state = "aborted"
-        self._buf = bytearray()
-        for _, fut in self._inflight:
+        self._keep_buffer()  # bodies in flight are dropped, never kept: a cancelled request may still send
+        for _, fut, _ in self._inflight:
             fut.cancel()
-        for _, fut in self._inflight:
+        for _, fut, _ in self._inflight:
             try:
                 fut.result()
             except BaseException:  # noqa: BLE001 -- best effort
@@ -315,6 +386,8 @@ class FsspecStorage(Storage):
         if _fs is None:
             options = dict(self.storage_options)
             options["use_listings_cache"] = False
+            if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
+                options = _s3_options(options)
             try:
                 _fs, _root = fsspec.core.url_to_fs(url, **options)
             except Exception as e:
