@@ -451,8 +451,8 @@ class TestS3Storage(StorageConformance):
             s.delete_tree()
 
     def test_uploads_are_signed_without_a_second_checksum(self, storage):
-        # botocore's default adds a CRC32 of every body on top of the SHA-256 payload signature; shardckpt
-        # turns the CRC32 off, and the body must still be signed (the store checks every byte against it).
+        # Over http botocore's default adds a CRC32 of every body on top of the SHA-256 payload signature;
+        # shardckpt turns the CRC32 off, and the body must still be signed (the store checks every byte).
         assert storage.fs.config_kwargs["request_checksum_calculation"] == "when_required"
         storage.exists("x")  # the client exists from the first request on
         seen = []
@@ -573,15 +573,24 @@ class TestFsspecSpecifics:
 
     def test_s3_checksum_option_defaults_and_respects_the_caller(self, monkeypatch):
         from shardckpt.storage.fsspec import _s3_options
-        monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
-        base = {"key": "k", "config_kwargs": {"connect_timeout": 5}}
+        for var in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(var, raising=False)
+        http = {"endpoint_url": "http://10.0.0.1:9000"}
+        base = {"key": "k", "client_kwargs": http, "config_kwargs": {"connect_timeout": 5}}
         out = _s3_options(base)
         assert out["config_kwargs"] == {"connect_timeout": 5, "request_checksum_calculation": "when_required"}
         assert base["config_kwargs"] == {"connect_timeout": 5}  # the caller's dict is not changed
-        mine = {"config_kwargs": {"request_checksum_calculation": "when_supported"}}
+        assert "request_checksum_calculation" in _s3_options({"endpoint_url": "HTTP://h"})["config_kwargs"]
+        assert "request_checksum_calculation" in _s3_options({"use_ssl": False})["config_kwargs"]
+        # https (AWS's default endpoint included): botocore's own default is the cheaper one there
+        for https in ({}, {"client_kwargs": {"endpoint_url": "https://s3.example.com"}}):
+            assert _s3_options(https) == https
+        mine = {"client_kwargs": http, "config_kwargs": {"request_checksum_calculation": "when_supported"}}
         assert _s3_options(mine) == mine
-        unsigned = {"config_kwargs": {"s3": {"payload_signing_enabled": False}}}
+        unsigned = {"client_kwargs": http, "config_kwargs": {"s3": {"payload_signing_enabled": False}}}
         assert _s3_options(unsigned) == unsigned  # then the CRC32 is the only check: kept
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+        assert "request_checksum_calculation" in _s3_options({})["config_kwargs"]
         monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
         assert _s3_options({}) == {}
 
