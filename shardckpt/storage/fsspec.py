@@ -147,7 +147,7 @@ class _S3MultipartWriter(FileWriter):
     (at most `concurrency` in flight, so memory stays bounded); close() uploads the last part and completes
     the upload. A file smaller than one part is a single PutObject. A full part goes out as its buffer itself
     (botocore hashes and sends a bytearray as it is), and the buffer is reused (_PartBuffers) once its upload
-    is done, so the bytes are copied once, from the caller's buffer into a part."""
+    is done: no bytes() copy of each part, no fresh buffer to fault in per part."""
 
     def __init__(self, fs, path: str, url: str, part_size: int, concurrency: int):
         self.fs, self.url = fs, url
