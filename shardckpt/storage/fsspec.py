@@ -122,8 +122,9 @@ def _protocols(fs) -> tuple[str, ...]:
 class _PartBuffers:
     """Part buffers kept between uploads and between saves: a fresh 8 MiB buffer costs its page faults and
     zeroing on every part of every save (~10% of a rank's CPU time in an S3 save, measured), a kept one
-    nothing. A buffer comes back only after its upload is done; at most KEEP are kept per process."""
-    KEEP = 2 * DEFAULT_UPLOAD_CONCURRENCY + 2
+    nothing. A buffer comes back only after its upload is done; at most KEEP are kept per process (one
+    writer's worth: 72 MiB at the default part size and concurrency)."""
+    KEEP = DEFAULT_UPLOAD_CONCURRENCY + 1
     _lock = threading.Lock()
     _free: list[bytearray] = []
 
