@@ -7,7 +7,7 @@ Who calls what, and when (numbers follow one save and one load):
         3. coordinator only: commit(manifest name, bytes)              (atomic, create-only; the commit point)
   load  1. every rank: read_file(manifest), read_file(index files)
         2. every rank: read_ranges(data file, ranges) for the frames it needs
-  manager / CLI: list_dir, exists, size, delete_tree (retention and gc; coordinator only)
+  manager / CLI: list_dir, exists, size, mtime, delete_tree (retention and gc; coordinator only)
 """
 from __future__ import annotations
 
@@ -99,6 +99,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list_files(self, relpath: str = "") -> list[str]:
         """Relative paths of every file below a directory, recursively; [] if it does not exist."""
+
+    def mtime(self, relpath: str) -> float | None:
+        """Last modification time of a file or directory (seconds since the epoch), or None if it is absent
+        or the backend cannot tell. Called by gc (shardckpt.gc, coordinator or CLI) to leave alone the files
+        of a save that may still be in progress; None makes gc keep the entry, so this default is safe."""
+        return None
 
     @abc.abstractmethod
     def delete(self, relpath: str) -> None:

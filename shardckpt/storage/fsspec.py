@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import datetime
 import os
 import posixpath
 import threading
@@ -586,6 +587,26 @@ class FsspecStorage(Storage):
             raise _error(e, "list", self._url(relpath)) from e
         strip = path.rstrip("/")
         return sorted(self._rel(p) for p in found if p.rstrip("/") != strip and not p.endswith("/"))
+
+    def mtime(self, relpath: str) -> float | None:
+        """Last modification time from fs.info() (each filesystem names it differently), or None if absent
+        or not given (S3 directory prefixes have none). Called by gc (shardckpt.gc) to spare fresh saves."""
+        try:
+            info = self.fs.info(self._path(relpath))
+        except Exception:
+            return None
+        for k in ("mtime", "LastModified", "last_modified", "updated", "created", "time_created"):
+            v = info.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+            if isinstance(v, datetime.datetime):
+                return v.timestamp()
+            if v is not None:
+                try:
+                    return datetime.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+        return None
 
     def delete(self, relpath: str) -> None:
         """Delete one file if present. Retention and gc only (coordinator)."""

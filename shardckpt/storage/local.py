@@ -314,6 +314,12 @@ class LocalStorage(Storage):
                 out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
         return sorted(out)
 
+    def mtime(self, relpath: str) -> float | None:
+        try:
+            return os.path.getmtime(self._path(relpath))
+        except OSError:
+            return None
+
     def delete(self, relpath: str) -> None:
         try:
             os.unlink(self._path(relpath))
