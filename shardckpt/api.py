@@ -5,8 +5,10 @@ save, in order (all ranks unless noted):
   1. flatten the state, plan this rank's chunks, digest the plan
   2. coordinator: refuse if a manifest exists; gather digests, broadcast go + save_id (or the error)
   3. stage (async saves only, or tensors that are not contiguous CPU memory), encode, write, fsync
-  4. gather per-rank summaries; coordinator checks them and commits manifest.json (create-only, atomic)
-  5. broadcast the commit result; on failure every rank removes its own files and raises
+  4-5. commit.finish: gather per-rank summaries; the coordinator checks them and commits manifest.json
+     (create-only, atomic); broadcast the outcome; on failure every rank raises, and removes its own files
+     only if the coordinator is certain nothing was committed (it reads the manifest back after any error)
+Any error on any rank, of any type, reaches the next collective as a record, so every rank raises at once.
 """
 from __future__ import annotations
 
@@ -22,16 +24,16 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import _ext, dist as sdist
+from . import _ext, commit, dist as sdist
 from ._faults import fault_point
+from .commit import error_text
 from .errors import (CheckpointError, CheckpointExistsError, DtypeMismatchError, IncompleteCheckpointError, KeyMismatchError, PlanMismatchError, SaveError,
                      ShapeMismatchError, StorageError)
 from .format import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, Chunk, Manifest, build_manifest, check_coverage,
                      dtype_name, parse_index, parse_manifest)
 from .plan import TensorInfo, WriteItem, plan_digest, plan_tensor, split_rows
 from .reader import ReadStats, Target, plan_reads, run_reads
-from .staging import HostBufferPool, aligned, default_pool, snapshot_into
-from .codec import threads
+from .staging import HostBufferPool, aligned, default_pool, stage as stage_items
 from .storage import Storage, storage_for
 from .tree import decode_value, encode_value, flatten, rebuild
 from .writer import RankWriter, write_rank
@@ -75,16 +77,15 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
         digest = plan_digest(infos, list(values))
         meta = dict(metadata or {})
         encode_value(meta, "metadata")  # user metadata must be plain JSON-like data
-    except CheckpointError as e:
+    except Exception as e:  # any failure must reach the gather below, or the other ranks wait for the timeout
         error, digest = e, None
-    record = {"rank": comm.rank, "digest": digest,
-              "error": None if error is None else f"{type(error).__name__}: {error}"}
+    record = {"rank": comm.rank, "digest": digest, "error": None if error is None else error_text(error)}
     if comm.is_coordinator and error is None:
         try:
             if storage.exists(MANIFEST_NAME):
                 record["exists"] = True
-        except StorageError as e:
-            record["error"] = f"StorageError: {e}"
+        except Exception as e:
+            record["error"] = error_text(e)
     records = comm.gather_json(record)
     verdict = None
     if comm.is_coordinator:
@@ -104,10 +105,10 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
                                       f"than rank 0"}
     verdict = comm.broadcast_json(verdict)
     if not verdict["ok"]:
-        if error is not None and verdict["rank"] == comm.rank:
+        if isinstance(error, CheckpointError) and verdict["rank"] == comm.rank:
             raise error
         cls = {"exists": CheckpointExistsError, "plan": PlanMismatchError}.get(verdict["kind"], SaveError)
-        raise cls(verdict["message"], file=storage.url, rank=verdict["rank"])
+        raise cls(verdict["message"], file=storage.url, rank=verdict["rank"]) from error
     fault_point("stage", comm.rank)
     pool = pool or default_pool()
     total = sum(math.prod(i.shape) for i in infos)
@@ -116,88 +117,39 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
     # (and strided views, GPU tensors) snapshot through the staging pool.
     direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
     staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
-    staged = _stream_overflow(p, staged, pool) if pool.max_bytes else staged
-    p.items = direct + staged
-    p.sources = [i.source for i in direct] + _stage(staged, pool)
+    try:  # after the go-ahead every rank must reach the commit round: failures are reported there
+        staged = _stream_overflow(p, staged, pool) if pool.max_bytes else staged
+        p.sources = [i.source for i in direct] + stage_items(staged, pool)
+        p.items = direct + staged
+    except Exception as e:
+        if p.writer is not None:
+            p.writer.abort()
+            p.writer = None
+        p.error, p.items, p.sources = error_text(e), [], []
     return p
 
 
 def _stream_overflow(p: _Prepared, items: list[WriteItem], pool: HostBufferPool) -> list[WriteItem]:
     """A bounded pool: write the chunks that do not fit in it now, on the caller's thread (one pool-load at
     a time: snapshot, encode, write), and return the rest, which fit, to be staged and written as usual.
-    Chunks larger than the pool are split into slabs of rows first."""
-    try:  # after the go-ahead every rank must reach the commit round: failures are reported there
-        items = [piece for i in items for piece in split_rows(i, pool.max_bytes)]
-        tail, room = len(items), pool.max_bytes
-        while tail > 0 and aligned(items[tail - 1].nbytes) <= room:
-            tail -= 1
-            room -= aligned(items[tail].nbytes)
-        if tail == 0:
-            return items
-        p.writer = RankWriter(p.storage, p.save_id, p.comm.rank, p.frame_size)
-        for item in items[:tail]:
-            p.writer.add(item, _stage([item], pool)[0])
-            p.writer.drain()  # raw frames are written from the pool: finish before it is reused
-    except Exception as e:
-        if p.writer is not None:
-            p.writer.abort()
-            p.writer = None
-        p.error = f"{type(e).__name__}: {e}"[:2000]
-        return []
+    Chunks larger than the pool are split into slabs of rows first. Raises; _prepare reports the error at
+    the commit round."""
+    items = [piece for i in items for piece in split_rows(i, pool.max_bytes)]
+    tail, room = len(items), pool.max_bytes
+    while tail > 0 and aligned(items[tail - 1].nbytes) <= room:
+        tail -= 1
+        room -= aligned(items[tail].nbytes)
+    if tail == 0:
+        return items
+    p.writer = RankWriter(p.storage, p.save_id, p.comm.rank, p.frame_size)
+    for item in items[:tail]:
+        p.writer.add(item, stage_items([item], pool)[0])
+        p.writer.drain()  # raw frames are written from the pool: finish before it is reused
     return items[tail:]
 
 
-def _stage(items: list[WriteItem], pool: HostBufferPool) -> list[torch.Tensor]:
-    """Snapshot the items into the pool. Device tensors are copied (non_blocking, into pinned memory) on a
-    side stream that first waits for the work already queued on the current stream, so the snapshot sees
-    every pending update and training kernels queued later never wait behind it; one event ends it."""
-    views = pool.take([i.nbytes for i in items])
-    cuda = any(i.source.is_cuda for i in items)
-    stream = None
-    if cuda:
-        stream = _side_stream()
-        stream.wait_stream(torch.cuda.current_stream())
-    # contiguous CPU sources: one native call copies them all, its threads sharing 1 MiB pieces (a call per
-    # tensor would start threads per tensor, or copy a small tensor on one core)
-    flat = [(v, i.source) for v, i in zip(views, items)
-            if not i.source.is_cuda and i.source.is_contiguous() and i.source.numel()]
-    if flat:
-        _ext.copy_many([v.numpy() for v, _ in flat],
-                       [src.reshape(-1).view(torch.uint8).numpy() for _, src in flat], threads())
-    with torch.cuda.stream(stream) if cuda else _nullcontext():
-        for v, i in zip(views, items):
-            if i.source.is_cuda or not i.source.is_contiguous():
-                snapshot_into(v, i.source)
-    if cuda:
-        done = torch.cuda.Event()
-        done.record(stream)
-        done.synchronize()
-        for i in items:  # the caller's tensors were read on our stream: keep their memory alive for it
-            if i.source.is_cuda:
-                i.source.record_stream(stream)
-    return [v.view(i.source.dtype).view(i.sizes) if i.nbytes else i.source.detach().cpu()
-            for v, i in zip(views, items)]
-
-
-_side_streams: dict = {}
-
-
-def _side_stream():
-    dev = torch.cuda.current_device()
-    if dev not in _side_streams:
-        _side_streams[dev] = torch.cuda.Stream(dev)
-    return _side_streams[dev]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _write_and_commit(p: _Prepared) -> Manifest:
+    """Every rank: encode and write this rank's files, then run the commit protocol (commit.finish)."""
     comm, storage = p.comm, p.storage
     summary: dict = {"rank": comm.rank, "ok": True}
     try:
@@ -208,22 +160,21 @@ def _write_and_commit(p: _Prepared) -> Manifest:
             summary.update(vars(files))
         fault_point("before_commit", comm.rank)
     except Exception as e:
-        summary = {"rank": comm.rank, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-    records = comm.gather_json(summary)
-    result = None
-    if comm.is_coordinator:
-        result = _commit(p, records)
-    else:
-        fault_point("manifest", comm.rank)
-    result = comm.broadcast_json(result)
-    if not result["ok"]:
-        _remove_own_files(storage, p.save_id, comm.rank)
-        cls = CheckpointExistsError if result.get("kind") == "exists" else SaveError
-        raise cls(f"save failed, nothing was committed: {result['message']}", file=storage.url,
-                  rank=result.get("rank"))
-    if p.committed is not None:
-        return parse_manifest(p.committed, file=f"{storage.url}/{MANIFEST_NAME}")
+        summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
+    committed = commit.finish(comm, storage, p.save_id, summary, total_elements=p.total_elements,
+                              build=lambda files: _build_manifest(p, files))
+    if committed is not None:
+        return parse_manifest(committed, file=f"{storage.url}/{MANIFEST_NAME}")
     return _CommittedManifest(storage)
+
+
+def _build_manifest(p: _Prepared, files: list[dict]) -> bytes:
+    """Coordinator only: the manifest of this save, given every rank's file entry."""
+    tensors = {i.key: {"dtype": dtype_name(i.dtype), "shape": list(i.shape), "layout": i.layout}
+               for i in p.infos}
+    return build_manifest(save_id=p.save_id, created=time.time(), world_size=p.comm.world_size,
+                          frame_size=p.frame_size, tree=p.tree, tensors=tensors, values=p.values, files=files,
+                          user_metadata=p.user_metadata, backend=_ext.BACKEND)
 
 
 class _CommittedManifest(Manifest):
@@ -248,47 +199,6 @@ class _CommittedManifest(Manifest):
         for f in dataclasses.fields(Manifest):
             object.__setattr__(self, f.name, getattr(loaded, f.name))
         return object.__getattribute__(self, name)
-
-
-def _commit(p: _Prepared, records: list[dict]) -> dict:
-    """Coordinator only: check every rank's summary, then write the manifest (the commit point)."""
-    bad = next((r for r in records if not r["ok"]), None)
-    if bad:
-        return {"ok": False, "rank": bad["rank"], "message": f"rank {bad['rank']}: {bad['error']}"}
-    written = sum(r.get("elements", 0) for r in records)
-    if written != p.total_elements:
-        return {"ok": False, "rank": 0, "message": f"ranks wrote {written} elements, the tensors hold "
-                                                   f"{p.total_elements} (inconsistent layouts?)"}
-    from .format import data_file_name, index_file_name
-    files = [{"rank": r["rank"], "data": data_file_name(p.save_id, r["rank"]), "data_size": r["data_size"],
-              "index": index_file_name(p.save_id, r["rank"]), "index_size": r["index_size"],
-              "index_crc32c": r["index_crc32c"], "chunks": r["chunks"], "raw_bytes": r["raw_bytes"]}
-             for r in records if "data_size" in r]
-    tensors = {i.key: {"dtype": dtype_name(i.dtype), "shape": list(i.shape), "layout": i.layout}
-               for i in p.infos}
-    try:
-        manifest = build_manifest(save_id=p.save_id, created=time.time(), world_size=p.comm.world_size,
-                                  frame_size=p.frame_size, tree=p.tree, tensors=tensors, values=p.values,
-                                  files=files, user_metadata=p.user_metadata, backend=_ext.BACKEND)
-        p.storage.sync_dir(f"data/{p.save_id}") if files else None
-        fault_point("manifest", 0)
-        p.storage.commit(MANIFEST_NAME, manifest)
-        p.committed = manifest
-        fault_point("committed", 0)
-    except CheckpointExistsError as e:
-        return {"ok": False, "kind": "exists", "rank": 0, "message": str(e)}
-    except Exception as e:
-        return {"ok": False, "rank": 0, "message": f"commit failed: {type(e).__name__}: {e}"[:2000]}
-    return {"ok": True}
-
-
-def _remove_own_files(storage: Storage, save_id: str, rank: int) -> None:
-    from .format import data_file_name, index_file_name
-    for name in (data_file_name(save_id, rank), index_file_name(save_id, rank)):
-        try:
-            storage.delete(name)
-        except Exception:
-            pass
 
 
 def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata: dict | None = None,
@@ -463,7 +373,8 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
             used.add(saved)
             value_slots.append((leaf, saved))
     in_scope = [k for k in manifest.keys() if k.startswith(prefix)]
-    unexpected = sorted(k for k in in_scope if k not in used and (key_map is not None or wanted(k[len(prefix):])))
+    # with keys=, only the selected keys count: a saved key is unexpected if the selection names it
+    unexpected = sorted(k for k in in_scope if k not in used and (keys is None or wanted(k[len(prefix):])))
     if strict and (missing or unexpected):
         raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
                                f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)

@@ -4,6 +4,7 @@ pre-faulted at allocation (a fresh allocation runs at page-fault speed, a reused
 CUDA it is pinned by torch so device-to-host copies run asynchronously on a side stream."""
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -103,3 +104,47 @@ def default_pool() -> HostBufferPool:
     if _default_pool is None:
         _default_pool = HostBufferPool()
     return _default_pool
+
+
+def stage(items: list, pool: HostBufferPool) -> list[torch.Tensor]:
+    """Snapshot write items (plan.WriteItem) into the pool and return the staged tensors, one per item.
+    Called on the saving thread (the whole stall of an async save). Device tensors are copied (non_blocking,
+    into pinned memory) on a side stream that first waits for the work already queued on the current
+    stream, so the snapshot sees every pending update and training kernels queued later never wait behind
+    it; one event ends it."""
+    views = pool.take([i.nbytes for i in items])
+    cuda = any(i.source.is_cuda for i in items)
+    stream = None
+    if cuda:
+        stream = _side_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+    # contiguous CPU sources: one native call copies them all, its threads sharing 1 MiB pieces (a call per
+    # tensor would start threads per tensor, or copy a small tensor on one core)
+    flat = [(v, i.source) for v, i in zip(views, items)
+            if not i.source.is_cuda and i.source.is_contiguous() and i.source.numel()]
+    if flat:
+        _ext.copy_many([v.numpy() for v, _ in flat],
+                       [src.reshape(-1).view(torch.uint8).numpy() for _, src in flat], threads())
+    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+        for v, i in zip(views, items):
+            if i.source.is_cuda or not i.source.is_contiguous():
+                snapshot_into(v, i.source)
+    if cuda:
+        done = torch.cuda.Event()
+        done.record(stream)
+        done.synchronize()
+        for i in items:  # the caller's tensors were read on our stream: keep their memory alive for it
+            if i.source.is_cuda:
+                i.source.record_stream(stream)
+    return [v.view(i.source.dtype).view(i.sizes) if i.nbytes else i.source.detach().cpu()
+            for v, i in zip(views, items)]
+
+
+_side_streams: dict = {}
+
+
+def _side_stream():
+    dev = torch.cuda.current_device()
+    if dev not in _side_streams:
+        _side_streams[dev] = torch.cuda.Stream(dev)
+    return _side_streams[dev]
