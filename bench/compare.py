@@ -11,7 +11,10 @@ best run. Measured per method (barriers around each phase):
   load        cold (page cache dropped when possible), same world size and layout
   reshard     cold, loaded by --load-ws ranks (Shard(0) over the new world)
   full        cold, one process, full tensors
-plus bytes on disk, and the machine's memcpy and disk write+fsync bandwidth as the physical reference.
+then, per method in a fresh set of processes (what a job meets: its restore is the first load of its
+process, its first save the first snapshot): first sync save, first cold load, stall of the first and of
+the second async save (shardckpt.async_save, after shardckpt.warm_up as CheckpointManager.restore calls it,
+against dcp.async_save). Plus bytes on disk, and the machine's memcpy and disk write+fsync bandwidth as the physical reference.
 Prints a table and writes bench/results/compare.json with the ratios (DCP time / shardckpt time)."""
 from __future__ import annotations
 
@@ -215,6 +218,43 @@ def _load_job(rank, ws, args, root, same_layout):
     return out
 
 
+def _first_job(rank, ws, args, root, method):
+    """One method in a fresh set of processes, as a job meets it: its first sync save, first (cold) load,
+    and the stalls of its first and second async saves (each waited for before the next)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    import shardckpt
+    shapes, dtype = gpt_shapes(args["params"]), getattr(torch, args["dtype"])
+    state = local_state(shapes, dtype, rank, ws)
+    path = os.path.join(root, f"first-{method}")
+    out = {}
+    if method == "shardckpt":
+        out["save"] = _timed(lambda: shardckpt.save(state, path, codec=args["codec"]))
+    else:
+        out["save"] = _timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=True)))
+    if rank == 0:
+        drop_caches()
+    if method == "shardckpt":
+        out["load"] = _timed(lambda: shardckpt.load(state, path))
+        shardckpt.warm_up(state, codec=args["codec"])  # what CheckpointManager.restore does after its load
+    else:
+        out["load"] = _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(path)))
+    for i, name in enumerate(("stall_first", "stall_second")):
+        apath = f"{path}-async{i}"
+        dist.barrier()
+        t0 = time.perf_counter()
+        if method == "shardckpt":
+            h = shardckpt.async_save(state, apath, codec=args["codec"])
+        else:
+            h = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(apath, sync_files=True))
+        out[name] = time.perf_counter() - t0
+        h.wait() if method == "shardckpt" else h.result()
+    dist.barrier()
+    if method == "shardckpt":
+        shardckpt.shutdown()
+    return out
+
+
 def _full_load(args, root):
     import torch.distributed.checkpoint as dcp
     import shardckpt
@@ -289,6 +329,8 @@ def main(argv=None):
                     help="runs of each phase in one set of processes (alternating method order); best reported")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/tmp/shardckpt-bench"))
     ap.add_argument("--check", action="store_true", help="verify loaded tensors (slower)")
+    ap.add_argument("--no-first", dest="first", action="store_false",
+                    help="skip the first-call figures (fresh processes per method: first save, load, stalls)")
     a = ap.parse_args(argv)
     params = a.params
     from harness import run_ranks
@@ -308,6 +350,11 @@ def main(argv=None):
     times["load"] = ranks(run_ranks(a.ws, _load_job, args, a.dir, True, timeout=3600))
     times["reshard"] = ranks(run_ranks(a.load_ws, _load_job, args, a.dir, False, timeout=3600))
     times["full"] = _full_load(args, a.dir)
+    first = {}
+    for method in [m for m in args["only"] if m in ("shardckpt", "dcp")] if a.first else []:
+        res = run_ranks(a.ws, _first_job, args, a.dir, method, timeout=3600)
+        first[method] = {k: max(r[k] for r in res) for k in res[0]}
+        shutil.rmtree(os.path.join(a.dir, f"first-{method}"), ignore_errors=True)
     runs = [{ph: {m: v[i] for m, v in times[ph].items()} for ph in times} | {"bytes": sizes}
             for i in range(a.repeat)]
     for i, run in enumerate(runs):
@@ -329,6 +376,12 @@ def main(argv=None):
         med = median.get(ph, vals)
         med_rows[ph] = med["dcp"] / med["shardckpt"] if "dcp" in med and "shardckpt" in med else float("nan")
         print(f"{ph:<10}{cells}{ratio:>15.2f}x{med_rows[ph]:>9.2f}x")
+    if first:
+        print(f"\nfirst calls, fresh processes per method ({a.ws} ranks, slowest rank):")
+        print(f"{'':<14}" + "".join(f"{m:>12}" for m in first) + f"{'dcp/shardckpt':>16}")
+        for k in ("save", "load", "stall_first", "stall_second"):
+            ratio = first["dcp"][k] / first["shardckpt"][k] if len(first) == 2 else float("nan")
+            print(f"{k:<14}" + "".join(f"{first[m][k]:>11.3f}s" for m in first) + f"{ratio:>15.2f}x")
     print(f"\nreference: memcpy {ref['memcpy_GBps']:.1f} GB/s, disk write+fsync {ref['disk_write_fsync_GBps']:.2f} GB/s;"
           f" state {state_bytes / 1e9:.2f} GB raw; shardckpt bytes on disk / raw = "
           f"{best['bytes'].get('shardckpt', float('nan')) / state_bytes:.3f}")
@@ -336,7 +389,7 @@ def main(argv=None):
     with open(os.path.join(RESULTS, "compare.json"), "w") as f:
         json.dump({"args": vars(a), "state_bytes": state_bytes, "reference": ref, "runs": runs, "best": best,
                    "dcp_over_shardckpt": dict(rows),
-                   "median": median, "dcp_over_shardckpt_median": med_rows}, f, indent=1)
+                   "median": median, "dcp_over_shardckpt_median": med_rows, "first_calls": first}, f, indent=1)
     shutil.rmtree(a.dir, ignore_errors=True)
 
 

@@ -22,12 +22,12 @@ __all__ = [
     "DtypeMismatchError", "FormatError", "IncompleteCheckpointError", "KeyMismatchError", "PlanMismatchError",
     "SaveError", "ShapeMismatchError", "StorageError", "UnsupportedValueError", "UnsupportedVersionError",
 ]
-from .async_save import AsyncSaveHandle, async_save, shutdown  # noqa: E402
+from .async_save import AsyncSaveHandle, async_save, shutdown, warm_up  # noqa: E402
 from .manager import CheckpointManager  # noqa: E402
 from .state import (DataPosition, GradScalerState, ModelOptimizerState, ResumableSampler, RNGState,  # noqa: E402
                     SchedulerState, Stateful, load_training_state)
 
-__all__ += ["async_save", "AsyncSaveHandle", "shutdown", "CheckpointManager", "Stateful", "ModelOptimizerState",
+__all__ += ["async_save", "AsyncSaveHandle", "shutdown", "warm_up", "CheckpointManager", "Stateful", "ModelOptimizerState",
             "SchedulerState", "GradScalerState", "RNGState", "DataPosition", "ResumableSampler",
             "load_training_state"]
 from .export import export_safetensors, export_torch, import_checkpoint  # noqa: E402

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import api, dist as sdist
-from .async_save import AsyncSaveHandle, async_save
+from .async_save import AsyncSaveHandle, async_save, warm_up
 from .codec import CODEC_IDS, plane_size, threads
 from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, CoordinationError, CorruptDataError,
                      FormatError, IncompleteCheckpointError, StorageError)
@@ -503,6 +503,7 @@ class CheckpointManager:
             if nxt is None:
                 if isinstance(step, int):
                     raise CheckpointError(f"checkpoint step {step} cannot be restored", file=self.root)
+                self._warm_up(state)
                 return None
             tried += 1
             problem = self._check_and_load(nxt, state)
@@ -510,6 +511,7 @@ class CheckpointManager:
                 if self.comm.is_coordinator and tried > 1:
                     log.warning("restored step %d instead (fell back past %d bad step(s))", nxt, tried - 1)
                 self._last_saved_step = nxt
+                self._warm_up(state)
                 return nxt
             self._bad_steps.add(nxt)
             if self.comm.is_coordinator:
@@ -518,6 +520,13 @@ class CheckpointManager:
             if isinstance(step, int):
                 raise CheckpointError(f"checkpoint step {nxt} is unreadable or corrupt: {problem}",
                                       file=f"{self.root}/{step_dir(nxt)}")
+
+    def _warm_up(self, state) -> None:
+        """After restore (every job's first call): create the async-save groups and pre-fault the staging
+        pool in the background, so the first save stalls no longer than later ones."""
+        if self.async_save:
+            warm_up(state, process_group=self.process_group, codec=self._save_kw["codec"],
+                    timeout_s=self._save_kw["timeout_s"])
 
     def _check_and_load(self, step: int, state) -> str | None:
         """Verify (work shared across ranks), then load; ranks agree on the outcome. None means restored."""

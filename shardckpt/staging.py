@@ -69,6 +69,27 @@ class HostBufferPool:
             self._buf[::ALIGN].zero_()  # fault every page in now, not during the snapshot
         self.allocations += 1
 
+    def reserve(self, nbytes: int) -> threading.Thread | None:
+        """Grow the pool to at least `nbytes` (within max_bytes) on a background thread, pre-faulting every
+        page there rather than during the first snapshot on the training thread. take() waits for a
+        reservation still running. Called by shardckpt.warm_up (and CheckpointManager.restore). Returns the
+        thread, or None if the pool is large enough already."""
+        nbytes = min(nbytes, self.max_bytes) if self.max_bytes else nbytes
+        if nbytes <= self.capacity:
+            return None
+
+        holding = threading.Event()
+
+        def grow():
+            with self._lock:
+                holding.set()
+                if nbytes > self.capacity:
+                    self._allocate(nbytes)
+        thread = threading.Thread(target=grow, name="shardckpt-prefault", daemon=True)
+        thread.start()
+        holding.wait()  # from here on a take() waits for the reservation instead of allocating its own
+        return thread
+
     def take(self, sizes: list[int]) -> list[torch.Tensor]:
         """Aligned uint8 views, one per requested size, of a region reused across saves."""
         need = sum(aligned(s) for s in sizes)

@@ -143,3 +143,35 @@ def test_multirank_background_never_interleaves(tmp_path):
     got = shardckpt.load_full(tmp_path / "a")
     assert _equal(got, full)  # the values at the call, although the ranks changed them right after
     assert torch.equal(shardckpt.load_full(tmp_path / "m2")["v"], torch.full((100,), 2.0))
+
+
+def test_warm_up_allocates_the_pool_off_the_training_thread(tmp_path):
+    """The first async save of a process reuses the pool warm_up reserved: no allocation on its stall."""
+    mod = importlib.import_module("shardckpt.async_save")
+    mod.reset()
+    state = _state()
+    nbytes = shardckpt.warm_up(state)
+    saver = next(iter(mod._savers.values()))
+    pool = saver.pools[0]
+    with pool._lock:  # the background reservation holds the lock until the pages are in
+        assert pool.allocations == 1 and pool.capacity >= nbytes >= 300 * 257 * 4
+    h = shardckpt.async_save(state, tmp_path / "a")
+    h.wait()
+    assert pool.allocations == 1  # the snapshot reused it
+    assert _equal(shardckpt.load_full(tmp_path / "a"), state)
+    mod.reset()
+
+
+def test_manager_restore_warms_up_the_first_save(tmp_path):
+    mod = importlib.import_module("shardckpt.async_save")
+    mod.reset()
+    state = _state()
+    mgr = shardckpt.CheckpointManager(tmp_path / "run", save_every_steps=1, preemption_signals=())
+    assert mgr.restore(state) is None  # nothing to restore yet: the pool is reserved all the same
+    pools = [p for s in mod._savers.values() for p in s.pools]
+    with pools[0]._lock:  # held by the background reservation until its pages are in
+        assert pools[0].allocations == 1 and pools[0].capacity > 0
+    mgr.maybe_save(1, state)
+    mgr.close()
+    assert pools[0].allocations == 1 and mgr.steps() == [1]
+    mod.reset()
