@@ -1,9 +1,11 @@
-"""Storage conformance: StorageConformance is the contract of shardckpt.storage.base.Storage; every backend runs
-it through a subclass that provides a `storage` fixture (an empty Storage, cleaned up afterwards).
+"""Storage backends against the conformance suite (shardckpt.testing.storage.StorageConformance, the contract
+of shardckpt.storage.base.Storage), each through a subclass that provides a `storage` fixture.
 
-Backends: LocalStorage (tmp_path), FsspecStorage on memory://, on file:// (fsspec's local filesystem) and on a
-real S3 server (Ceph radosgw from tests/s3_server.py, marked `s3`; skipped when Ceph is not installed unless
-SHARDCKPT_REQUIRE_S3=1). FsspecStorage-only behaviour (request coalescing, delete order, multipart) follows.
+Backends: LocalStorage (tmp_path, O_DIRECT on and off), FsspecStorage on memory://, on file:// (fsspec's local
+filesystem), on fakes of gcsfs and adlfs (tests/fake_stores.py: the create-only call shape, not the real
+services) and on a real S3 server (Ceph radosgw from tests/s3_server.py, marked `s3`; skipped when Ceph is not
+installed unless SHARDCKPT_REQUIRE_S3=1). Backend-only behaviour follows each (O_DIRECT, request coalescing,
+delete order, multipart and its part buffers, create-only commits per store).
 """
 from __future__ import annotations
 
@@ -20,275 +22,13 @@ import pytest
 
 from shardckpt.errors import CheckpointExistsError, StorageError
 from shardckpt.storage import LocalStorage, ReadRange, local, storage_for
-from shardckpt.storage.fsspec import MIN_PART_SIZE, FsspecStorage
+from shardckpt.storage.fsspec import FsspecStorage
+from shardckpt.storage.s3 import MIN_PART_SIZE, PartBuffers, S3MultipartWriter
+from shardckpt.testing.storage import MIB, StorageConformance
+from shardckpt.testing.storage import payload as _payload
 
+import fake_stores
 from s3_server import s3_server  # noqa: F401  (session fixture)
-
-MIB = 1 << 20
-
-
-def _payload(n: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-class StorageConformance:
-    """The tests every Storage backend must pass. Subclasses define the `storage` fixture."""
-
-    large_size = 12 * MIB + 12345  # more than one S3 part at every part size the fixtures use
-
-    # --- whole files ---------------------------------------------------------------------------------------
-    def test_write_read_file(self, storage):
-        data = _payload(1000)
-        assert storage.write_file("index/r00000.idx", data) == 1000
-        assert storage.read_file("index/r00000.idx") == data
-        assert storage.exists("index/r00000.idx")
-        assert storage.size("index/r00000.idx") == 1000
-
-    def test_open_write_many_buffer_types(self, storage):
-        parts = [b"abc", bytearray(b"defg"), memoryview(b"hij"), np.arange(5, dtype=np.uint8),
-                 np.arange(3, dtype=np.float32), b""]
-        w = storage.open_write("data/s1/r00000.bin")
-        for p in parts:
-            w.write(p)
-        expected = b"".join(memoryview(p).cast("B").tobytes() for p in parts)
-        assert w.close() == len(expected)
-        assert storage.read_file("data/s1/r00000.bin") == expected
-
-    def test_empty_file(self, storage):
-        assert storage.write_file("empty", b"") == 0
-        assert storage.read_file("empty") == b""
-        assert storage.size("empty") == 0
-
-    def test_open_write_replaces(self, storage):
-        storage.write_file("f", b"old contents, longer")
-        storage.write_file("f", b"new")
-        assert storage.read_file("f") == b"new"
-
-    def test_read_file_missing_is_file_not_found(self, storage):
-        with pytest.raises(FileNotFoundError):
-            storage.read_file("nope/manifest.json")
-        assert not storage.exists("nope/manifest.json")
-
-    def test_size_missing_raises(self, storage):
-        with pytest.raises((FileNotFoundError, StorageError)):
-            storage.size("nope")
-
-    def test_abort_leaves_no_file(self, storage):
-        w = storage.open_write("data/aborted.bin")
-        w.write(_payload(1000))
-        w.abort()
-        w.abort()  # idempotent, never raises
-        assert not storage.exists("data/aborted.bin")
-
-    def test_close_after_abort_does_not_create_the_file(self, storage):
-        w = storage.open_write("data/aborted.bin")
-        w.write(b"partial")
-        w.abort()
-        try:
-            w.close()
-        except Exception:  # noqa: BLE001 -- raising is fine; claiming a complete file is not
-            pass
-        assert not storage.exists("data/aborted.bin")
-
-    def test_large_file_round_trip(self, storage):
-        data = _payload(self.large_size, seed=1)
-        w = storage.open_write("big.bin")
-        view = memoryview(data)
-        pos, rng = 0, random.Random(1)
-        while pos < len(data):  # uneven writes: tiny, part-straddling and multi-part buffers
-            n = rng.choice([1, 3, 4096, MIB + 7, 7 * MIB])
-            w.write(view[pos:pos + n])
-            pos += n
-        assert w.close() == len(data)
-        assert storage.size("big.bin") == len(data)
-        assert storage.read_file("big.bin") == data
-        # ranges straddling every MiB boundary, read into one buffer
-        ranges = [ReadRange(k * MIB - 100, 200, i * 200) for i, k in enumerate(range(1, 12))]
-        dest = bytearray(200 * len(ranges))
-        storage.read_ranges("big.bin", ranges, dest)
-        for r in ranges:
-            assert dest[r.dest_offset:r.dest_offset + r.length] == data[r.offset:r.offset + r.length]
-
-    # --- read_ranges ---------------------------------------------------------------------------------------
-    def test_read_ranges_many_out_of_order(self, storage):
-        data = _payload(300_000, seed=2)
-        storage.write_file("d.bin", data)
-        rng = random.Random(2)
-        ranges, dest_pos = [], 0
-        for _ in range(200):
-            off = rng.randrange(len(data))
-            length = rng.choice([0, 1, 17, 4096, rng.randrange(len(data) - off + 1)])
-            ranges.append(ReadRange(off, length, dest_pos))
-            dest_pos += length
-        ranges += [ReadRange(0, 10, dest_pos), ReadRange(10, 10, dest_pos + 10),  # back to back
-                   ReadRange(5, 10, dest_pos + 20), ReadRange(len(data) - 1, 1, dest_pos + 30)]  # overlap, last
-        dest_pos += 31
-        rng.shuffle(ranges)
-        dest = np.zeros(dest_pos, dtype=np.uint8)
-        storage.read_ranges("d.bin", ranges, dest)
-        for r in ranges:
-            assert dest[r.dest_offset:r.dest_offset + r.length].tobytes() == data[r.offset:r.offset + r.length]
-
-    def test_read_ranges_zero_length_and_empty(self, storage):
-        storage.write_file("z.bin", b"0123456789")
-        dest = bytearray(b"xx")
-        storage.read_ranges("z.bin", [], dest)
-        storage.read_ranges("z.bin", [ReadRange(3, 0, 0), ReadRange(10, 0, 1), ReadRange(9, 1, 1)], dest)
-        assert dest == b"x9"
-
-    @pytest.mark.parametrize("offset,length", [(95, 10), (100, 1), (1000, 5)])
-    def test_read_ranges_beyond_eof(self, storage, offset, length):
-        storage.write_file("short.bin", _payload(100))
-        dest = bytearray(16)
-        with pytest.raises(StorageError, match="short.bin"):
-            storage.read_ranges("short.bin", [ReadRange(0, 4, 0), ReadRange(offset, length, 4)], dest)
-
-    def test_read_ranges_missing_file(self, storage):
-        with pytest.raises(StorageError, match="missing.bin"):
-            storage.read_ranges("missing.bin", [ReadRange(0, 1, 0)], bytearray(1))
-
-    # --- listing -------------------------------------------------------------------------------------------
-    def _tree(self, storage):
-        for name in ["a", "b", "sub/c", "sub/d/e", "subway/f"]:
-            storage.write_file(name, name.encode())
-
-    def test_list_dir(self, storage):
-        assert storage.list_dir() == []
-        self._tree(storage)
-        assert storage.list_dir() == ["a", "b", "sub", "subway"]
-        assert storage.list_dir("sub") == ["c", "d"]
-        assert storage.list_dir("sub/d") == ["e"]
-        assert storage.list_dir("missing") == []
-
-    def test_list_files(self, storage):
-        assert storage.list_files() == []
-        self._tree(storage)
-        assert storage.list_files() == ["a", "b", "sub/c", "sub/d/e", "subway/f"]
-        assert storage.list_files("sub") == ["sub/c", "sub/d/e"]
-        assert storage.list_files("missing") == []
-
-    def test_exists(self, storage):
-        self._tree(storage)
-        assert storage.exists("a") and storage.exists("sub/d/e")
-        assert not storage.exists("x") and not storage.exists("sub/x")
-
-    # --- deleting ------------------------------------------------------------------------------------------
-    def test_delete(self, storage):
-        self._tree(storage)
-        storage.delete("sub/c")
-        storage.delete("sub/c")  # absent: no-op
-        assert not storage.exists("sub/c")
-        assert storage.list_files("sub") == ["sub/d/e"]
-
-    def test_delete_tree(self, storage):
-        for step in ("step-1", "step-10"):
-            storage.commit(f"{step}/manifest.json", b"{}")
-            storage.write_file(f"{step}/data/r00000.bin", b"x" * 100)
-            storage.write_file(f"{step}/index/r00000.idx", b"y")
-        storage.delete_tree("step-1")  # must not touch step-10 (same key prefix on object stores)
-        assert not storage.exists("step-1/manifest.json")
-        assert storage.list_files("step-1") == []
-        assert storage.list_dir() == ["step-10"]
-        assert storage.read_file("step-10/manifest.json") == b"{}"
-        storage.delete_tree("missing")  # absent: no-op
-
-    def test_delete_tree_root_then_reuse(self, storage):
-        self._tree(storage)
-        storage.delete_tree()
-        assert storage.list_files() == []
-        storage.write_file("again", b"1")  # the root (an S3 bucket, maybe) is still usable
-        assert storage.read_file("again") == b"1"
-
-    # --- commit --------------------------------------------------------------------------------------------
-    def test_commit_create_only(self, storage):
-        storage.write_file("step-5/data/r00000.bin", b"data")
-        storage.commit("step-5/manifest.json", b'{"v": 1}')
-        assert storage.read_file("step-5/manifest.json") == b'{"v": 1}'
-        with pytest.raises(CheckpointExistsError, match="manifest.json"):
-            storage.commit("step-5/manifest.json", b'{"v": 2}')
-        with pytest.raises(CheckpointExistsError):
-            storage.commit("step-5/manifest.json", b'{"v": 1}')  # same bytes: still a second commit
-        assert storage.read_file("step-5/manifest.json") == b'{"v": 1}'
-        assert storage.list_files("step-5") == ["step-5/data/r00000.bin", "step-5/manifest.json"]
-
-    def test_commit_in_new_directory(self, storage):
-        storage.commit("fresh/dir/manifest.json", b"m")
-        assert storage.read_file("fresh/dir/manifest.json") == b"m"
-
-    def test_concurrent_commits_one_winner(self, storage):
-        n = 6
-        barrier, results = threading.Barrier(n), [None] * n
-
-        def commit(i):
-            barrier.wait()
-            try:
-                storage.commit("manifest.json", f"committer {i}".encode())
-                results[i] = "ok"
-            except CheckpointExistsError:
-                results[i] = "exists"
-
-        threads = [threading.Thread(target=commit, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results.count("ok") == 1, results
-        assert results.count("exists") == n - 1, results
-        winner = results.index("ok")
-        assert storage.read_file("manifest.json") == f"committer {winner}".encode()
-
-    def test_reader_never_sees_partial_manifest(self, storage):
-        manifest = _payload(2 * MIB, seed=3)  # big enough that a non-atomic write is caught half done
-        seen, done, errors = [], threading.Event(), []
-
-        def poll():
-            try:
-                while True:
-                    finished = done.is_set()
-                    if storage.exists("manifest.json"):
-                        got = storage.read_file("manifest.json")
-                        if got != manifest:
-                            errors.append(f"partial manifest: {len(got)} of {len(manifest)} bytes")
-                            return
-                        seen.append(1)
-                    else:
-                        try:
-                            got = storage.read_file("manifest.json")
-                        except FileNotFoundError:
-                            got = None
-                        if got is not None and got != manifest:
-                            errors.append(f"partial manifest: {len(got)} of {len(manifest)} bytes")
-                            return
-                    if finished:
-                        return
-            except Exception as e:  # noqa: BLE001 -- reported below
-                errors.append(repr(e))
-
-        readers = [threading.Thread(target=poll) for _ in range(2)]
-        for t in readers:
-            t.start()
-        storage.commit("manifest.json", manifest)
-        done.set()
-        for t in readers:
-            t.join()
-        assert not errors, errors
-        assert seen, "readers never saw the committed manifest"
-
-    # --- child ---------------------------------------------------------------------------------------------
-    def test_child(self, storage):
-        step = storage.child("step-7")
-        step.write_file("data/r00000.bin", b"abc")
-        step.commit("manifest.json", b"{}")
-        assert storage.read_file("step-7/data/r00000.bin") == b"abc"
-        assert storage.list_dir() == ["step-7"]
-        assert step.list_files() == ["data/r00000.bin", "manifest.json"]
-        assert step.url.rstrip("/").endswith("step-7")
-        grandchild = step.child("data")
-        assert grandchild.read_file("r00000.bin") == b"abc"
-        dest = bytearray(2)
-        grandchild.read_ranges("r00000.bin", [ReadRange(1, 2, 0)], dest)
-        assert dest == b"bc"
-        step.sync_dir()
 
 
 class TestLocalStorage(StorageConformance):
@@ -429,12 +169,11 @@ class TestS3Storage(StorageConformance):
         s = FsspecStorage(s3_server.url(f"t-{uuid.uuid4().hex[:12]}"), s3_server.storage_options,
                           part_size=MIN_PART_SIZE, upload_concurrency=1)
         data = _payload(5 * MIN_PART_SIZE + 12345, seed=6)
-        from shardckpt.storage.fsspec import _PartBuffers
         reused = []
-        take = _PartBuffers.take
-        monkeypatch.setattr(_PartBuffers, "take", classmethod(lambda cls, size: reused.append(take(size))
-                                                              or reused[-1]))
-        monkeypatch.setattr(_PartBuffers, "_free", [])
+        take = PartBuffers.take
+        monkeypatch.setattr(PartBuffers, "take", classmethod(lambda cls, size: reused.append(take(size))
+                                                             or reused[-1]))
+        monkeypatch.setattr(PartBuffers, "_free", [])
         w = s.open_write("reuse.bin")
         view, pos, rng = memoryview(data), 0, random.Random(6)
         while pos < len(data):
@@ -444,7 +183,7 @@ class TestS3Storage(StorageConformance):
         assert w.close() == len(data)
         try:
             assert sum(b is not None for b in reused) >= 3
-            assert len(_PartBuffers._free) >= 2  # given back when done, for the next file
+            assert len(PartBuffers._free) >= 2  # given back when done, for the next file
             assert s.fs.info(s._path("reuse.bin"))["ETag"].strip('"').endswith("-6")
             assert s.read_file("reuse.bin") == data
         finally:
@@ -572,7 +311,7 @@ class TestFsspecSpecifics:
         assert isinstance(storage_for(str(tmp_path)), LocalStorage)
 
     def test_s3_checksum_option_defaults_and_respects_the_caller(self, monkeypatch):
-        from shardckpt.storage.fsspec import _s3_options
+        from shardckpt.storage.s3 import s3_options as _s3_options
         for var in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             monkeypatch.delenv(var, raising=False)
         http = {"endpoint_url": "http://10.0.0.1:9000"}
@@ -597,3 +336,134 @@ class TestFsspecSpecifics:
     def test_part_size_validated(self):
         with pytest.raises(ValueError):
             FsspecStorage("memory://x", part_size=MIN_PART_SIZE - 1)
+
+
+class TestLocalDeleteTree:
+    def test_a_manifest_that_cannot_be_deleted_keeps_its_data(self, tmp_path, monkeypatch):
+        storage = LocalStorage(tmp_path)
+        storage.write_file("step-1/data/s/r00000.bin", b"data")
+        storage.commit("step-1/manifest.json", b"{}")
+        real_unlink = os.unlink
+
+        def refuse_manifest(path, *a, **kw):
+            if os.path.basename(path) == "manifest.json":
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_unlink(path, *a, **kw)
+        monkeypatch.setattr(local.os, "unlink", refuse_manifest)
+        with pytest.raises(StorageError, match="manifest.json"):
+            storage.delete_tree("step-1")
+        assert storage.read_file("step-1/data/s/r00000.bin") == b"data"  # still loadable
+        assert storage.read_file("step-1/manifest.json") == b"{}"
+
+
+# --- S3 part buffers, on a fake S3 (the real-server tests are in TestS3Storage) ---------------------------------
+
+@pytest.fixture
+def fake_s3(monkeypatch):
+    fs = fake_stores.FakeS3()
+    monkeypatch.setattr(PartBuffers, "_free", [])
+    yield fs
+    fs.close()
+
+
+def _upload(fs, name: str, data: bytes, part_size: int = MIN_PART_SIZE, concurrency: int = 1) -> None:
+    w = S3MultipartWriter(fs, f"bucket/{name}", f"s3://bucket/{name}", part_size, concurrency)
+    view, pos, rng = memoryview(data), 0, random.Random(len(data))
+    while pos < len(data):
+        n = rng.choice([5, 4096, MIB + 3, 3 * MIB])
+        w.write(view[pos:pos + n])
+        pos += n
+    assert w.close() == len(data)
+    assert fs.objects[("bucket", name)] == data
+
+
+class TestPartBuffers:
+    def test_short_last_parts_are_not_kept_and_whole_ones_are_reused(self, fake_s3, monkeypatch):
+        # Every file ends in a short part; before the fix those were kept and, never taken again (take()
+        # wants a whole part), filled the slots.
+        taken = []
+        take = PartBuffers.take
+        monkeypatch.setattr(PartBuffers, "take", classmethod(lambda cls, size: taken.append(take(size))
+                                                             or taken[-1]))
+        for i, size in enumerate([2 * MIN_PART_SIZE + 123, MIN_PART_SIZE + 7, 3 * MIN_PART_SIZE + 5, 11]):
+            _upload(fake_s3, f"f{i}", _payload(size, seed=i), concurrency=8)  # the last part in a fresh buffer
+            assert PartBuffers._free, "whole part buffers are kept"
+            assert all(len(b) == MIN_PART_SIZE for b in PartBuffers._free), \
+                sorted(len(b) for b in PartBuffers._free)
+        assert sum(b is not None for b in taken) >= 4  # the later files filled kept buffers
+
+    def test_slots_held_by_another_part_size_make_room(self, monkeypatch):
+        monkeypatch.setattr(PartBuffers, "_free", [])
+        monkeypatch.setattr(PartBuffers, "KEEP", 2)
+        for _ in range(2):
+            PartBuffers.give(bytearray(16), 16)  # left by a writer with another part size
+        mine = bytearray(32)
+        PartBuffers.give(mine, 32)
+        assert PartBuffers.take(32) is mine
+        PartBuffers.give(bytearray(31), 32)  # short: dropped
+        assert sorted(len(b) for b in PartBuffers._free) == [16]
+
+    def test_parts_read_back_with_several_in_flight(self, fake_s3):
+        for i in range(3):
+            _upload(fake_s3, f"g{i}", _payload(4 * MIN_PART_SIZE + 999, seed=10 + i), concurrency=3)
+        assert len(PartBuffers._free) <= PartBuffers.KEEP
+
+
+# --- create-only commits per store, on fakes of gcsfs and adlfs ---------------------------------------------------
+
+def _fake_storage(fs) -> FsspecStorage:
+    root = f"/fake-bucket/{uuid.uuid4().hex}"
+    return FsspecStorage(f"{fs.protocol[0]}:/{root}", _fs=fs, _root=root)
+
+
+class TestFakeGCSStorage(StorageConformance):
+    @pytest.fixture
+    def storage(self):
+        return _fake_storage(fake_stores.FakeGCS())
+
+
+class TestFakeAzureStorage(StorageConformance):
+    @pytest.fixture
+    def storage(self):
+        return _fake_storage(fake_stores.FakeAzure())
+
+
+class TestCreateOnlyCalls:
+    """The conditional call each store gets: the guarantee rests on the store refusing it, not on exists()."""
+
+    @pytest.mark.parametrize("fake,kwargs", [(fake_stores.FakeGCS, {"mode": "create"}),
+                                             (fake_stores.FakeAzure, {"overwrite": False})])
+    def test_commit_is_one_conditional_write(self, fake, kwargs):
+        storage = _fake_storage(fake())
+        storage.commit("manifest.json", b"m1")
+        path = storage._path("manifest.json")
+        assert storage.fs.calls == [("pipe_file", path, kwargs)]  # no exists() first: nothing to race
+        with pytest.raises(CheckpointExistsError, match="manifest.json"):
+            storage.commit("manifest.json", b"m2")
+        assert storage.read_file("manifest.json") == b"m1"
+
+    def test_gcsfs_without_mode_falls_back_and_says_so(self, caplog, monkeypatch):
+        from shardckpt.storage import create_only
+        monkeypatch.setattr(create_only, "_warned", set())
+        storage = _fake_storage(fake_stores.FakeOldGCS())
+        with caplog.at_level("WARNING", logger="shardckpt"):
+            storage.commit("manifest.json", b"m1")
+        path = storage._path("manifest.json")
+        assert storage.fs.calls == [("exists", path), ("pipe_file", path, {})]
+        with pytest.raises(CheckpointExistsError):
+            storage.commit("manifest.json", b"m2")
+        assert storage.read_file("manifest.json") == b"m1"
+        assert "FakeOldGCS" in caplog.text and "could both commit" in caplog.text
+
+    def test_store_errors_that_mean_exists(self):
+        from shardckpt.storage.create_only import is_exists_error
+        botocore_412 = Exception("PreconditionFailed")
+        botocore_412.response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
+        assert is_exists_error(botocore_412)
+        assert is_exists_error(fake_stores.ResourceExistsError("exists"))
+        assert is_exists_error(FileExistsError("x"))
+        wrapped = OSError("upload failed")
+        wrapped.__cause__ = fake_stores.ResourceExistsError("BlobAlreadyExists")
+        assert is_exists_error(wrapped)
+        assert not is_exists_error(PermissionError("denied"))
+        assert not is_exists_error(OSError("timed out"))

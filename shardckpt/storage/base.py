@@ -8,12 +8,26 @@ Who calls what, and when (numbers follow one save and one load):
   load  1. every rank: read_file(manifest), read_file(index files)
         2. every rank: read_ranges(data file, ranges) for the frames it needs
   manager / CLI: list_dir, exists, size, mtime, delete_tree (retention and gc; coordinator only)
+
+What each method raises (every backend; shardckpt.testing.storage.StorageConformance asserts it):
+  FileNotFoundError      read_file and size of a file that does not exist. A missing file is an answer, not a
+                         failure: callers (the manager looking for manifests) act on it.
+  CheckpointExistsError  commit of a name that already exists (another save committed first).
+  StorageError           every failure of the store itself, naming the file: refused, unreachable, disk full
+                         (errno set where the OS gave one); read_ranges of a missing file, or of a file
+                         shorter than a range ("truncated" in the message: the reader reports that as a
+                         damaged checkpoint); write or close on a writer that was closed or aborted.
+  ValueError             a caller's mistake no store is asked about: a read range that does not fit `dest`.
+  nothing                FileWriter.abort; exists (False), list_dir / list_files ([]), mtime (None), delete
+                         and delete_tree of what is not there.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
 from typing import Sequence
+
+from ..errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -25,17 +39,39 @@ class ReadRange:
     dest_offset: int
 
 
+def storage_error(exc: BaseException, what: str, file: str) -> StorageError:
+    """The StorageError a backend raises for a failed call of its store: names the file, keeps the store's
+    own message (and its cause's, e.g. botocore's) and errno. Called by the fsspec backends' except clauses."""
+    if isinstance(exc, StorageError):
+        return exc
+    detail = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in detail:
+        detail = f"{detail} ({cause})"
+    err = StorageError(f"{what} failed: {type(exc).__name__}: {detail}", file=file)
+    err.errno = getattr(exc, "errno", None)
+    return err
+
+
+def check_open(state: str, file: str) -> None:
+    """Raise StorageError unless a writer's state is "open". Called by FileWriter.write/close implementations."""
+    if state != "open":
+        raise StorageError(f"the writer is {state}: the file was not written", file=file)
+
+
 class FileWriter(abc.ABC):
     """Sequential writer of one new file. Called by the rank that owns the file, from one thread at a time."""
 
     @abc.abstractmethod
     def write(self, data) -> None:
         """Append a buffer (bytes, memoryview, numpy array). May hand the bytes to the backend
-        asynchronously: the caller must not modify `data` until close() returns."""
+        asynchronously: the caller must not modify `data` until close() returns. Raises StorageError
+        (the writer is then aborted, or may be) if the store fails, or if the writer is closed or aborted."""
 
     @abc.abstractmethod
     def close(self) -> int:
-        """Finish the file and make it durable (fsync / completed upload). Returns the file size."""
+        """Finish the file and make it durable (fsync / completed upload). Returns the file size. Raises
+        StorageError if the store fails (nothing is left under the name then) or the writer was aborted."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -53,14 +89,16 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def child(self, relpath: str) -> "Storage":
-        """A Storage rooted at a subdirectory (the manager uses it for step-<N> directories)."""
+        """A Storage rooted at a subdirectory (the manager uses it for step-<N> directories). No I/O."""
 
     @abc.abstractmethod
     def open_write(self, relpath: str) -> FileWriter:
-        """Create (or replace) a file for writing. Called by every rank for its own data files during a save."""
+        """Create (or replace) a file for writing; missing parent directories are made. Raises StorageError
+        if it cannot be created. Called by every rank for its own data files during a save."""
 
     def write_file(self, relpath: str, data) -> int:
-        """Write a whole small file durably (index files). Called by every rank after its data file."""
+        """Write a whole small file durably (index files); raises StorageError as open_write/write/close.
+        Called by every rank after its data file."""
         w = self.open_write(relpath)
         try:
             w.write(data)
@@ -72,25 +110,28 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def commit(self, relpath: str, data: bytes) -> None:
         """Atomically create `relpath` with `data` if and only if it does not exist yet; readers see either
-        nothing or the whole file. Raises CheckpointExistsError if it exists. Called by the coordinator
-        once per save, as the very last step: this is the commit point."""
+        nothing or the whole file. Raises CheckpointExistsError if it exists (also when this same call's
+        retried request found its own first attempt: the caller reads the manifest back), StorageError if
+        the store fails. Called by the coordinator once per save, as the very last step: the commit point."""
 
     @abc.abstractmethod
     def read_file(self, relpath: str) -> bytes:
-        """Read a whole file (manifest, index). Raises FileNotFoundError if absent. Called by every loader."""
+        """Read a whole file (manifest, index). Raises FileNotFoundError if absent, StorageError if the store
+        fails. Called by every loader."""
 
     @abc.abstractmethod
     def read_ranges(self, relpath: str, ranges: Sequence[ReadRange], dest) -> None:
-        """Fill `dest` (a writable buffer) with the given ranges of a file, possibly in parallel.
-        Raises CorruptDataError-compatible StorageError if the file is shorter than a range. Called by loaders."""
+        """Fill `dest` (a writable buffer) with the given ranges of a file, possibly in parallel. Raises
+        StorageError naming the file if it is missing or shorter than a range ("truncated"), ValueError if a
+        range does not fit `dest`. Zero-length ranges are no-ops. Called by loaders."""
 
     @abc.abstractmethod
     def exists(self, relpath: str) -> bool:
-        """Whether a file exists."""
+        """Whether a file exists; never cached. StorageError only if the store cannot be asked."""
 
     @abc.abstractmethod
     def size(self, relpath: str) -> int:
-        """Size of a file in bytes."""
+        """Size of a file in bytes. Raises FileNotFoundError if absent."""
 
     @abc.abstractmethod
     def list_dir(self, relpath: str = "") -> list[str]:
@@ -108,12 +149,15 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, relpath: str) -> None:
-        """Delete one file if present. Retention and gc only (coordinator)."""
+        """Delete one file if present (absent: no-op). Raises StorageError if the store refuses. Retention
+        and gc only (coordinator)."""
 
     @abc.abstractmethod
     def delete_tree(self, relpath: str = "") -> None:
         """Delete a directory and everything below it, if present. Retention and gc only (coordinator).
-        Callers delete the manifest first, so a half-deleted checkpoint is never seen as committed."""
+        Deletes every manifest.json below it first, so a half-deleted checkpoint is never seen as committed,
+        and deletes nothing else if a manifest cannot be deleted. Raises StorageError if something could not
+        be deleted."""
 
     def sync_dir(self, relpath: str = "") -> None:
         """Make directory entries durable (fsync on POSIX; a no-op on object stores)."""

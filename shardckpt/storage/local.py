@@ -25,6 +25,8 @@ _READ_PIECE = 8 << 20  # ranges are read in pieces of at most this, in parallel:
 
 
 def _fsync_dir(path: str) -> None:
+    """fsync a directory, so the entries made in it are durable. Called by commit, delete_tree and sync_dir
+    here and by FsspecStorage.sync_dir for fsspec's local filesystem."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -249,6 +251,9 @@ class LocalStorage(Storage):
         through the page cache."""
         path = self._path(relpath)
         dest = memoryview(dest).cast("B")
+        for r in ranges:
+            if r.offset < 0 or r.length < 0 or r.dest_offset < 0 or r.dest_offset + r.length > dest.nbytes:
+                raise ValueError(f"range {r} does not fit a destination of {dest.nbytes} bytes")
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -298,13 +303,22 @@ class LocalStorage(Storage):
         return os.path.exists(self._path(relpath))
 
     def size(self, relpath: str) -> int:
-        return os.path.getsize(self._path(relpath))
+        path = self._path(relpath)
+        try:
+            return os.path.getsize(path)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise _storage_error(e, "stat", path) from e
 
     def list_dir(self, relpath: str = "") -> list[str]:
+        path = self._path(relpath)
         try:
-            return sorted(os.listdir(self._path(relpath)))
+            return sorted(os.listdir(path))
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise _storage_error(e, "list", path) from e
 
     def list_files(self, relpath: str = "") -> list[str]:
         base = self._path(relpath)
@@ -321,10 +335,13 @@ class LocalStorage(Storage):
             return None
 
     def delete(self, relpath: str) -> None:
+        path = self._path(relpath)
         try:
-            os.unlink(self._path(relpath))
+            os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise _storage_error(e, "delete", path) from e
 
     def delete_tree(self, relpath: str = "") -> None:
         base = self._path(relpath)
@@ -336,9 +353,13 @@ class LocalStorage(Storage):
             try:
                 os.unlink(m)
                 _fsync_dir(os.path.dirname(m))
-            except OSError:
+            except FileNotFoundError:
                 pass
+            except OSError as e:  # the manifest stays, so its data must too
+                raise _storage_error(e, "delete", m) from e
         shutil.rmtree(base, ignore_errors=True)
+        if os.path.isdir(base):
+            raise StorageError("delete failed: could not delete everything below the directory", file=base)
 
     def sync_dir(self, relpath: str = "") -> None:
         _fsync_dir(self._path(relpath))
