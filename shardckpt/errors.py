@@ -19,6 +19,7 @@ class CheckpointError(Exception):
         if where:
             parts.append("(" + ", ".join(where) + ")")
         super().__init__(" ".join(parts))
+        self.message = message  # without the (key, file, rank) suffix: reports that list those apart use it
         self.key = key
         self.file = file
         self.rank = rank
@@ -29,7 +30,8 @@ class IncompleteCheckpointError(CheckpointError):
 
 
 class CheckpointExistsError(CheckpointError):
-    """A committed checkpoint already exists at the path (or another job committed it first)."""
+    """A committed checkpoint already exists at the path (or another job committed it first), or an export's
+    destination already holds files (and overwrite was not asked for)."""
 
 
 class FormatError(CheckpointError):
@@ -52,7 +54,9 @@ class KeyMismatchError(CheckpointError):
     """strict load: keys missing from the checkpoint or unexpected in it."""
 
     def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (), **kw):
-        super().__init__(message, **kw)
+        # the fix is nearly always one of these two, so the error says so wherever it is raised
+        super().__init__(message + "; pass strict=False to load the keys that match, or key_map= to map the "
+                         "caller's keys to the saved ones", **kw)
         self.missing = list(missing)
         self.unexpected = list(unexpected)
 

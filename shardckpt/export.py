@@ -1,19 +1,17 @@
-"""Moving tensors out of and into shardckpt: Hugging Face-style (sharded) safetensors, torch.save files, and
-torch.distributed.checkpoint (DCP) directories. The CLI's `export` and `import` commands call these.
+"""Moving tensors out of shardckpt: Hugging Face-style (sharded) safetensors and torch.save files. The CLI's
+`export` command calls these; imports live in shardckpt.importers (re-exported here).
 
 Who calls what:
   export_safetensors / export_torch   one process, reading a committed checkpoint (any storage URL)
-  import_checkpoint                   one process, writing a new checkpoint with shardckpt.save
-  CheckpointReader                    one process: box-by-box reads (export, `diff`, `verify` use it)
+  CheckpointReader                    one process: box-by-box reads (export and `diff` use it)
 
 Memory: safetensors export streams tensor by tensor and, for big tensors, row batch by row batch (about
 PIECE_BYTES at a time), so a checkpoint larger than RAM exports fine. torch.save export materialises the
-selected tensors (torch.save needs them whole). Imports memory-map safetensors and torch.save files.
+selected tensors (torch.save needs them whole).
 
-Nothing here unpickles untrusted data: safetensors headers are JSON validated before use; torch.save files
-are read with weights_only=True; a DCP checkpoint's `.metadata` pickle goes through _RestrictedUnpickler, which
-only builds DCP's own metadata dataclasses, torch.Size, dtypes and paths (see _DCP_ALLOWED), and its data
-through DCP's FileSystemReader with a planner that unpickles BYTE_IO entries with weights_only=True.
+An export never mixes with an earlier one: into a destination that holds files it refuses
+(CheckpointExistsError) unless overwrite=True, and then removes the files of the previous export's naming
+scheme it will not rewrite (stale shards, a stale index) and nothing else.
 """
 from __future__ import annotations
 
@@ -21,20 +19,22 @@ import io
 import json
 import math
 import os
-import pickle
 import re
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from .api import _key_filter, _map_key, read_chunks, read_manifest, save
-from .errors import CheckpointError, FormatError, UnsupportedValueError
-from .format import MANIFEST_NAME, Manifest
+from .api import _key_filter, _map_key, read_chunks, read_manifest
+from .errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
+from .format import Manifest
 from .geometry import row_batches
+from .importers import (_DCP_ALLOWED, _RestrictedUnpickler, _safetensors_files, detect_source,  # noqa: F401
+                        import_checkpoint, load_dcp, read_dcp_metadata)
 from .reader import ReadStats, Target, plan_reads, run_reads
+from .safetensors_layout import (MAX_SAFETENSORS_HEADER, SAFETENSORS_CODES, SAFETENSORS_DTYPES,  # noqa: F401
+                                 read_safetensors, safetensors_header)
 from .storage import Storage, storage_for
 from .tree import decode_value
 
@@ -148,37 +148,6 @@ def parse_size(text: str | int | None) -> int | None:
 
 # ------------------------------------------------------------------------------------------ safetensors
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
-SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-MAX_SAFETENSORS_HEADER = 100 << 20
-
-
-def safetensors_header(entries: list[tuple[str, torch.dtype, tuple]], metadata: dict[str, str] | None) -> bytes:
-    """The header of a safetensors file (its documented layout: u64 little-endian header length N, N bytes of
-    JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}} padded with spaces
-    to a multiple of 8, then the tensors' bytes back to back in C order, little-endian)."""
-    obj: dict = {}
-    if metadata:
-        obj["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    pos = 0
-    for name, dtype, shape in entries:
-        if dtype not in SAFETENSORS_DTYPES:
-            raise UnsupportedValueError(f"safetensors has no type for {dtype}", key=name)
-        n = math.prod(shape) * dtype.itemsize
-        obj[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    head = json.dumps(obj, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head
-
-
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
     t = t.contiguous()
     return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
@@ -200,14 +169,39 @@ def plan_shards(sizes: list[int], max_shard_size: int | None) -> list[list[int]]
 
 @dataclass
 class ExportResult:
-    files: list[str]
+    files: list[str]               # written, in order (relative to the destination for safetensors)
     tensors: int
     bytes: int
+    skipped: list[str] = field(default_factory=list)   # selected plain values the format cannot hold
+    removed: list[str] = field(default_factory=list)   # stale files of an earlier export (overwrite=True)
+
+
+INDEX_NAME = "model.safetensors.index.json"
+_SCHEME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the files export_safetensors writes
+
+
+def _clear_destination(dst: Storage, overwrite: bool) -> list[str]:
+    """Make directory `dst` ready for a safetensors export, before any byte is written. Files of the
+    export naming scheme (model.safetensors, model-0000i-of-0000N.safetensors, the index) from an earlier
+    export would be overwritten or left stale beside the new ones: without `overwrite` their presence is
+    refused; with it they are removed (the index first, so it never points at a mix), and every other file
+    (config.json, tokenizer files, ...) is left alone. Returns the removed names."""
+    ours = [f for f in dst.list_files("") if f == INDEX_NAME or _SCHEME.fullmatch(f)]
+    if not ours:
+        return []
+    if not overwrite:
+        raise CheckpointExistsError(f"the destination holds an earlier export ({', '.join(ours[:4])}"
+                                    f"{', ...' if len(ours) > 4 else ''}); pass overwrite=True (--overwrite) to "
+                                    f"replace it", file=dst.url)
+    for f in sorted(ours, key=lambda f: f != INDEX_NAME):
+        dst.delete(f)
+    return ours
 
 
 def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_shard_size=None,
                        metadata: dict | None = None, storage_options: dict | None = None,
-                       out_storage_options: dict | None = None, progress=None) -> ExportResult:
+                       out_storage_options: dict | None = None, progress=None,
+                       overwrite: bool = False) -> ExportResult:
     """Write the selected tensors of checkpoint `ckpt` as Hugging Face-style safetensors in directory `out`:
     model.safetensors when everything fits one shard, else model-0000i-of-0000N.safetensors plus
     model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map": {name: file}}).
@@ -218,6 +212,12 @@ def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_sha
         rename: {saved prefix: exported prefix} (e.g. {"model.": ""}), "re:" regexes, or a callable.
         max_shard_size: bytes or a string like "5GB" (default: one file).
         progress: a callable(nbytes) told how many bytes were written (the CLI's progress bar).
+        overwrite: replace an earlier export in `out` (see _clear_destination); without it one is refused
+            with CheckpointExistsError. Files of other names in `out` are never touched.
+
+    Returns:
+        The files written, and in `skipped` the selected plain values (non-tensors) that safetensors cannot
+        hold and so are not in the files.
     """
     dtype, limit = parse_dtype(dtype), parse_size(max_shard_size)
     src = CheckpointReader(ckpt, storage_options=storage_options)
@@ -232,6 +232,9 @@ def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_sha
     shards = plan_shards(sizes, limit)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    wanted = _key_filter(keys)
+    skipped = [k for k in src.manifest.values if wanted(k)]
+    stale = _clear_destination(dst, overwrite)
     meta = {"format": "pt", **(metadata or {})}
     weight_map = {}
     for fname, idx in zip(names, shards):
@@ -255,9 +258,9 @@ def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_sha
             raise
     if n > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-        dst.write_file("model.safetensors.index.json", json.dumps(index, indent=2).encode())
-        names.append("model.safetensors.index.json")
-    return ExportResult(names, len(sel), sum(sizes))
+        dst.write_file(INDEX_NAME, json.dumps(index, indent=2).encode())
+        names.append(INDEX_NAME)
+    return ExportResult(names, len(sel), sum(sizes), skipped, [f for f in stale if f not in names])
 
 
 class _WriterFile(io.RawIOBase):
@@ -281,13 +284,20 @@ class _WriterFile(io.RawIOBase):
 
 def export_torch(ckpt, out, *, keys=None, dtype=None, rename=None, include_values: bool = True,
                  storage_options: dict | None = None, out_storage_options: dict | None = None,
-                 progress=None) -> ExportResult:
+                 progress=None, overwrite: bool = False) -> ExportResult:
     """Write the selected keys of `ckpt` as one torch.save file `out` holding a flat {name: tensor or plain
     value} dict (a module's state_dict shape), loadable with torch.load(out, weights_only=True).
-    The selected tensors are held in memory at once."""
+    The selected tensors are held in memory at once. An existing `out` is refused with
+    CheckpointExistsError unless `overwrite`."""
     dtype = parse_dtype(dtype)
     src = CheckpointReader(ckpt, storage_options=storage_options)
     sel = _selected(src.manifest, keys, rename)
+    path = os.fspath(out)
+    parent, base = (path.rsplit("/", 1) if "/" in path.rstrip("/") else ("", path))
+    dst = storage_for(parent or ".", out_storage_options)
+    if not overwrite and dst.exists(base):
+        raise CheckpointExistsError("the export file exists; pass overwrite=True (--overwrite) to replace it",
+                                    file=path)
     state: dict = {}
     total = 0
     for key, name in sel:
@@ -302,9 +312,6 @@ def export_torch(ckpt, out, *, keys=None, dtype=None, rename=None, include_value
         for key, v in src.manifest.values.items():
             if wanted(key):
                 state[ren(key)] = decode_value(v)
-    path = os.fspath(out)
-    parent, base = (path.rsplit("/", 1) if "/" in path.rstrip("/") else ("", path))
-    dst = storage_for(parent or ".", out_storage_options)
     w = dst.open_write(base)
     try:
         torch.save(state, _WriterFile(w))
@@ -313,201 +320,3 @@ def export_torch(ckpt, out, *, keys=None, dtype=None, rename=None, include_value
         w.abort()
         raise
     return ExportResult([path], len(sel), total)
-
-
-# ------------------------------------------------------------------------------------------ safetensors in
-
-def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors of a local safetensors file, memory-mapped (copy-on-write), after validating the header:
-    known dtypes, shapes matching byte lengths, offsets inside the file, no two tensors sharing bytes."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FormatError("file too short for a safetensors header", file=path)
-        n = int.from_bytes(head, "little")
-        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise FormatError(f"header length {n} is invalid for a {size}-byte file", file=path)
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"header is not valid JSON: {e}", file=path) from None
-    if type(header) is not dict:
-        raise FormatError("header must be a JSON object", file=path)
-    meta = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    mm = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n, shape=(data_len,)) if data_len else \
-        np.empty(0, np.uint8)
-    spans, out = [], {}
-    for name, e in header.items():
-        if type(e) is not dict or e.get("dtype") not in SAFETENSORS_CODES:
-            raise FormatError(f"unknown or missing dtype {e.get('dtype') if type(e) is dict else e!r:.40}",
-                              key=name, file=path)
-        dt = SAFETENSORS_CODES[e["dtype"]]
-        shape, offs = e.get("shape"), e.get("data_offsets")
-        if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape) or \
-                type(offs) is not list or len(offs) != 2 or any(type(o) is not int for o in offs):
-            raise FormatError("bad shape or data_offsets", key=name, file=path)
-        b, e_ = offs
-        if not 0 <= b <= e_ <= data_len or e_ - b != math.prod(shape) * dt.itemsize:
-            raise FormatError(f"data_offsets {offs} do not fit shape {shape} of {dt} in {data_len} bytes",
-                              key=name, file=path)
-        spans.append((b, e_, name))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = torch.from_numpy(mm[b:e_]) if e_ > b else torch.empty(0, dtype=torch.uint8)
-        out[name] = raw.view(dt).reshape(shape)
-    spans.sort()
-    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
-        if a_end > b_start:
-            raise FormatError(f"tensors {a!r} and {b!r} share bytes", file=path)
-    return out, meta
-
-
-def _safetensors_files(src: str) -> list[str]:
-    if os.path.isfile(src):
-        return [src]
-    index = os.path.join(src, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            obj = json.load(f)
-        files = sorted(set(obj.get("weight_map", {}).values()))
-        for name in files:
-            if type(name) is not str or "/" in name or name.startswith("."):
-                raise FormatError(f"weight_map names an odd file {name!r:.80}", file=index)
-        return [os.path.join(src, n) for n in files]
-    return sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(".safetensors"))
-
-
-# ------------------------------------------------------------------------------------------ DCP in
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a DCP `.metadata` file and nothing else: find_class resolves only the names in _DCP_ALLOWED
-    (DCP's metadata dataclasses and enums, torch.Size, torch dtypes, the layout helper torch.serialization
-    uses, path classes, OrderedDict). Any other global raises, so a crafted file cannot call os.system &c."""
-
-    def find_class(self, module, name):
-        if (module, name) in _DCP_ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise FormatError(f"DCP metadata refers to {module}.{name}, which is not a DCP metadata type "
-                          f"(refusing to unpickle it)")
-
-
-_DCP_ALLOWED = {
-    ("torch.distributed.checkpoint.metadata", n) for n in
-    ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-     "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch", "strided"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
-}
-
-
-def read_dcp_metadata(path: str):
-    """DCP's Metadata of checkpoint directory `path`, through the restricted unpickler."""
-    from torch.distributed.checkpoint.metadata import Metadata
-    with open(os.path.join(path, ".metadata"), "rb") as f:
-        try:
-            md = _RestrictedUnpickler(f).load()
-        except FormatError as e:
-            raise FormatError(str(e), file=os.path.join(path, ".metadata")) from None
-    if not isinstance(md, Metadata):
-        raise FormatError("not a DCP Metadata object", file=os.path.join(path, ".metadata"))
-    return md
-
-
-def load_dcp(path: str) -> dict:
-    """A DCP checkpoint's state as a flat {fqn: tensor or object} dict (then nested back with DCP's own
-    mapping when it saved one). Tensors are read by DCP's FileSystemReader (torch.load weights_only=True);
-    BYTE_IO objects are unpickled with weights_only=True too."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
-
-    md = read_dcp_metadata(path)
-
-    class SafeReader(dcp.FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            md.storage_meta = md.storage_meta or StorageMeta()
-            return md
-
-    class SafePlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):
-            self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
-
-    state: dict = {}
-    for fqn, m in md.state_dict_metadata.items():
-        if isinstance(m, BytesStorageMetadata):
-            state[fqn] = None
-        else:
-            state[fqn] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-    dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-             no_dist=True)
-    mapping = md.planner_data
-    if isinstance(mapping, dict) and mapping and set(mapping) == set(state) and \
-            all(isinstance(p, tuple) for p in mapping.values()):
-        from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
-        try:
-            return unflatten_state_dict(state, mapping)
-        except Exception:
-            pass
-    return state
-
-
-# ------------------------------------------------------------------------------------------ import
-
-def detect_source(src: str) -> str:
-    """'dcp', 'safetensors', 'torch' or 'shardckpt' for a local path."""
-    if os.path.isdir(src):
-        if os.path.exists(os.path.join(src, ".metadata")):
-            return "dcp"
-        if os.path.exists(os.path.join(src, MANIFEST_NAME)):
-            return "shardckpt"
-        if _safetensors_files(src):
-            return "safetensors"
-        raise FormatError("directory holds neither a DCP checkpoint (.metadata) nor safetensors files", file=src)
-    if not os.path.exists(src):
-        raise FileNotFoundError(src)
-    if src.endswith(".safetensors"):
-        return "safetensors"
-    return "torch"
-
-
-def import_checkpoint(src, dst, *, kind: str | None = None, codec: str = "auto", metadata: dict | None = None,
-                      storage_options: dict | None = None) -> Manifest:
-    """Convert a DCP directory, a torch.save file or safetensors file(s) (a file, or a folder with or without
-    model.safetensors.index.json) at local path `src` into a new shardckpt checkpoint at `dst` (any URL).
-    Plain values come along when they are JSON-like; others raise UnsupportedValueError."""
-    src = os.fspath(src)
-    kind = kind or detect_source(src)
-    if kind == "dcp":
-        state = load_dcp(src)
-    elif kind == "safetensors":
-        state, meta = {}, {}
-        for f in _safetensors_files(src):
-            tensors, m = read_safetensors(f)
-            dup = set(tensors) & set(state)
-            if dup:
-                raise FormatError(f"tensor {sorted(dup)[0]!r} appears in two safetensors files", file=f)
-            state.update(tensors)
-            meta.update(m)
-    elif kind == "torch":
-        state = torch.load(src, map_location="cpu", weights_only=True, mmap=_is_zip(src))
-        if isinstance(state, torch.Tensor):
-            state = {"tensor": state}
-    elif kind == "shardckpt":
-        raise CheckpointError("the source is already a shardckpt checkpoint", file=src)
-    else:
-        raise ValueError(f"unknown source kind {kind!r}")
-    info = {"imported_from": {"kind": kind, "source": os.path.abspath(src)}}
-    return save(state, dst, codec=codec, metadata={**info, **(metadata or {})}, storage_options=storage_options)
-
-
-def _is_zip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"

@@ -15,11 +15,12 @@ import torch
 
 from . import _ext
 from .codec import CODEC_IDS, plane_size, threads
-from .errors import ChecksumError, CorruptDataError, StorageError
+from .errors import CorruptDataError, StorageError
 from .format import Chunk, Manifest, TensorMeta
 from .geometry import frame_span, intersect, row_batches
 from .storage.base import ReadRange, Storage
 from .storage.local import LocalStorage
+from .verify import frame_error
 
 TASK_BYTES = 64 << 20
 
@@ -131,7 +132,7 @@ def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats
             buf, merged = fut.result()
             submit()
             try:
-                _decode_batch(batch, buf, merged, nthreads, stats)
+                _decode_batch(batch, buf, merged, nthreads, stats, storage.url)
             finally:
                 _FetchBuffers.give(buf)
     finally:
@@ -202,12 +203,12 @@ def _fetch(storage: Storage, batch: list[_Fetch], stats: ReadStats | None):
 
 
 def _decode_batch(batch: list[_Fetch], buf: np.ndarray, merged: list[list[int]], nthreads: int,
-                  stats: ReadStats | None) -> None:
+                  stats: ReadStats | None, where: str) -> None:
     starts = [m[0] for m in merged]
     for f in batch:
         m = merged[bisect.bisect_right(starts, f.start) - 1]
         pos = m[2] + f.start - m[0]
-        _decode_task(f.task, f.span, buf[pos:pos + f.stored], nthreads, stats)
+        _decode_task(f.task, f.span, buf[pos:pos + f.stored], nthreads, stats, where)
 
 
 def _short_file_error(storage: Storage, batch: list[_Fetch]) -> CorruptDataError | None:
@@ -255,23 +256,19 @@ def _dest_view(task: ReadTask, rows: int):
 
 
 def _decode(task: ReadTask, first: int, frames, src: np.ndarray, start: int, dst: np.ndarray,
-            nthreads: int) -> None:
+            nthreads: int, where: str) -> None:
     """Decode consecutive frames (index `first` of the chunk onwards; their stored bytes are in `src`, which
-    begins at file offset `start`) into `dst`, mapping kernel errors to typed ones naming key and file."""
+    begins at file offset `start`) into `dst`; kernel errors become verify.frame_error's typed ones, naming
+    key and the data file under checkpoint `where`."""
     ch = task.chunk
     table = [(f.offset - start, f.stored_len, f.raw_len, f.crc32c, f.encoded) for f in frames]
     try:
         _ext.decode_frames(src, table, dst, plane_size(task.meta.dtype), CODEC_IDS[ch.codec], nthreads)
-    except _ext.FrameError as e:
-        bad = frames[e.index]
-        cls = ChecksumError if e.reason == "checksum" else CorruptDataError
-        raise cls(f"frame {first + e.index} at byte offset {bad.offset} failed its {e.reason} check",
-                  key=ch.key, file=ch.file, rank=ch.rank) from None
-    except ValueError as e:
-        raise CorruptDataError(f"frame table is inconsistent: {e}", key=ch.key, file=ch.file) from None
+    except (_ext.FrameError, ValueError) as e:
+        raise frame_error(e, ch, frames, first, where) from None
 
 
-def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: ReadStats | None) -> None:
+def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: ReadStats | None, where: str) -> None:
     ch, meta = task.chunk, task.meta
     frames = ch.frames[span.first:span.last]
     start = frames[0].offset
@@ -294,7 +291,7 @@ def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: Re
                 a = (span.first + run[0]) * ch.frame_size - lo_b
                 b = a + sum(frames[j].raw_len for j in run)
                 _decode(task, span.first + run[0], [frames[j] for j in run],
-                        src[frames[run[0]].offset - start:], frames[run[0]].offset, out[a:b], nthreads)
+                        src[frames[run[0]].offset - start:], frames[run[0]].offset, out[a:b], nthreads, where)
                 run.clear()
         for j, f in enumerate(frames):
             a = (span.first + j) * ch.frame_size
@@ -303,13 +300,13 @@ def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: Re
                 continue
             flush()
             tmp = _scratch(f.raw_len)
-            _decode(task, span.first + j, [f], src[f.offset - start:], f.offset, tmp, nthreads)
+            _decode(task, span.first + j, [f], src[f.offset - start:], f.offset, tmp, nthreads, where)
             x, y = max(a, lo_b), min(a + f.raw_len, hi_b)
             out[x - lo_b:y - lo_b] = tmp[x - a:y - a]
         flush()
         return
     raw = _scratch(raw_total)
-    _decode(task, span.first, frames, src, start, raw, nthreads)
+    _decode(task, span.first, frames, src, start, raw, nthreads, where)
     piece = torch.from_numpy(raw[span.skip:span.skip + span.nbytes]).view(meta.dtype)
     if not meta.shape:
         dst.copy_(piece.view(()))

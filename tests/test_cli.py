@@ -213,3 +213,44 @@ def test_python_dash_m_entry_point(root):
                        text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)) == 4
+
+
+def test_ls_of_one_checkpoint_shows_it(root, capsys):
+    code, out, _ = run(capsys, "ls", root / "step-0000000200", "--json")
+    steps = json.loads(out)
+    assert code == 0 and len(steps) == 1
+    s = steps[0]
+    assert s["name"] == "step-0000000200" and s["state"] == "committed" and s["step"] == 200 and s["latest"]
+    code, out, _ = run(capsys, "ls", root / "step-0000000200")
+    assert code == 0 and "committed" in out and "corrupt" not in out
+
+
+def test_ls_skips_stray_files_and_a_missing_root_is_an_error(root, tmp_path, capsys):
+    shutil_root = tmp_path / "r"
+    shardckpt.save(_state(), str(shutil_root / "step-0000000001"))
+    (shutil_root / "notes.txt").write_text("not a checkpoint")
+    code, out, _ = run(capsys, "ls", shutil_root, "--json")
+    assert code == 0 and [s["name"] for s in json.loads(out)] == ["step-0000000001"]
+    code, out, err = run(capsys, "ls", tmp_path / "nothing")
+    assert code == 2 and out == "" and "no such directory" in err and str(tmp_path / "nothing") in err
+
+
+def test_verify_of_a_missing_path_is_an_error_named_once(tmp_path, capsys):
+    missing = tmp_path / "nothing"
+    code, out, err = run(capsys, "verify", missing)
+    assert code == 2 and out == ""
+    assert "IncompleteCheckpointError" in err and err.count(str(missing)) == 1 and "MiB/s" not in err
+
+
+def test_verify_problem_lines_name_the_file_once_and_the_error_class(root, tmp_path, capsys):
+    import shutil
+    path = tmp_path / "c"
+    shutil.copytree(root / "step-0000000100", path)
+    m = shardckpt.read_manifest(str(path))
+    idx = path / m.files[0].index
+    idx.write_bytes(idx.read_bytes()[:-3] + b"xyz")
+    code, out, _ = run(capsys, "verify", path)
+    line = next(x for x in out.splitlines() if x.startswith("PROBLEM index"))
+    assert code == 1 and line.count(m.files[0].index) == 1
+    code, out, _ = run(capsys, "verify", path, "--json")
+    assert json.loads(out)["problems"][0]["error"] == "ChecksumError"

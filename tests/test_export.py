@@ -165,3 +165,49 @@ def test_exported_weights_load_into_a_transformers_llama(tmp_path):
     assert set(got) == set(ref)
     for k, v in ref.items():
         assert torch.equal(got[k], v), k
+
+
+def test_export_refuses_an_earlier_export_and_overwrite_leaves_no_stale_shards(ckpt, tmp_path, capsys):
+    """A second export into a folder holding one is refused (nothing touched); --overwrite leaves exactly
+    the new export beside the user's other files: no stale shards, no stale index pointing at them."""
+    st = pytest.importorskip("safetensors.torch")
+    out = tmp_path / "hf"
+    assert cli.main(["export", ckpt, str(out), "--max-shard-size", "50KB"]) == 0
+    (out / "config.json").write_text("{}")
+    first = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in first and len(first) > 3
+    capsys.readouterr()
+    assert cli.main(["export", ckpt, str(out), "--keys", "model.w"]) == 2
+    err = capsys.readouterr().err
+    assert "CheckpointExistsError" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == first
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        export.export_safetensors(ckpt, str(out), keys="model.w")
+    assert cli.main(["export", ckpt, str(out), "--keys", "model.w", "--overwrite"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert set(st.load_file(str(out / "model.safetensors"))) == {"model.w"}
+    # and the other way: a sharded export over a single-file one must not leave model.safetensors behind
+    res = export.export_safetensors(ckpt, str(out), max_shard_size=50_000, overwrite=True)
+    assert "model.safetensors" in res.removed
+    assert sorted(p.name for p in out.iterdir()) == sorted(first)
+
+
+def test_torch_export_refuses_an_existing_file(ckpt, tmp_path):
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"mine")
+    assert cli.main(["export", ckpt, str(out), "--format", "torch"]) == 2
+    assert out.read_bytes() == b"mine"
+    assert cli.main(["export", ckpt, str(out), "--format", "torch", "--overwrite"]) == 0
+    assert torch.load(out, weights_only=True)["step"] == 3
+
+
+def test_safetensors_export_says_which_values_it_left_out(ckpt, tmp_path, capsys):
+    res = export.export_safetensors(ckpt, str(tmp_path / "a"))
+    assert res.skipped == ["step"]
+    assert export.export_safetensors(ckpt, str(tmp_path / "b"), keys="model.").skipped == []
+    assert cli.main(["export", ckpt, str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "left out 1 non-tensor value(s)" in out and "step" in out
+    assert cli.main(["export", ckpt, str(tmp_path / "d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == ["step"]
