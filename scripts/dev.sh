@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 setup() {
-  # Keep the user's torch; on a machine without one, take the CPU build 2.13.0 (an unpinned `torch` may pull
-  # a multi-GB CUDA build).
+  # Keep the user's torch. Without one, install 2.13.0 from pip's configured index: on Linux with plain PyPI
+  # that is the CUDA build (~20 nvidia-* packages, gigabytes); a CPU-only machine should first run
+  #   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  # (PyTorch's CPU index), which this then keeps. Our dev machines' pip config already serves the CPU wheel.
   if ! $PY -c "import torch" >/dev/null 2>&1; then
     $PY -m pip install -q "torch==2.13.0"
   fi

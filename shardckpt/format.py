@@ -5,8 +5,11 @@ A checkpoint directory holds:
   data/<save_id>/r<rank:05d>.bin        frames written by one rank
   data/<save_id>/r<rank:05d>.index.json that rank's chunk index (which boxes, which frames, crc32c)
 
-Everything read from storage goes through a parse_* function that validates it completely (types, names,
-ranges, overflow) before any file is opened or any buffer is allocated.
+This module holds the format's constants, the frozen records the phases hand each other (Frame, Chunk,
+TensorMeta, FileEntry, Manifest) and the builders a save calls (build_index on every rank, build_manifest on
+the coordinator). Everything read from storage goes through a parse_* function of shardckpt.parse, which
+validates it completely (checksum first, then version, types, names, ranges, overflow) before any file is
+opened or any buffer is allocated; they are re-exported here so `shardckpt.format` stays the one import.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import functools
 import gc
 import json
 import math
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from . import _ext
-from .errors import FormatError, UnsupportedVersionError
+from .errors import FormatError
 
 FORMAT_NAME = "shardckpt"
 FORMAT_VERSION = "1.0"
@@ -194,207 +196,12 @@ class Manifest:
         return sorted(list(self.tensors) + list(self.values))
 
 
-# ---------------------------------------------------------------------------------------------- validators
-
-def _fail(msg: str, file: str | None = None, key: str | None = None):
-    raise FormatError(msg, file=file, key=key)
-
-
-def _int(v, what, file, lo=0, hi=1 << 62, key=None) -> int:
-    if type(v) is not int or not (lo <= v <= hi):
-        _fail(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.80}", file, key)
-    return v
-
-
-def _str(v, what, file, key=None) -> str:
-    if type(v) is not str:
-        _fail(f"{what} must be a string, got {type(v).__name__}", file, key)
-    return v
-
-
-def _dict(v, what, file) -> dict:
-    if type(v) is not dict:
-        _fail(f"{what} must be an object", file)
-    return v
-
-
-def _list(v, what, file, key=None) -> list:
-    if type(v) is not list:
-        _fail(f"{what} must be a list", file, key)
-    return v
-
-
-_SAVE_ID = re.compile(r"^[0-9a-f]{8,64}$")
-_REL_NAME = re.compile(r"^data/[0-9a-f]{8,64}/r[0-9]{5,9}\.(bin|index\.json)$")
-
-
-def check_relative_name(name, what: str, file: str) -> str:
-    """File names in a manifest MUST be of the form data/<save_id>/r<rank>.(bin|index.json): no absolute
-    paths, no '..', no other directories."""
-    if type(name) is not str or not _REL_NAME.match(name):
-        _fail(f"{what} {name!r:.120} is not an allowed file name", file)
-    return name
-
-
-def _shape(v, what, file, key) -> tuple[int, ...]:
-    v = _list(v, what, file, key)
-    if len(v) > MAX_NDIM:
-        _fail(f"{what} has {len(v)} dims (max {MAX_NDIM})", file, key)
-    dims = tuple(_int(d, what, file, 0, MAX_NUMEL, key) for d in v)
-    numel = 1
-    for d in dims:
-        numel *= d
-        if numel > MAX_NUMEL:
-            _fail(f"{what} {list(dims)} overflows the element limit", file, key)
-    return dims
-
-
-def _load_json(data: bytes, file: str, limit: int = MAX_MANIFEST_BYTES) -> Any:
-    if len(data) > limit:
-        _fail(f"file is {len(data)} bytes, over the {limit} limit", file)
-    try:
-        return json.loads(data, parse_constant=lambda c: _fail(f"constant {c} not allowed", file))
-    except (ValueError, RecursionError, UnicodeDecodeError) as e:
-        if isinstance(e, FormatError):
-            raise
-        _fail(f"not valid JSON: {e}", file)
-
-
-def _check_version(obj: dict, expected_format: str, file: str) -> str:
-    if obj.get("format") != expected_format:
-        _fail(f"not a {expected_format} file (format={obj.get('format')!r:.40})", file)
-    ver = obj.get("format_version")
-    if type(ver) is not str or not re.match(r"^\d{1,4}\.\d{1,4}$", ver):
-        _fail(f"format_version must be 'MAJOR.MINOR', got {ver!r:.40}", file)
-    if int(ver.split(".")[0]) != SUPPORTED_MAJOR:
-        raise UnsupportedVersionError(
-            f"format_version {ver} is not supported (this shardckpt reads {SUPPORTED_MAJOR}.x)", file=file)
-    return ver
-
-
-_TREE_MAX_DEPTH = 64
-
-
-def _check_tree(node, file: str, tensors: dict, values: dict, depth: int = 0) -> None:
-    if depth > _TREE_MAX_DEPTH:
-        _fail("tree is nested too deeply", file)
-    node = _dict(node, "tree node", file)
-    kind = node.get("t")
-    if kind == "tensor" or kind == "value":
-        key = _str(node.get("key"), "tree leaf key", file)
-        if (kind == "tensor") != (key in tensors) or (kind == "value") != (key in values):
-            _fail(f"tree leaf {kind} does not match the tensors/values tables", file, key)
-    elif kind in ("dict", "list", "tuple"):
-        items = _list(node.get("items"), "tree items", file)
-        for item in items:
-            if kind == "dict":
-                item = _list(item, "dict item", file)
-                if len(item) != 2 or type(item[0]) not in (str, int):
-                    _fail("dict items must be [str|int key, node]", file)
-                _check_tree(item[1], file, tensors, values, depth + 1)
-            else:
-                _check_tree(item, file, tensors, values, depth + 1)
-    else:
-        _fail(f"unknown tree node type {kind!r:.40}", file)
-
-
-def _check_value(v, file: str, key: str, depth: int = 0) -> None:
-    if depth > _TREE_MAX_DEPTH:
-        _fail("value nested too deeply", file, key)
-    if type(v) is not dict or "t" not in v:
-        _fail("value must be a typed object", file, key)
-    t = v["t"]
-    if t == "none":
-        return
-    if t in ("bool", "int", "float", "str", "bytes"):
-        expected = {"bool": bool, "int": int, "float": str, "str": str, "bytes": str}[t]
-        if type(v.get("v")) is not expected:
-            _fail(f"value of type {t} has a bad payload", file, key)
-        return
-    if t in ("list", "tuple"):
-        for x in _list(v.get("v"), "value items", file, key):
-            _check_value(x, file, key, depth + 1)
-        return
-    if t == "dict":
-        for item in _list(v.get("v"), "value items", file, key):
-            if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
-                _fail("dict value items must be [key, value]", file, key)
-            _check_value(item[1], file, key, depth + 1)
-        return
-    if t == "dtype":
-        if type(v.get("v")) is not str or v["v"] not in DTYPES:
-            _fail("unknown dtype value", file, key)
-        return
-    _fail(f"unknown value type {t!r:.40}", file, key)
-
-
-@_without_gc
-def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
-    """Validate and parse manifest bytes. Raises FormatError / UnsupportedVersionError / ChecksumError."""
-    from .errors import ChecksumError
-    obj = _dict(_load_json(data, file), "manifest", file)
-    ver = _check_version(obj, FORMAT_NAME, file)
-    crc = obj.pop("manifest_crc32c", None)
-    if type(crc) is not int:
-        _fail("manifest_crc32c is missing", file)
-    if _ext.crc32c(canonical_json(obj)) != crc:
-        raise ChecksumError("manifest checksum mismatch: the manifest is corrupt", file=file)
-    save_id = _str(obj.get("save_id"), "save_id", file)
-    if not _SAVE_ID.match(save_id):
-        _fail("save_id must be 8-64 lowercase hex digits", file)
-    created = obj.get("created")
-    if type(created) not in (int, float):
-        _fail("created must be a number", file)
-    world_size = _int(obj.get("world_size"), "world_size", file, 1, 1 << 24)
-    frame_size = _int(obj.get("frame_size"), "frame_size", file, 1, MAX_FRAME_SIZE)
-    if frame_size % 8:
-        _fail("frame_size must be a multiple of 8", file)
-
-    tensors: dict[str, TensorMeta] = {}
-    for key, t in _dict(obj.get("tensors"), "tensors", file).items():
-        t = _dict(t, "tensor entry", file)
-        dname = t.get("dtype")
-        if type(dname) is not str or dname not in DTYPES:
-            _fail(f"unknown dtype {dname!r:.40}", file, key)
-        layout = t.get("layout")
-        if layout is not None and type(layout) is not dict:
-            _fail("layout must be an object or null", file, key)
-        tensors[key] = TensorMeta(key, DTYPES[dname], _shape(t.get("shape"), "shape", file, key), layout)
-    values = _dict(obj.get("values"), "values", file)
-    for key, v in values.items():
-        if key in tensors:
-            _fail("key is both a tensor and a value", file, key)
-        _check_value(v, file, key)
-    tree = _dict(obj.get("tree"), "tree", file)
-    _check_tree(tree, file, tensors, values)
-
-    files = []
-    seen_ranks = set()
-    for f in _list(obj.get("files"), "files", file):
-        f = _dict(f, "file entry", file)
-        rank = _int(f.get("rank"), "file rank", file, 0, world_size - 1)
-        if rank in seen_ranks:
-            _fail(f"rank {rank} listed twice", file)
-        seen_ranks.add(rank)
-        data_name = check_relative_name(f.get("data"), "data file", file)
-        index_name = check_relative_name(f.get("index"), "index file", file)
-        if data_name != data_file_name(save_id, rank) or index_name != index_file_name(save_id, rank):
-            _fail(f"file names of rank {rank} do not match save_id {save_id}", file)
-        files.append(FileEntry(rank, data_name, _int(f.get("data_size"), "data_size", file),
-                               index_name, _int(f.get("index_size"), "index_size", file, 0, MAX_MANIFEST_BYTES),
-                               _int(f.get("index_crc32c"), "index_crc32c", file, 0, 0xFFFFFFFF),
-                               _int(f.get("chunks"), "chunks", file), _int(f.get("raw_bytes"), "raw_bytes", file)))
-    user = obj.get("user_metadata", {})
-    if type(user) is not dict:
-        _fail("user_metadata must be an object", file)
-    return Manifest(ver, save_id, float(created), world_size, frame_size, tree, tensors, values,
-                    tuple(files), user, str(obj.get("backend", "")))
-
-
 @_without_gc
 def build_manifest(*, save_id: str, created: float, world_size: int, frame_size: int, tree: dict,
                    tensors: dict[str, dict], values: dict[str, Any], files: list[dict],
                    user_metadata: dict, backend: str) -> bytes:
+    """The manifest's bytes (FORMAT.md §3), its checksum computed over the canonical JSON. Called by the
+    coordinator only, once per save, after every rank's summary is gathered (api and dcp commit paths)."""
     obj = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "save_id": save_id, "created": created,
         "world_size": world_size, "frame_size": frame_size, "backend": backend, "tree": tree,
@@ -406,99 +213,12 @@ def build_manifest(*, save_id: str, created: float, world_size: int, frame_size:
 
 @_without_gc
 def build_index(*, save_id: str, rank: int, chunks: list[dict]) -> bytes:
+    """One rank's index bytes (FORMAT.md §4, canonical JSON). Called by every rank that wrote data, once its
+    frames are written (writer.RankWriter), before the rank's summary goes to the coordinator."""
     obj = {"format": "shardckpt-index", "format_version": FORMAT_VERSION, "save_id": save_id, "rank": rank,
            "chunks": chunks}
     return canonical_json(obj)
 
 
-@_without_gc
-def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk]:
-    """Validate one rank's index against the manifest that pins it (size, crc32c) and against the tensors
-    table: boxes inside the tensor, frames inside the data file, frames that never share bytes."""
-    from .errors import ChecksumError
-    file = entry.index
-    if len(data) != entry.index_size:
-        _fail(f"index is {len(data)} bytes, the manifest says {entry.index_size}", file)
-    if _ext.crc32c(data) != entry.index_crc32c:
-        raise ChecksumError("index checksum mismatch: the index file is corrupt", file=file, rank=entry.rank)
-    obj = _dict(_load_json(data, file), "index", file)
-    _check_version(obj, "shardckpt-index", file)
-    if obj.get("save_id") != manifest.save_id or obj.get("rank") != entry.rank:
-        _fail("index belongs to another save or rank", file)
-    raw_chunks = _list(obj.get("chunks"), "chunks", file)
-    if len(raw_chunks) != entry.chunks:
-        _fail(f"index has {len(raw_chunks)} chunks, the manifest says {entry.chunks}", file)
-    out = []
-    spans = []
-    pos = 0  # the data file is its frames back to back, in index order (FORMAT.md §6)
-    for c in raw_chunks:
-        c = _dict(c, "chunk", file)
-        key = _str(c.get("key"), "chunk key", file)
-        meta = manifest.tensors.get(key)
-        if meta is None:
-            _fail("chunk of a key that is not in the manifest's tensors", file, key)
-        offsets = _shape(c.get("offsets"), "chunk offsets", file, key)
-        sizes = _shape(c.get("sizes"), "chunk sizes", file, key)
-        if len(offsets) != len(meta.shape) or len(sizes) != len(meta.shape):
-            _fail("chunk rank differs from the tensor's", file, key)
-        if any(o + s > d for o, s, d in zip(offsets, sizes, meta.shape)):
-            _fail(f"chunk {list(offsets)}+{list(sizes)} lies outside shape {list(meta.shape)}", file, key)
-        codec = c.get("codec")
-        if type(codec) is not str or codec not in CODECS:
-            _fail(f"unknown codec {codec!r:.40}", file, key)
-        nbytes = math.prod(sizes) * meta.itemsize
-        F = c.get("frame_size", manifest.frame_size)
-        F = _int(F, "chunk frame_size", file, 8, MAX_FRAME_SIZE, key)
-        if F % 8:
-            _fail("chunk frame_size must be a multiple of 8", file, key)
-        frames_raw = _list(c.get("frames"), "frames", file, key)
-        if len(frames_raw) != -(-nbytes // F):
-            _fail(f"chunk of {nbytes} bytes needs {-(-nbytes // F)} frames, index lists {len(frames_raw)}",
-                  file, key)
-        frames = []
-        for i, fr in enumerate(frames_raw):
-            if type(fr) is not list or len(fr) != 4:
-                _fail("frame must be [offset, stored_len, crc32c, encoded]", file, key)
-            off = _int(fr[0], "frame offset", file, key=key)
-            stored = _int(fr[1], "frame length", file, 0, MAX_FRAME_SIZE * 2, key)
-            crc = _int(fr[2], "frame crc32c", file, 0, 0xFFFFFFFF, key)
-            if type(fr[3]) is not bool:
-                _fail("frame encoded flag must be a boolean", file, key)
-            raw_len = min(F, nbytes - i * F)
-            if off + stored > entry.data_size:
-                _fail(f"frame at {off}+{stored} lies beyond the data file's {entry.data_size} bytes", file, key)
-            if off != pos:
-                _fail(f"frame at byte {off} of the data file, expected {pos} (frames are back to back)", file, key)
-            pos += stored
-            if not fr[3] and stored != raw_len:
-                _fail("a raw frame's stored length must equal its raw length", file, key)
-            frames.append(Frame(off, stored, raw_len, crc, fr[3]))
-            spans.append((off, stored))
-        out.append(Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank, F))
-    if pos != entry.data_size:
-        _fail(f"frames end at byte {pos}, the data file has {entry.data_size}", file)
-    spans.sort()
-    for (a_off, a_len), (b_off, _) in zip(spans, spans[1:]):
-        if a_off + a_len > b_off:
-            _fail(f"frames overlap at byte {b_off} of the data file", file)
-    return out
-
-
-def check_coverage(meta: TensorMeta, chunks: list[Chunk], file: str = MANIFEST_NAME) -> None:
-    """Chunks MUST cover the tensor exactly once: no overlap and total volume equal to numel."""
-    total = sum(c.numel for c in chunks)
-    if total != meta.numel:
-        _fail(f"chunks cover {total} of {meta.numel} elements", file, meta.key)
-    if len(chunks) < 2 or not meta.shape:
-        if len(chunks) > 1:
-            _fail("a 0-d tensor has more than one chunk", file, meta.key)
-        return
-    from .geometry import boxes_overlap
-    ordered = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets[0])
-    active: list[Chunk] = []
-    for c in ordered:
-        active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
-        for a in active:
-            if boxes_overlap(a.offsets, a.sizes, c.offsets, c.sizes):
-                _fail(f"chunks of ranks {a.rank} and {c.rank} overlap", file, meta.key)
-        active.append(c)
+# The validators live in parse.py (which imports the records above); re-exported so callers keep one import.
+from .parse import (check_coverage, check_relative_name, parse_index, parse_manifest)  # noqa: E402,F401

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 
 import pytest
 import torch
@@ -61,7 +62,6 @@ def test_sigkill_at_each_phase_never_commits_a_partial(tmp_path, prev, phase):
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_sigkill_during_async_save_never_commits_a_partial(tmp_path, prev, phase):
-    pytest.importorskip("shardckpt.async_save")
     for seed in range(max(2, TRIALS // 2)):
         r = run_kill_trial(str(tmp_path), phase, 100 + seed, prev, 999, mode="async")
         v = r["verdict"]
@@ -75,7 +75,6 @@ def test_sigkill_during_async_save_never_commits_a_partial(tmp_path, prev, phase
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("phase", PHASES)
 def test_manager_restores_previous_step_after_sigkill(tmp_path, phase, mode):
-    pytest.importorskip("shardckpt.manager")
     r = run_manager_trial(str(tmp_path), phase, 200 + PHASES.index(phase), mode=mode)
     ctx = f"trial {r}"
     assert r["victim_died"] and r["survivors_typed"], ctx
@@ -201,11 +200,8 @@ def rot_ckpt(tmp_path_factory):
 
 
 def _verify_cli():
-    """`shardckpt verify PATH` as a predicate (True = the checkpoint verifies), or None without the CLI."""
-    try:
-        from shardckpt import cli
-    except ImportError:
-        return None
+    """`shardckpt verify PATH` as a predicate (True = the checkpoint verifies)."""
+    from shardckpt import cli
 
     def verify(path) -> bool:
         sink = io.StringIO()
@@ -236,11 +232,18 @@ def test_flips_and_truncations_are_always_detected(rot_ckpt, backend, monkeypatc
     assert not any(k.endswith(("silent", "untyped", "unnamed")) for k in stats["outcomes"]), stats["outcomes"]
 
 
-def test_verify_cli_passes_an_intact_checkpoint(rot_ckpt):
+def test_verify_cli_passes_an_intact_checkpoint_and_fails_a_flipped_byte(rot_ckpt, tmp_path):
+    """The predicate the sweep above relies on says yes to the intact checkpoint and no to a copy with one
+    flipped data byte (a predicate that always said no, or always yes, would make the sweep meaningless)."""
     verify = _verify_cli()
-    if verify is None:
-        pytest.skip("shardckpt.cli not present yet")
     assert verify(rot_ckpt)
+    bad = tmp_path / "bad"
+    shutil.copytree(rot_ckpt, bad)
+    data = bad / shardckpt.read_manifest(str(bad)).files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+    assert not verify(bad)
 
 
 # ------------------------------------------------------------------------------------------------ races

@@ -23,6 +23,7 @@ import shardckpt
 from shardckpt import _ext
 from shardckpt.errors import CheckpointError
 from shardckpt.format import canonical_json, check_coverage, parse_index, parse_manifest
+from shardckpt.tree import decode_value
 
 EXAMPLES = int(os.environ.get("SHARDCKPT_FUZZ_EXAMPLES", "150"))
 FRAME = 256
@@ -135,6 +136,12 @@ def fuzz_manifest_structured(data) -> None:
         return
     except (TypeError, KeyError, AttributeError, ValueError, RecursionError) as e:
         raise AssertionError(f"untyped {type(e).__name__} from parse_manifest: {e}") from e
+    # values that pass validation must decode (load does not validate them again)
+    try:
+        for v in m.values.values():
+            decode_value(v)
+    except Exception as e:
+        raise AssertionError(f"a value that parse_manifest accepted does not decode: {e!r}") from e
     # a manifest that parses must also be safe to plan a load from
     for f in m.files:
         if f.rank in index:
