@@ -11,10 +11,9 @@ byte planes stay native (ZSTD_SOURCE says which).
 from __future__ import annotations
 
 import functools
-import os
 import types
 
-from . import _twin
+from . import _twin, config
 from ._twin import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_BYTEPLANE, FrameError
 
 __all__ = [
@@ -77,13 +76,14 @@ def backend(name: str):
 
 
 def _select():
-    want = os.environ.get("SHARDCKPT_BACKEND", "").strip().lower()
-    if want == "python":
+    """Pick the kernels from SHARDCKPT_BACKEND / SHARDCKPT_REQUIRE_NATIVE (parsed by shardckpt.config, which
+    refuses a misspelt value with ConfigError rather than quietly picking native)."""
+    if config.backend() == "python":
         return backend("python"), "SHARDCKPT_BACKEND=python"
     try:
         return backend("native"), None
     except ImportError as e:
-        if os.environ.get("SHARDCKPT_REQUIRE_NATIVE") == "1":
+        if config.require_native():
             raise ImportError(f"SHARDCKPT_REQUIRE_NATIVE=1 but the native module is unavailable: {e}") from e
         import warnings
         warnings.warn(f"shardckpt: native kernels unavailable ({e}); using the pure-Python twin, which is "

@@ -7,22 +7,28 @@ import os
 
 import torch
 
-from . import _ext
+from . import _ext, config
 from .errors import FormatError
 
 RAW, ZSTD, ZSTD_BYTEPLANE = "raw/1", "zstd/1", "zstd-byteplane/1"
 CODEC_IDS = {RAW: _ext.CODEC_RAW, ZSTD: _ext.CODEC_ZSTD, ZSTD_BYTEPLANE: _ext.CODEC_ZSTD_BYTEPLANE}
 USER_NAMES = {"raw": RAW, "zstd": ZSTD, "zstd-byteplane": ZSTD_BYTEPLANE, "byteplane": ZSTD_BYTEPLANE}
-ZSTD_LEVEL = int(os.environ.get("SHARDCKPT_ZSTD_LEVEL", "1"))
+
+
+def zstd_level() -> int:
+    """The zstd level of zstd/1 frames: SHARDCKPT_ZSTD_LEVEL (default 1), read when a rank writer starts,
+    so one file is written at one level. Called by writer.RankWriter."""
+    return config.zstd_level()
 
 
 def threads() -> int:
     """Worker threads for the native kernels: SHARDCKPT_THREADS, else this process's share of the CPUs it
     may use, split among the ranks torchrun started on this node (LOCAL_WORLD_SIZE), so 8 ranks on a
-    96-core node each use 12 threads instead of all 96 fighting over the cores."""
-    env = os.environ.get("SHARDCKPT_THREADS")
-    if env:
-        return max(1, int(env))
+    96-core node each use 12 threads instead of all 96 fighting over the cores. Called at each save, load
+    and snapshot (staging, writer, reader, CLI verify)."""
+    env = config.threads()
+    if env is not None:
+        return env
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -8,24 +8,24 @@ every survivor instead of hanging. Without torch.distributed (one process) these
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from . import config
 from .errors import CoordinationError
 
 RECORD_BYTES = 4096
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S = config.DEFAULT_TIMEOUT_S
 
 _companion_groups: dict = {}
 
 
 def default_timeout_s() -> float:
     """SHARDCKPT_TIMEOUT, read at each call: a launcher that imported shardckpt before setting it still counts."""
-    return float(os.environ.get("SHARDCKPT_TIMEOUT") or DEFAULT_TIMEOUT_S)
+    return config.timeout_s()
 
 
 @dataclass

@@ -85,5 +85,13 @@ class StorageError(CheckpointError):
     """The storage backend failed (I/O error, disk full, permission, network)."""
 
 
+class ConfigError(CheckpointError, ValueError):
+    """A SHARDCKPT_* variable or an option has a value shardckpt cannot use; `name` is the variable/option."""
+
+    def __init__(self, message: str, *, name: str | None = None, **kw):
+        super().__init__(message, **kw)
+        self.name = name
+
+
 class UnsupportedValueError(CheckpointError):
     """A state_dict leaf of a type shardckpt does not save (it never falls back to pickle)."""

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import config
 from .api import _key_filter, _map_key, read_chunks, read_manifest
 from .errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
 from .format import Manifest
@@ -133,17 +134,10 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPE_ALIASES)}") from None
 
 
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB' -> 5*10**9, '500MiB' -> 500*2**20, '1000' -> 1000 (Hugging Face's units)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", text.lower())
-    if not m:
-        raise ValueError(f"cannot parse size {text!r} (e.g. 5GB, 500MiB, 1000000)")
-    unit = (m.group(2) or "").rstrip("b")
-    base = 1024 if unit.endswith("i") else 1000
-    power = " kmgt".index(unit[0]) if unit else 0
-    return int(float(m.group(1)) * base ** power)
+def parse_size(text: str | int | None, name: str = "max_shard_size") -> int | None:
+    """A --max-shard-size value in bytes (None: no limit), parsed by the one size parser, shardckpt.config:
+    every unit is binary, so '5GB' and '5GiB' are 5 * 2**30 (like SHARDCKPT_POOL_BYTES)."""
+    return None if text is None else config.parse_size(text, name=name)
 
 
 # ------------------------------------------------------------------------------------------ safetensors

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 import threading
 
 import torch
 
-from . import _ext
+from . import _ext, config
 from .codec import threads
 
 ALIGN = 4096
@@ -23,12 +22,9 @@ def aligned(n: int) -> int:
 
 
 def pool_bytes_from_env() -> int | None:
-    """SHARDCKPT_POOL_BYTES ("8G", "512M", or bytes): the default bound of staging pools; unset: unbounded."""
-    v = os.environ.get("SHARDCKPT_POOL_BYTES", "").strip().upper()
-    if not v:
-        return None
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(v[-1:], 1)
-    return int(float(v.rstrip("KMGTB") or 0) * mult)
+    """SHARDCKPT_POOL_BYTES ("8G" = 8 GiB, "512MiB", or bytes; see shardckpt.config): the default bound of
+    staging pools; unset: unbounded. Raises ConfigError naming the variable for a value that is not a size."""
+    return config.pool_bytes()
 
 
 class HostBufferPool:

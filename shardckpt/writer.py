@@ -12,7 +12,7 @@ import torch
 
 from . import _ext
 from ._faults import fault_point
-from .codec import CODEC_IDS, RAW, ZSTD_LEVEL, plane_size, threads
+from .codec import CODEC_IDS, RAW, plane_size, threads, zstd_level
 from .format import build_index, chunk_frame_size, data_file_name, index_file_name
 from .plan import WriteItem
 from .storage.base import Storage
@@ -85,6 +85,7 @@ class RankWriter:
         self._chunks: list[dict] = []
         self._raw_bytes = self._elements = 0
         self._nthreads = threads()
+        self._level = zstd_level()
 
     def add(self, item: WriteItem, src: torch.Tensor) -> None:
         """Encode and write one chunk whose bytes are `src` (contiguous CPU). `src` may be reused once
@@ -109,7 +110,7 @@ class RankWriter:
                 if self._fill == 0:
                     self._wait(self._turn)  # this buffer's previous contents are on storage
                 table = _ext.encode_frames(part, self._bufs[self._turn][self._fill:], fs, itemsize, cid,
-                                           ZSTD_LEVEL, self._nthreads)
+                                           self._level, self._nthreads)
             n = sum(f[1] for f in table)
             for off, stored, crc, enc in table:
                 frames.append([self._pos + off, stored, crc, bool(enc)])

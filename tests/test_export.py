@@ -138,8 +138,11 @@ def test_safetensors_reader_rejects_bad_headers(tmp_path):
 
 
 def test_parse_size():
-    assert export.parse_size("5GB") == 5 * 10**9 and export.parse_size("500MiB") == 500 * 2**20
-    assert export.parse_size("1000") == 1000 and export.parse_size("1.5kb") == 1500
+    # the one size parser (shardckpt.config, tests/test_config.py): binary units, as SHARDCKPT_POOL_BYTES reads
+    assert export.parse_size("5GB") == 5 * 2**30 and export.parse_size("500MiB") == 500 * 2**20
+    assert export.parse_size("1000") == 1000 and export.parse_size("1.5kb") == 1536
+    with pytest.raises(shardckpt.errors.ConfigError, match="max_shard_size"):
+        export.parse_size("5 gigs")
 
 
 def test_exported_weights_load_into_a_transformers_llama(tmp_path):

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import _ext
+from .. import _ext, config
 from ..errors import CheckpointExistsError, StorageError
 from .base import FileWriter, ReadRange, Storage
 
@@ -43,8 +43,8 @@ def _storage_error(exc: OSError, what: str, path: str) -> StorageError:
 
 def direct_io_from_env() -> bool:
     """SHARDCKPT_DIRECT_IO: "1" (default) writes large data files with O_DIRECT where the filesystem takes
-    it, "0" always goes through the page cache."""
-    return os.environ.get("SHARDCKPT_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
+    it, "0" always goes through the page cache (parsed by shardckpt.config)."""
+    return config.direct_io()
 
 
 DIRECT_ALIGN = 4096       # offset, length and address alignment O_DIRECT needs (a multiple of any block size)
