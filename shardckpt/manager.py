@@ -1,7 +1,7 @@
 """CheckpointManager: when to save, what to keep, what to restore, and what to do on preemption.
 
     manager = shardckpt.CheckpointManager("ckpt/", save_every_steps=500, keep_last=3, keep_best=1,
-                                          monitor="val_loss", preemption_signals=("SIGTERM", "SIGUSR1"))
+                                          monitor="val_loss")  # SIGTERM / SIGUSR1: save and stop
     start = manager.restore(state) or 0
     for step in range(start + 1, total + 1):
         ...
@@ -10,7 +10,8 @@
     manager.close()
 
 Layout: `root/step-<10-digit step>/` per checkpoint (a normal shardckpt checkpoint); the manifest's
-user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set). A step exists once its manifest.json is committed.
+user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set). A step
+exists once its manifest.json is committed (shardckpt.layout); shardckpt.gc collects what crashed saves left.
 
 Who does what:
   all ranks     maybe_save / save / restore / wait / close, in the same order (they run collectives on
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 import signal
 import threading
 import time
-from datetime import datetime
+import uuid
 from typing import Any, Iterable
 
 import torch
@@ -43,122 +42,21 @@ from .async_save import AsyncSaveHandle, async_save, warm_up
 from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, CoordinationError, CorruptDataError,
                      FormatError, IncompleteCheckpointError, StorageError)
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
+from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
+from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
 from .state import load_training_state
 from .storage import Storage, storage_for
 from .verify import list_problems
 
 log = logging.getLogger("shardckpt")
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-STEP_DIGITS = 10
-DEFAULT_GC_GRACE_S = 3600.0
 _CORRUPTION = (ChecksumError, CorruptDataError, FormatError, IncompleteCheckpointError, StorageError,
                FileNotFoundError)
-
-
-def step_dir(step: int) -> str:
-    return f"step-{step:0{STEP_DIGITS}d}"
-
-
-# ------------------------------------------------------------------------------------------ inspection
-
-def committed_steps(root, *, storage_options: dict | None = None) -> list[int]:
-    """Steps under a manager root whose manifest.json is committed, ascending. Any process may call it."""
-    storage = storage_for(root, storage_options)
-    out = []
-    for name in storage.list_dir(""):
-        m = STEP_DIR.match(name)
-        if m and storage.exists(f"{name}/{MANIFEST_NAME}"):
-            out.append(int(m.group(1)))
-    return sorted(out)
 
 
 # verify_checkpoint(path, *, full=False, storage_options=None, rank=0, world_size=1) -> list[str]: restore's
 # check, shardckpt.verify's one verifier (the same rules and error classes as `shardckpt verify` and load)
 verify_checkpoint = list_problems
-
-
-
-# ------------------------------------------------------------------------------------------------- gc
-
-def _mtime(storage: Storage, relpath: str) -> float | None:
-    """Modification time of a file (seconds since the epoch), or None if the backend does not say."""
-    root = getattr(storage, "root", None)
-    if type(storage).__name__ == "LocalStorage":
-        try:
-            return os.path.getmtime(os.path.join(root, relpath) if relpath else root)
-        except OSError:
-            return None
-    fs = getattr(storage, "fs", None)
-    if fs is None:
-        return None
-    try:
-        info = fs.info(storage._path(relpath))
-    except Exception:
-        return None
-    for k in ("mtime", "LastModified", "last_modified", "updated", "created", "time_created"):
-        v = info.get(k)
-        if v is None:
-            continue
-        if isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, datetime):
-            return v.timestamp()
-        try:
-            return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            continue
-    return None
-
-
-def _newest(storage: Storage, relpath: str) -> float | None:
-    files = storage.list_files(relpath)
-    times = [_mtime(storage, f) for f in files] or [_mtime(storage, relpath)]
-    if any(t is None for t in times):
-        return None
-    return max(times)
-
-
-def gc_uncommitted(root, *, dry_run: bool = True, grace_s: float = DEFAULT_GC_GRACE_S,
-                   exclude: Iterable[int] = (), storage_options: dict | None = None) -> list[str]:
-    """Leftovers of crashed saves under a manager root: step directories without a committed manifest, and
-    data/<save_id> directories inside committed steps that the manifest does not reference. Only those
-    whose newest file is older than `grace_s` seconds are taken (a save still being written keeps touching
-    its files), and never the steps in `exclude` (the save this process has in flight). Entries whose age
-    the backend cannot tell are kept unless grace_s <= 0.
-
-    Deletes them unless `dry_run`; returns their paths relative to root either way. Coordinator (or a
-    single CLI process) only.
-    """
-    storage = storage_for(root, storage_options)
-    skip = {step_dir(s) for s in exclude}
-    now = time.time()
-
-    def old(rel: str) -> bool:
-        if grace_s <= 0:
-            return True
-        t = _newest(storage, rel)
-        return t is not None and now - t > grace_s
-
-    found = []
-    for name in storage.list_dir(""):
-        if not STEP_DIR.match(name) or name in skip:
-            continue
-        if not storage.exists(f"{name}/{MANIFEST_NAME}"):
-            if old(name):
-                found.append(name)
-            continue
-        try:
-            save_id = api.read_manifest(storage.child(name)).save_id
-        except Exception:
-            continue  # a corrupt committed step is retention's and restore's business, not gc's
-        for sid in storage.list_dir(f"{name}/data"):
-            if sid != save_id and old(f"{name}/data/{sid}"):
-                found.append(f"{name}/data/{sid}")
-    if not dry_run:
-        for rel in found:
-            storage.delete_tree(rel)
-    return found
 
 
 # --------------------------------------------------------------------------------------------- manager
@@ -193,8 +91,14 @@ class CheckpointManager:
         async_save: save in the background (shardckpt.async_save); else save() blocks until committed.
         process_group: the group that saves together (default: the whole job).
         preemption_signals: signals (names or numbers) whose handler only sets a flag; at the next maybe_save
-            all ranks agree, save, wait for the commit and return True with `preempted` set. () to disable.
-            Handlers are installed only when the manager is created on the main thread.
+            all ranks agree, save, wait for the commit and return True with `preempted` set. Default SIGTERM
+            (what schedulers send before a kill) and SIGUSR1 (SLURM's `--signal=USR1@120`); pass
+            ("SIGTERM",) if a profiler or launcher uses SIGUSR1 itself, () to disable. Handlers are
+            installed only when the manager is created on the main thread.
+
+    Raises:
+        StorageError: on every rank, when the coordinator cannot write under `root` (checked here, once, so
+            the job fails at start-up and not at its first save).
         preemption_check_every: run the agreement every N maybe_save calls (one 2-integer all-reduce on
             shardckpt's gloo group); a signal is acted on within N steps.
         gc_grace_s: how old uncommitted leftovers must be before gc removes them.
@@ -205,7 +109,8 @@ class CheckpointManager:
     def __init__(self, root, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
                  keep_last: int | None = None, keep_best: int | None = None, monitor: str | None = None,
                  mode: str = "min", keep_every_steps: int | None = None, async_save: bool = True,
-                 process_group=None, preemption_signals: Iterable = ("SIGTERM",), preemption_check_every: int = 1,
+                 process_group=None, preemption_signals: Iterable = ("SIGTERM", "SIGUSR1"),
+                 preemption_check_every: int = 1,
                  gc_grace_s: float = DEFAULT_GC_GRACE_S, verify: str = "index", codec: str = "auto",
                  frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
                  timeout_s: float | None = None):
@@ -230,6 +135,7 @@ class CheckpointManager:
         self.gc_grace_s, self.verify = gc_grace_s, verify
         self._save_kw = {"codec": codec, "frame_size": frame_size, "timeout_s": timeout_s}
         self.comm = sdist.comm_for(process_group, timeout_s)
+        self._check_writable()
         self.preempted = False
         self._signalled: int | None = None
         self._calls = 0
@@ -244,6 +150,28 @@ class CheckpointManager:
                 self._old_handlers[num] = signal.signal(num, self._on_signal)
         if self.comm.is_coordinator:
             self._gc()
+
+    def _check_writable(self) -> None:
+        """All ranks, from __init__: the coordinator creates the root and writes and deletes an empty probe
+        file (one PUT and one DELETE on object stores); every rank raises StorageError naming the root if
+        that failed, so none waits at a collective for a rank that gave up."""
+        problem = None
+        if self.comm.is_coordinator:
+            probe = f".shardckpt-probe-{uuid.uuid4().hex}"  # not a step-<N> name: ls, gc and restore skip it
+            try:
+                self.storage.write_file(probe, b"")
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"[:1500]
+            else:
+                try:
+                    self.storage.delete(probe)
+                except Exception as e:  # retention deletes will fail too, and log; saving still works
+                    log.warning("checkpoint root %s: cannot delete %s (%s); retention and gc will fail",
+                                self.root, probe, e)
+        problem = self.comm.broadcast_json(problem)
+        if problem is not None:
+            raise StorageError(f"checkpoint root cannot be written (checked when the manager was created): "
+                               f"{problem}", file=self.root)
 
     # ---------------------------------------------------------------------------------------- signals
     def _on_signal(self, signum, frame) -> None:

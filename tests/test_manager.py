@@ -1,5 +1,6 @@
 """CheckpointManager: retention from manifests (and across restarts), restore with verification and
-fallback, gc of uncommitted leftovers, fsspec roots, preemption agreement on 2 ranks."""
+fallback, gc of uncommitted leftovers, fsspec roots, preemption agreement on 2 ranks (default signals), an
+unwritable root refused at creation on every rank."""
 from __future__ import annotations
 
 import logging
@@ -118,6 +119,27 @@ def test_gc_uncommitted(tmp_path):
     assert m.steps() == [1] and m.restore(_state(0)) == 1
 
 
+def test_gc_asks_the_backend_for_ages(tmp_path):
+    """gc reads ages through Storage.mtime(), so any backend (here a LocalStorage subclass, which the old
+    class-name check took for one that cannot tell ages, keeping everything) gets its leftovers collected."""
+    from shardckpt.storage.local import LocalStorage
+
+    class TaggedStorage(LocalStorage):
+        pass
+    crashed = tmp_path / step_dir(5) / "data" / "abcdef0123456789" / "r00000.bin"
+    crashed.parent.mkdir(parents=True)
+    crashed.write_bytes(b"partial")
+    old = time.time() - 7200
+    os.utime(crashed, (old, old))
+    assert gc_uncommitted(TaggedStorage(str(tmp_path))) == [step_dir(5)]
+
+    class Ageless(LocalStorage):
+        def mtime(self, relpath):
+            return None
+    assert gc_uncommitted(Ageless(str(tmp_path))) == []  # age unknown: kept
+    assert gc_uncommitted(Ageless(str(tmp_path)), grace_s=0) == [step_dir(5)]
+
+
 def test_fsspec_memory_root():
     pytest.importorskip("fsspec")
     root = "memory://mgr-test"
@@ -135,26 +157,47 @@ def test_fsspec_memory_root():
     m.close()
 
 
-def test_preemption_single_process(tmp_path):
-    m = CheckpointManager(tmp_path, save_every_steps=100, preemption_signals=("SIGUSR1",))
+def test_preemption_single_process_default_signals(tmp_path):
+    # defect 5: README and launch/README.md say SIGTERM / SIGUSR1 save and stop (SLURM --signal=USR1@120);
+    # the default used to be SIGTERM only, so this SIGUSR1 killed the process
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    m = CheckpointManager(tmp_path, save_every_steps=100)
     try:
+        assert all(signal.getsignal(s) == m._on_signal for s in before)
         assert not m.maybe_save(1, _state(1))
         os.kill(os.getpid(), signal.SIGUSR1)
         assert m.signalled and m.maybe_save(2, _state(2)) and m.preempted
         assert m.steps() == [2]
     finally:
         m.close()
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
-def _preempt(rank, ws, root):
+def test_unwritable_root_fails_when_the_manager_is_created(tmp_path):
+    # defect 6: found only at the first save before. A path below a regular file cannot be created even by
+    # root (ENOTDIR), unlike a chmod-ed directory
+    (tmp_path / "afile").write_bytes(b"not a directory")
+    root = tmp_path / "afile" / "ckpt"
+    with pytest.raises(shardckpt.StorageError, match="cannot be written") as e:
+        CheckpointManager(root, preemption_signals=())
+    assert str(root) in str(e.value)
+    ok = CheckpointManager(tmp_path / "fine", preemption_signals=())  # created, probed, probe removed
+    assert os.listdir(tmp_path / "fine") == [] and ok.steps() == []
+
+
+def _preempt(rank, ws, root, unwritable):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+    try:  # every rank raises (the coordinator's probe failed), none waits at a collective
+        CheckpointManager(unwritable)
+        refused = None
+    except shardckpt.StorageError as e:
+        refused = str(e)
     mesh = init_device_mesh("cpu", (ws,))
     state = {"w": distribute_tensor(torch.arange(40.0).view(8, 5), mesh, [Shard(0)], src_data_rank=None),
              "step": 0}
-    m = CheckpointManager(root, save_every_steps=4, keep_last=1, preemption_signals=("SIGUSR1",))
+    m = CheckpointManager(root, save_every_steps=4, keep_last=1)  # default signals: SIGTERM and SIGUSR1
     saved, stop = [], None
     for step in range(1, 20):
         state["w"]._local_tensor.add_(1)
@@ -173,13 +216,16 @@ def _preempt(rank, ws, root):
     into = {"w": distribute_tensor(torch.zeros(8, 5), mesh, [Shard(0)], src_data_rank=None), "step": -1}
     got = m2.restore(into)
     ok = torch.equal(into["w"].full_tensor(), torch.arange(40.0).view(8, 5) + got)
-    return saved, stop, got, into["step"], ok, m2.steps()
+    return saved, stop, got, into["step"], ok, m2.steps(), refused
 
 
 def test_preemption_multirank(tmp_path):
-    outs = run_ranks(2, _preempt, str(tmp_path), timeout=120)
-    for saved, stop, got, step, ok, steps in outs:
+    (tmp_path / "afile").write_bytes(b"")
+    unwritable = str(tmp_path / "afile" / "ckpt")
+    outs = run_ranks(2, _preempt, str(tmp_path / "root"), unwritable, timeout=120)
+    for saved, stop, got, step, ok, steps, refused in outs:
         assert saved == [4, 6] and stop == 6 and got == 6 and step == 6 and ok and steps == [6]
+        assert refused and "cannot be written" in refused and unwritable in refused
 
 
 def test_ls_marks_the_managers_best_step_without_being_told_the_metric(tmp_path):
