@@ -246,10 +246,15 @@ def read_manifest(path, *, storage_options: dict | None = None) -> Manifest:
     return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}")
 
 
-def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None = None) -> dict[str, list[Chunk]]:
-    """Every rank's chunk index (read in parallel, each verified against the crc32c the manifest pins),
-    grouped by key and checked for exact coverage of the keys asked for."""
-    def one(entry):
+def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None = None,
+                index_data: list[bytes] | None = None) -> dict[str, list[Chunk]]:
+    """Every rank's chunk index (read in parallel, or given as `index_data` in manifest order when the
+    group's coordinator read them; each verified against the crc32c the manifest pins), grouped by key and
+    checked for exact coverage of the keys asked for."""
+    def one(i_entry):
+        i, entry = i_entry
+        if index_data is not None:
+            return parse_index(index_data[i], entry, manifest)
         try:
             data = storage.read_file(entry.index)
         except FileNotFoundError:
@@ -258,7 +263,7 @@ def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None
         return parse_index(data, entry, manifest)
 
     with ThreadPoolExecutor(min(16, max(1, len(manifest.files)))) as pool:
-        per_rank = list(pool.map(one, manifest.files))
+        per_rank = list(pool.map(one, enumerate(manifest.files)))
     by_key: dict[str, list[Chunk]] = {k: [] for k in manifest.tensors}
     for chunks in per_rank:
         for c in chunks:
@@ -320,13 +325,17 @@ def _target_box(t: torch.Tensor):
 
 
 def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None, key_map: KeyMap = None,
-         prefix: str = "", convert_dtype: bool = False, storage_options: dict | None = None) -> LoadResult:
+         prefix: str = "", convert_dtype: bool = False, storage_options: dict | None = None,
+         exchange: str = "auto") -> LoadResult:
     """Fill `state_dict`'s tensors in place from the checkpoint at `path`, whatever their layout now
-    (another world size, other placements or mesh, or full tensors), reading only the frames this rank
-    needs. Plain values are replaced in their containers; Stateful objects get load_state_dict().
+    (another world size, other placements or mesh, or full tensors). Plain values are replaced in their
+    containers; Stateful objects get load_state_dict().
 
-    Loading needs no collectives: each rank reads what it needs on its own (process_group is accepted for
-    symmetry with save and ignored).
+    Under torch.distributed the load is collective over `process_group` (default: the whole job): the
+    coordinator reads the manifest and index files once for the group, and every stored byte that some
+    rank needs is fetched from storage by one rank only and sent to the others that need it
+    (shardckpt.exchange), so data-parallel replicas do not each read the checkpoint. Without an
+    initialised process group, each rank reads the frames it needs on its own.
 
     Args:
         strict: raise KeyMismatchError if the caller's keys and the checkpoint's differ (after key_map and
@@ -337,10 +346,54 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
             prefix + k, and saved keys outside the prefix are not "unexpected". For weights only out of a
             full training-state checkpoint: load(model.state_dict(), path, prefix="model.").
         convert_dtype: cast saved tensors to the caller's dtype instead of raising DtypeMismatchError.
+        exchange: "auto" (exchange when two ranks need the same bytes, else each reads its own), "always",
+            or "never": no collectives at all, each rank reads on its own (a load that only some ranks
+            of the job make must say "never").
     """
+    from . import exchange as xchg
+    if exchange not in xchg.MODES:
+        raise ValueError(f"exchange must be one of {xchg.MODES}")
     storage = storage_for(path, storage_options)
-    manifest = read_manifest(storage)
-    flat = flatten(state_dict)
+    comm = sdist.comm_for(process_group) if exchange != "never" else sdist.Comm(None, 0, 1, 0)
+    manifest, index_data = _read_metadata(storage, comm)
+    error, chunks, tasks, value_slots, flat = None, {}, [], [], None
+    try:  # in a group, any failure here must reach the exchange's first collective (every rank raises)
+        flat = flatten(state_dict)
+        targets, value_slots, missing, unexpected = _resolve(flat, manifest, storage, keys=keys, key_map=key_map,
+                                                             prefix=prefix, convert_dtype=convert_dtype)
+        if strict and (missing or unexpected):
+            raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
+                                   f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)
+        chunks = read_chunks(storage, manifest, {t.key for t in targets}, index_data)
+        tasks = plan_reads(targets, manifest, chunks)
+    except Exception as e:
+        if comm.group is None:
+            raise
+        error = e
+    stats = ReadStats()
+    if comm.group is None:
+        run_reads(storage, manifest, tasks, stats)
+    else:
+        xchg.run(storage, manifest, chunks, tasks, comm, mode=exchange, error=error, stats=stats)
+    for leaf, saved in value_slots:
+        if leaf.container is not None:
+            leaf.container[leaf.slot] = decode_value(manifest.values[saved])
+    for obj, sd in flat.statefuls:
+        obj.load_state_dict(sd)
+    return LoadResult(missing, unexpected if not strict else [], stats.bytes_read)
+
+
+def _read_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[bytes] | None]:
+    """The manifest, and in a group the index files' bytes too, read once by the coordinator for all."""
+    if comm.group is None:
+        return read_manifest(storage), None
+    from .exchange import read_metadata
+    data, index_data = read_metadata(storage, comm)
+    return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}"), index_data
+
+
+def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool):
+    """What a load fills: (targets, value slots, missing keys, unexpected keys), shapes and dtypes checked."""
     wanted = _key_filter(keys)
     targets, value_slots, missing, used = [], [], [], set()
     for key, leaf in flat.leaves.items():
@@ -375,31 +428,30 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
     in_scope = [k for k in manifest.keys() if k.startswith(prefix)]
     # with keys=, only the selected keys count: a saved key is unexpected if the selection names it
     unexpected = sorted(k for k in in_scope if k not in used and (keys is None or wanted(k[len(prefix):])))
-    if strict and (missing or unexpected):
-        raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
-                               f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)
-    chunks = read_chunks(storage, manifest, {t.key for t in targets})
-    stats = ReadStats()
-    run_reads(storage, manifest, plan_reads(targets, manifest, chunks), stats)
-    for leaf, saved in value_slots:
-        if leaf.container is not None:
-            leaf.container[leaf.slot] = decode_value(manifest.values[saved])
-    for obj, sd in flat.statefuls:
-        obj.load_state_dict(sd)
-    return LoadResult(missing, unexpected if not strict else [], stats.bytes_read)
+    return targets, value_slots, missing, unexpected
 
 
-def load_full(path, *, keys=None, storage_options: dict | None = None, device: str | torch.device = "cpu"):
-    """Load a checkpoint in one process (no process group) as full tensors, with the saved nesting
-    (dicts, lists, tuples) and plain values. `keys` selects a subset (names, globs, prefixes, predicate)."""
+def load_full(path, *, keys=None, storage_options: dict | None = None, device: str | torch.device = "cpu",
+              process_group=None, exchange: str = "auto"):
+    """Load a checkpoint as full tensors, with the saved nesting (dicts, lists, tuples) and plain values.
+    `keys` selects a subset (names, globs, prefixes, predicate). One process by default; with a
+    process_group, every rank of that group calls it and each stored byte is fetched from storage once for
+    the group and shared (as load does; `exchange` as for load)."""
+    from . import exchange as xchg
     storage = storage_for(path, storage_options)
-    manifest = read_manifest(storage)
+    comm = sdist.comm_for(process_group) if process_group is not None and exchange != "never" \
+        else sdist.Comm(None, 0, 1, 0)
+    manifest, index_data = _read_metadata(storage, comm)
     wanted = _key_filter(keys)
     # indexes validated (coverage included) before any tensor is allocated from the manifest's shapes
-    chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)])
+    chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)], index_data)
     tensors = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in manifest.tensors.items() if wanted(k)}
     targets = [Target(k, (0,) * t.dim(), tuple(t.shape), t) for k, t in tensors.items() if t.numel() or not t.dim()]
-    run_reads(storage, manifest, plan_reads(targets, manifest, chunks))
+    tasks = plan_reads(targets, manifest, chunks)
+    if comm.group is None:
+        run_reads(storage, manifest, tasks)
+    else:
+        xchg.run(storage, manifest, chunks, tasks, comm, mode=exchange)
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     out = rebuild(manifest.tree, lambda kind, k: tensors[k] if kind == "tensor" else

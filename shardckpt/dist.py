@@ -67,6 +67,60 @@ class Comm:
         return _decode(buf)
 
 
+    # ---- bulk collectives of a read-once restore (shardckpt.exchange); the group's timeout applies to each
+
+    def broadcast_bytes(self, data: bytes | None, nbytes: int) -> bytes:
+        """Broadcast `nbytes` bytes (agreed beforehand, e.g. through broadcast_json) from the coordinator."""
+        if self.group is None:
+            return data
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_coordinator and nbytes \
+            else torch.empty(nbytes, dtype=torch.uint8)
+        self._run(lambda: dist.broadcast(buf, group_src=0, group=self.group), "broadcast")
+        return data if self.is_coordinator else bytes(buf.numpy())
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, on every rank (two collectives: the lengths, then the padded bytes)."""
+        if self.group is None:
+            return [data]
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.empty(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self._run(lambda: dist.all_gather(sizes, n, group=self.group), "all_gather")
+        lens = [int(t.item()) for t in sizes]
+        top = max(lens)
+        mine = torch.zeros(top, dtype=torch.uint8)
+        if data:
+            mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        outs = [torch.empty(top, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run(lambda: dist.all_gather(outs, mine, group=self.group), "all_gather")
+        return [bytes(o[:k].numpy()) for o, k in zip(outs, lens)]
+
+    def any_flag(self, flag: bool) -> bool:
+        """Whether any rank passed True (one 1-element all-reduce)."""
+        if self.group is None:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group), "all_reduce")
+        return bool(t.item())
+
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+        """Send send[...] in consecutive parts of send_sizes[r] bytes to each rank r; receive recv_sizes[r]
+        from each (uint8 tensors, one all_to_all_single)."""
+        out = torch.empty(sum(recv_sizes), dtype=torch.uint8)
+        if self.group is None:
+            out.copy_(send)
+            return out
+        self._run(lambda: dist.all_to_all_single(out, send, recv_sizes, send_sizes, group=self.group),
+                  "all_to_all")
+        return out
+
+    def _run(self, op, what: str) -> None:
+        try:
+            op()
+        except Exception as e:  # gloo raises RuntimeError on timeout or a dead peer
+            raise CoordinationError(f"{what} failed: a rank died or timed out ({_short(e)})",
+                                    rank=self.global_rank) from e
+
+
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 

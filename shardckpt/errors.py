@@ -95,3 +95,28 @@ class ConfigError(CheckpointError, ValueError):
 
 class UnsupportedValueError(CheckpointError):
     """A state_dict leaf of a type shardckpt does not save (it never falls back to pickle)."""
+
+
+def error_record(e: BaseException, rank: int) -> dict:
+    """A failure on `rank` as a small JSON record for a collective, so every rank can raise it (error_from)."""
+    from .commit import error_text
+    if isinstance(e, CheckpointError):
+        cls, msg, at = type(e).__name__, e.message, e.rank
+    else:
+        cls, msg, at = "CheckpointError", error_text(e, 1200), None
+    return {"cls": cls, "message": msg[:1200], "by": rank, "rank": rank if at is None else at,
+            "key": getattr(e, "key", None), "file": getattr(e, "file", None)}
+
+
+def error_from(record: dict) -> CheckpointError:
+    """The typed error a record stands for, as the ranks other than the failing one raise it: the same
+    class, key, file and rank, its message prefixed with the rank that found it."""
+    cls = globals().get(record.get("cls"), CheckpointError)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+        cls = CheckpointError
+    err = cls.__new__(cls)
+    CheckpointError.__init__(err, f"on rank {record['by']}: {record['message']}", key=record.get("key"),
+                             file=record.get("file"), rank=record.get("rank"))
+    if isinstance(err, KeyMismatchError):
+        err.missing, err.unexpected = [], []
+    return err

@@ -64,11 +64,10 @@ def test_async_save_streams_and_keeps_snapshot_semantics(tmp_path, bounded_pool)
 def test_pool_is_reused_across_saves(tmp_path):
     pool = staging.HostBufferPool(max_bytes=None)
     st = {"w": torch.randn(500, 500)}
-    from shardckpt.api import _stage
     from shardckpt.plan import plan_tensor
     _, item = plan_tensor("w", st["w"], "auto", 0, 1)
     for _ in range(3):
-        (v,) = _stage([item], pool)
+        (v,) = staging.stage([item], pool)
         assert torch.equal(v, st["w"])
     assert pool.allocations == 1
 
