@@ -332,11 +332,9 @@ def _assemble(t: _Task, plan: ExchangePlan, files: _Files, held: dict[int, np.nd
         lo = offs[t.first] - offs[p.first]
         return held[i][lo:lo + offs[t.end] - offs[t.first]]
     parts = []
-    while t.first < t.end and i < len(plan.pieces):
+    while i < len(plan.pieces) and plan.pieces[i].file == t.file and plan.pieces[i].first < t.end:
         p = plan.pieces[i]
         a, b = max(p.first, t.first), min(p.end, t.end)
-        if a >= b:
-            break
         parts.append(held[i][offs[a] - offs[p.first]:offs[b] - offs[p.first]])
         i += 1
     return np.concatenate(parts)

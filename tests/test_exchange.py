@@ -272,3 +272,21 @@ def test_survivors_of_a_dead_rank_raise_coordination_error(tmp_path):
     for rank, (status, payload) in got.items():
         assert status == "ok" and payload is not None and payload[0] == "CoordinationError", (rank, payload)
         assert payload[3] < 60, payload
+
+
+def test_assemble_takes_a_tasks_frames_from_its_own_file_only():
+    """A task whose frames span two pieces, with the next file's pieces right after them."""
+    import numpy as np
+    from shardckpt import exchange as x
+    from shardckpt.exchange_plan import ExchangePlan, Piece
+    offs = {0: [0, 10, 20, 30, 40], 1: [0, 5, 10, 15]}
+    pieces = (Piece(0, 0, 2, 20, 0, (0, 1)), Piece(0, 2, 4, 20, 1, (0, 1)), Piece(1, 0, 3, 15, 0, (0,)))
+    plan = ExchangePlan(pieces, ((0, 1, 2),), True, 2)
+    files = x._Files([], {}, offs, {}, {})
+    held = {0: np.arange(0, 20, dtype=np.uint8), 1: np.arange(20, 40, dtype=np.uint8)}  # piece 2 not held
+    firsts = {0: [0, 2], 1: [0]}
+    by_file = {0: [0, 1], 1: [2]}
+    piece_at = lambda f, j: by_file[f][__import__("bisect").bisect_right(firsts[f], j) - 1]  # noqa: E731
+    task = x._Task(None, None, 0, 1, 4)
+    assert x._assemble(task, plan, files, held, piece_at).tolist() == list(range(10, 40))
+    assert x._assemble(x._Task(None, None, 0, 2, 3), plan, files, held, piece_at).tolist() == list(range(20, 30))
