@@ -1,7 +1,8 @@
 """Storage on any fsspec URL: s3://, gs://, az://, memory://, file://, ... Object stores have no rename and no
 directories, so this backend never moves files: data files are uploaded in place (S3: parallel multipart
-upload, complete on close, in s3.py), and the manifest is committed by one create-only write (create_only.py
-says how on each store, and on which ones two concurrent committers cannot both win).
+upload, complete on close, in s3.py; other writers in fsspec_writers.py), and the manifest is committed by
+one create-only write (create_only.py says how on each store, and on which ones two concurrent committers
+cannot both win).
 
 Listings are never cached (use_listings_cache=False is forced): ranks on other hosts write and delete the files
 this process lists and polls, and a stale exists() on a manifest would hide or fake a commit.
@@ -10,16 +11,15 @@ from __future__ import annotations
 
 import bisect
 import datetime
-import os
 import posixpath
 from typing import Sequence
 
 import fsspec
-from fsspec.spec import AbstractBufferedFile
 
 from ..errors import CheckpointExistsError, StorageError
-from .base import FileWriter, ReadRange, Storage, check_open, storage_error
+from .base import FileWriter, ReadRange, Storage, storage_error
 from .create_only import create_only, store_kind
+from .fsspec_writers import BufferedWriter, StreamWriter
 from .local import LocalStorage, _fsync_dir
 from .s3 import (DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE, S3MultipartWriter,
                  is_invalid_range, s3_options)
@@ -28,105 +28,6 @@ MANIFEST_NAME = "manifest.json"  # deleted first by delete_tree (see docs/FORMAT
 _COALESCE_GAP = 1 << 20          # read the hole between two ranges rather than issue another request
 _MAX_REQUEST = 32 << 20          # split bigger reads so one large range is still fetched in parallel
 _MAX_BATCH = 256 << 20           # bytes fetched per cat_ranges call: bounds memory beyond `dest`
-
-
-class _BufferedWriter(FileWriter):
-    """memory://: collect the bytes, store them in one write on close (the file appears complete or not at all)."""
-
-    def __init__(self, fs, path: str, url: str):
-        self.fs, self.path, self.url = fs, path, url
-        self._buf = bytearray()
-        self._state = "open"
-        self._size = 0
-
-    def write(self, data) -> None:
-        """Append to the in-memory buffer. Called by the owning rank."""
-        check_open(self._state, self.url)
-        self._buf += memoryview(data).cast("B")
-
-    def close(self) -> int:
-        """Store the whole file in one write. Called by the owning rank after its last write."""
-        if self._state == "closed":
-            return self._size
-        check_open(self._state, self.url)
-        try:
-            self.fs.pipe_file(self.path, bytes(self._buf))
-        except Exception as e:
-            self.abort()
-            raise storage_error(e, "write", self.url) from e
-        self._size, self._buf, self._state = len(self._buf), bytearray(), "closed"
-        return self._size
-
-    def abort(self) -> None:
-        """Drop the buffer; nothing was stored. Never raises."""
-        if self._state != "closed":
-            self._state, self._buf = "aborted", bytearray()
-
-
-class _StreamWriter(FileWriter):
-    """Any other filesystem: its own buffered writer (gcsfs resumable upload, adlfs blocks, local file)."""
-
-    def __init__(self, fs, path: str, url: str, block_size: int, local: bool):
-        self.fs, self.path, self.url, self.local = fs, path, url, local
-        self._size = 0
-        self._state = "open"
-        try:
-            if local:
-                fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            self._f = fs.open(path, "wb", block_size=block_size)
-        except Exception as e:
-            raise storage_error(e, "open for write", url) from e
-
-    def write(self, data) -> None:
-        """Append through the filesystem's file object (it uploads a block whenever one fills). Called by
-        the owning rank."""
-        check_open(self._state, self.url)
-        view = memoryview(data).cast("B")
-        try:
-            self._f.write(view)
-        except Exception as e:
-            self.abort()
-            raise storage_error(e, "write", self.url) from e
-        self._size += view.nbytes
-
-    def close(self) -> int:
-        """Flush and finish the upload (fsync for a local file). Called by the owning rank after its last
-        write."""
-        if self._state == "closed":
-            return self._size
-        check_open(self._state, self.url)
-        try:
-            if self.local:
-                self._f.flush()
-                os.fsync(self._f.fileno())
-            self._f.close()
-        except Exception as e:
-            self.abort()
-            raise storage_error(e, "close", self.url) from e
-        self._state = "closed"
-        return self._size
-
-    def abort(self) -> None:
-        """Discard the upload and remove whatever reached the store; never raises."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        f = self._f
-        if isinstance(f, AbstractBufferedFile):
-            try:
-                f.discard()  # e.g. cancel a resumable upload
-            except BaseException:  # noqa: BLE001 -- best effort
-                pass
-            f.closed = True  # discarded: a later close() must not upload what was buffered
-        else:
-            try:
-                f.close()
-            except BaseException:  # noqa: BLE001 -- best effort
-                pass
-        try:
-            self.fs.rm_file(self.path)
-        except BaseException:  # noqa: BLE001 -- best effort
-            pass
 
 
 class FsspecStorage(Storage):
@@ -198,8 +99,8 @@ class FsspecStorage(Storage):
         if self._kind == "s3":
             return S3MultipartWriter(self.fs, path, url, self.part_size, self.upload_concurrency)
         if self._kind == "memory":
-            return _BufferedWriter(self.fs, path, url)
-        return _StreamWriter(self.fs, path, url, self.part_size, local=self._kind == "local")
+            return BufferedWriter(self.fs, path, url)
+        return StreamWriter(self.fs, path, url, self.part_size, local=self._kind == "local")
 
     def commit(self, relpath: str, data: bytes) -> None:
         """Create `relpath` with `data` if and only if it does not exist: temp file and link(2) on a local
