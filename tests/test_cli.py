@@ -171,7 +171,6 @@ def test_diff_streams_in_bounded_boxes(tmp_path, monkeypatch):
 
 
 def test_gc_dry_run_then_delete(tmp_path, capsys):
-    pytest.importorskip("shardckpt.manager")
     shardckpt.save(_state(), str(tmp_path / "step-0000000001"))
     leftover = tmp_path / "step-0000000002" / "data" / "0123456789abcdef"
     leftover.mkdir(parents=True)
@@ -183,7 +182,6 @@ def test_gc_dry_run_then_delete(tmp_path, capsys):
 
 
 def test_fsspec_url_and_errors(capsys):
-    pytest.importorskip("fsspec")
     url = "memory://cli-test/ckpt"
     shardckpt.save(_state(3), url)
     code, out, _ = run(capsys, "inspect", url, "--json")

@@ -141,7 +141,6 @@ def test_gc_asks_the_backend_for_ages(tmp_path):
 
 
 def test_fsspec_memory_root():
-    pytest.importorskip("fsspec")
     root = "memory://mgr-test"
     m = CheckpointManager(root, keep_last=2, preemption_signals=(), save_every_steps=2)
     for s in range(1, 8):
