@@ -355,7 +355,16 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
         raise ValueError(f"exchange must be one of {xchg.MODES}")
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group) if exchange != "never" else sdist.Comm(None, 0, 1, 0)
-    manifest, index_data = _read_metadata(storage, comm)
+    metadata = _read_metadata(storage, comm)
+    return _load(state_dict, storage, comm, metadata, strict=strict, keys=keys, key_map=key_map, prefix=prefix,
+                 convert_dtype=convert_dtype, exchange=exchange)
+
+
+def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, keys, key_map, prefix,
+          convert_dtype, exchange) -> LoadResult:
+    """load, once the group has the checkpoint's metadata (state.load_training_state reads it first)."""
+    from . import exchange as xchg
+    manifest, index_data = metadata
     error, chunks, tasks, value_slots, flat = None, {}, [], [], None
     try:  # in a group, any failure here must reach the exchange's first collective (every rank raises)
         flat = flatten(state_dict)
@@ -384,7 +393,8 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
 
 
 def _read_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[bytes] | None]:
-    """The manifest, and in a group the index files' bytes too, read once by the coordinator for all."""
+    """The manifest, and in a group the index files' bytes too, read once by the coordinator for all.
+    Every rank of comm's group calls it."""
     if comm.group is None:
         return read_manifest(storage), None
     from .exchange import read_metadata

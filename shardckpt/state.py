@@ -337,16 +337,21 @@ def load_training_state(state: dict, path, *, process_group=None, storage_option
     """shardckpt.load for training states: top-level entries with an `on_restore(manifest, prefix) -> bool`
     method (RNGState) may opt out of the load when they cannot be restored as saved (another world size)
     and restore themselves instead. Everything else loads as shardckpt.load does. Call on every rank."""
-    from .api import load, read_manifest
-    manifest = read_manifest(path, storage_options=storage_options)
+    from . import dist as sdist
+    from .api import _load, _read_metadata
+    from .storage import storage_for
+    storage = storage_for(path, storage_options)
+    comm = sdist.comm_for(process_group)
+    metadata = _read_metadata(storage, comm)  # once for the group, and once for the hooks and the load
+    manifest = metadata[0]
     skip = []
     for k, v in state.items():
         hook = getattr(v, "on_restore", None)
         if callable(hook) and not hook(manifest, str(k)):
             skip.append(str(k))
+    kw = dict(strict=strict, key_map=None, prefix="", convert_dtype=False, exchange="auto")
     if not skip:
-        return load(state, path, process_group=process_group, strict=strict, storage_options=storage_options)
+        return _load(state, storage, comm, metadata, keys=None, **kw)
     rest = {k: v for k, v in state.items() if str(k) not in skip}
     keep = lambda key: not any(key == p or key.startswith(p + ".") for p in skip)  # noqa: E731
-    return load(rest, path, process_group=process_group, strict=strict, keys=keep,
-                storage_options=storage_options)
+    return _load(rest, storage, comm, metadata, keys=keep, **kw)
