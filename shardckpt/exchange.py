@@ -27,6 +27,7 @@ import bisect
 import json
 import struct
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,6 @@ MODES = ("auto", "always", "never")
 def read_metadata(storage: Storage, comm) -> tuple[bytes, list[bytes]]:
     """All ranks: the manifest's bytes and every index file's bytes (manifest order), read by the
     coordinator only and broadcast. A failure to read them raises the same typed error on every rank."""
-    from concurrent.futures import ThreadPoolExecutor
     from .api import read_manifest
     blob, head = None, None
     if comm.is_coordinator:
@@ -215,7 +215,6 @@ class _Aborted(Exception):
 
 def _rounds(storage, manifest, plan: ExchangePlan, files: _Files, mine: list[_Task], comm, out: ExchangeStats,
             stats: ReadStats | None) -> None:
-    me, world = comm.rank, comm.world_size
     round_of = [0] * len(plan.pieces)
     for k, idx in enumerate(plan.rounds):
         for i in idx:
@@ -236,16 +235,31 @@ def _rounds(storage, manifest, plan: ExchangePlan, files: _Files, mine: list[_Ta
             last_use[i] = max(last_use.get(i, 0), t.ready)
             i += 1
     pending = sorted(mine, key=lambda t: t.ready)
+    # the next round's fetch runs on an I/O thread while this one is exchanged and decoded
+    io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-exchange")
+    try:
+        _run_rounds(storage, plan, files, comm, out, stats, io, round_of, last_use, pending, piece_at)
+    finally:
+        io.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_rounds(storage, plan, files, comm, out, stats, io, round_of, last_use, pending, piece_at) -> None:
+    me, world = comm.rank, comm.world_size
     held: dict[int, np.ndarray] = {}
     nthreads = threads()
     failure = None
+
+    def fetch(k):
+        return io.submit(_fetch_round, storage, plan, files, [i for i in plan.rounds[k] if plan.pieces[i].fetcher == me])
+    ahead = fetch(0) if plan.rounds else None
     for k, idx in enumerate(plan.rounds):
         fetched: dict[int, np.ndarray] = {}
         if failure is None:
             try:
-                fetched = _fetch_round(storage, plan, files, [i for i in idx if plan.pieces[i].fetcher == me])
+                fetched = ahead.result()
             except Exception as e:  # noqa: BLE001 - reported at the round's check, then at the agreement
                 failure = e
+        ahead = fetch(k + 1) if failure is None and k + 1 < len(plan.rounds) else None
         if comm.any_flag(failure is not None):
             raise _Aborted(failure) if failure is not None else _PeerFailed()
         out.rounds += 1

@@ -24,7 +24,7 @@ from typing import Sequence
 
 MIN_PIECE = 1 << 20
 MAX_PIECE = 16 << 20
-ROUND_BYTES = 64 << 20
+ROUND_BYTES = 16 << 20  # small enough that fetching round k+1 overlaps exchanging and decoding round k
 
 Run = tuple[int, int, int]  # (file id, first frame, end frame)
 
