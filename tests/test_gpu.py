@@ -27,3 +27,19 @@ def test_async_snapshot_of_cuda_tensors_ignores_later_updates(tmp_path):
     assert torch.equal(shardckpt.load_full(tmp_path / "b")["w"], ref)
     from shardckpt.staging import HostBufferPool
     assert HostBufferPool().pin  # with CUDA the staging pool is pinned host memory
+
+
+def _exchange_into_cuda(rank, ws, path):
+    """Two ranks on one GPU: a read-once restore (gloo exchange) decoding into CUDA tensors."""
+    want = shardckpt.load_full(path)
+    out = {k: torch.zeros_like(v, device="cuda") for k, v in want.items() if isinstance(v, torch.Tensor)}
+    shardckpt.load(out, path)
+    shardckpt.shutdown()
+    return all(torch.equal(out[k].cpu(), want[k]) for k in out)
+
+
+def test_exchange_restore_into_cuda_tensors(tmp_path):
+    from harness import run_ranks
+    st = {"w": torch.randn(2048, 1024).bfloat16(), "b": torch.arange(7)}
+    shardckpt.save(st, tmp_path / "x")
+    assert run_ranks(2, _exchange_into_cuda, str(tmp_path / "x"), timeout=120) == [True, True]
