@@ -13,19 +13,25 @@ payloads. docs/FORMAT-dcp.md is the spec.
 
 Call sequence (DCP drives it; "coordinator" is DCP's coordinator rank):
   save  0. all ranks: reset(checkpoint_id)   1. all: set_up_storage_writer
-        2. all: prepare_local_plan (coordinator refuses a path that already holds a committed checkpoint)
-        3. coordinator: prepare_global_plan (one save_id for the save, each plan told its rank)
-        4. all: write_data (encode + write this rank's data file and index, durable on return)
-        5. coordinator: finish (check every rank's summary, commit manifest.json atomically: the commit point)
+        2. all: prepare_local_plan (coordinator: a path that already holds a committed checkpoint is refused
+           with overwrite=False, else marked for replacement)
+        3. coordinator: prepare_global_plan (a fresh save_id for the save, each plan told its rank)
+        4. all: write_data (encode + write this rank's data file and index under data/<save_id>/, durable on
+           return; an older checkpoint's data/<old save_id>/ is never touched)
+        5. coordinator: finish (check every rank's summary, then shardckpt.commit.commit_manifest: manifest.json
+           created, or atomically replaced when overwriting; the replaced checkpoint's data is deleted only
+           after the new manifest is durable)
   load  0. all: reset   1. all: read_metadata (manifest + every index, validated and crc-checked)
         2. all: set_up_storage_reader   3-4. plans pass through   5. all: read_data (only the needed frames)
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -37,12 +43,11 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _ext
+from . import _ext, commit
 from .api import read_chunks, read_manifest
 from .codec import choose
 from .errors import CheckpointExistsError, FormatError, SaveError, UnsupportedValueError
-from .format import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, build_manifest, data_file_name, dtype_name,
-                     index_file_name)
+from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME, build_manifest, dtype_name
 from .plan import WriteItem
 from .reader import ReadStats, Target, plan_reads, run_reads
 from .storage import Storage, storage_for
@@ -50,8 +55,11 @@ from .tree import decode_value, encode_value
 from .writer import write_rank
 
 DCP_FORMAT = "shardckpt-dcp"
-DCP_FORMAT_VERSION = "1.0"
+DCP_FORMAT_VERSION = "1.1"
 META_KEY = "dcp"  # user_metadata key holding the DCP record
+# Python types a BYTE_IO value keeps through the typed JSON, which stores them as tuple / bytes (FORMAT-dcp.md,
+# "py_types"); restored by Reader without unpickling anything.
+PY_TYPES = {"torch.Size": torch.Size, "bytearray": bytearray}
 
 
 def _ready(value) -> Future:
@@ -68,17 +76,26 @@ class Writer(StorageWriter):
         codec: "auto" (byte-plane zstd for floats), "zstd", "zstd-byteplane" or "raw".
         frame_size: raw bytes per independently decodable frame.
         storage_options: passed to fsspec for URLs.
+        overwrite: what a save into a path that holds a committed checkpoint does. True (FileSystemWriter's
+            default): replace it safely: the new data goes beside the old, manifest.json is replaced
+            atomically (Storage.replace), and the old checkpoint's data is deleted only once the new manifest
+            is durable, so a crash at any point leaves one of the two checkpoints loadable. False: refuse
+            with CheckpointExistsError.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, codec: str = "auto",
-                 frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None):
+                 frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
+                 overwrite: bool = True):
         super().__init__()
         if frame_size <= 0 or frame_size % 8:
             raise ValueError("frame_size must be a positive multiple of 8")
         self.path = None if path is None else os.fspath(path)
         self.codec, self.frame_size, self.storage_options = codec, frame_size, storage_options
+        self.overwrite = overwrite
         self.is_coordinator, self.rank = True, 0
-        self.save_id = None
+        self.save_id = uuid.uuid4().hex  # as FileSystemWriter: known before the save (storage_meta())
+        self._used = False      # self.save_id named a save's data already: the next save needs a new one
+        self._replace = False   # coordinator: this save replaces a committed checkpoint
 
     def _storage(self) -> Storage:
         if self.path is None:
@@ -90,10 +107,10 @@ class Writer(StorageWriter):
         return self.path
 
     def reset(self, checkpoint_id=None) -> None:
-        """All ranks, before each save."""
+        """All ranks, before each save that names a checkpoint_id (DCP skips it otherwise)."""
         if checkpoint_id:
             self.path = os.fspath(checkpoint_id)
-        self.save_id = None
+        self.save_id, self._used, self._replace = uuid.uuid4().hex, False, False
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         """All ranks: learn this instance's role."""
@@ -104,34 +121,42 @@ class Writer(StorageWriter):
                                         "the manifest is one commit for all ranks")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        """All ranks: refuse dtypes the format lacks; the coordinator refuses an existing checkpoint."""
+        """All ranks: refuse dtypes the format lacks. Coordinator: a committed checkpoint at the path is
+        refused (overwrite=False) or will be replaced at commit (overwrite=True)."""
         for item in plan.items:
             if item.type != WriteItemType.BYTE_IO:
                 dtype_name(item.tensor_data.properties.dtype)
-        if self.is_coordinator and self._storage().exists(MANIFEST_NAME):
-            raise CheckpointExistsError("a committed checkpoint already exists here; save to a new path",
-                                        file=self._storage().url)
+        if self.is_coordinator:
+            storage = self._storage()
+            self._replace = storage.exists(MANIFEST_NAME)
+            if self._replace and not self.overwrite:
+                raise CheckpointExistsError("a committed checkpoint already exists here and overwrite=False; "
+                                            "save to a new path or pass overwrite=True", file=storage.url)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """Coordinator only: one save_id for the whole save; each plan learns its rank (= its file)."""
-        import dataclasses
-        import uuid
-        save_id = uuid.uuid4().hex
-        return [dataclasses.replace(p, storage_data={"save_id": save_id, "rank": i}) for i, p in enumerate(plans)]
+        """Coordinator only: one save_id for the whole save (a fresh one for each save of this instance, so
+        a save never writes into the data directory of the checkpoint it replaces); each plan learns its
+        rank (= its file)."""
+        if self._used:
+            self.save_id = uuid.uuid4().hex
+        self._used = True
+        return [dataclasses.replace(p, storage_data={"save_id": self.save_id, "rank": i})
+                for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         """All ranks: encode this rank's tensors into its data file (frames + crc32c) and write its index;
         BYTE_IO objects travel to the coordinator in the WriteResults (they end up in the manifest)."""
         info = plan.storage_data
         save_id, rank = info["save_id"], info["rank"]
-        self.save_id = save_id
+        self.save_id, self._used = save_id, True
         items, sources, results = [], [], []
         for wi in plan.items:
             if wi.type == WriteItemType.BYTE_IO:
                 data = planner.resolve_data(wi)
+                value, kind, marks = _encode_bytes(data.getvalue(), wi.index.fqn)
                 results.append(WriteResult(wi.index, len(data.getbuffer()),
-                                           {"rank": rank, "value": _encode_bytes(data.getvalue(), wi.index.fqn)}))
+                                           {"rank": rank, "value": (value, kind), "py_types": marks}))
                 continue
             td = wi.tensor_data
             t = planner.resolve_data(wi).detach()
@@ -152,22 +177,22 @@ class Writer(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator only: check the ranks' summaries against DCP's metadata, then commit manifest.json
-        (create-only, atomic). Until this returns the checkpoint does not exist for any reader."""
+        through shardckpt.commit (create-only, or an atomic replace when overwriting). Until this returns
+        the checkpoint does not exist for any reader; on any failure the typed error says whether anything
+        was committed, and a replaced checkpoint stays loadable."""
         storage = self._storage()
-        save_id = self.save_id or next((r.storage_data.get("save_id") for rs in results for r in rs), None)
-        files, values, value_kinds, written = [], {}, {}, 0
+        save_id = self.save_id
+        files, values, value_kinds, py_types, written = [], {}, {}, {}, 0
         for rank_results in results:
             for r in rank_results:
                 sd = r.storage_data
                 if "value" in sd:
                     values[r.index.fqn], value_kinds[r.index.fqn] = sd["value"]
+                    if sd.get("py_types"):
+                        py_types[r.index.fqn] = sd["py_types"]
                 if "files" in sd:
-                    f, rk = sd["files"], sd["rank"]
-                    files.append({"rank": rk, "data": data_file_name(save_id, rk), "data_size": f["data_size"],
-                                  "index": index_file_name(save_id, rk), "index_size": f["index_size"],
-                                  "index_crc32c": f["index_crc32c"], "chunks": f["chunks"],
-                                  "raw_bytes": f["raw_bytes"]})
-                    written += f["elements"]
+                    files.append(commit.file_entry(save_id, sd["rank"], sd["files"]))
+                    written += sd["files"]["elements"]
         tensors, tree_items, total = {}, [], 0
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
@@ -176,20 +201,30 @@ class Writer(StorageWriter):
                 tree_items.append([fqn, {"t": "tensor", "key": fqn}])
             elif fqn in values:
                 tree_items.append([fqn, {"t": "value", "key": fqn}])
-        if written != total:
-            raise SaveError(f"ranks wrote {written} elements, DCP's metadata holds {total}; nothing committed",
-                            file=storage.url)
+        problem = commit.check_written(written, total, "DCP's metadata holds")
+        if problem:
+            try:  # nothing refers to this save's data: no manifest was written
+                storage.delete_tree(f"data/{save_id}")
+            except Exception:
+                pass  # a leftover for shardckpt gc
+            raise SaveError(f"{problem}; nothing committed", file=storage.url)
         record = {"format": DCP_FORMAT, "format_version": DCP_FORMAT_VERSION, "dcp_version": metadata.version,
                   "values": value_kinds, "planner_data": _encode_optional(metadata.planner_data),
                   "storage_meta": _storage_meta_json(self.storage_meta())}
+        if py_types:
+            record["py_types"] = py_types
         world = max([len(results)] + [f["rank"] + 1 for f in files])
         manifest = build_manifest(save_id=save_id, created=time.time(), world_size=world,
                                   frame_size=self.frame_size, tree={"t": "dict", "items": tree_items},
                                   tensors=tensors, values=values, files=sorted(files, key=lambda f: f["rank"]),
                                   user_metadata={META_KEY: record}, backend=_ext.BACKEND)
-        if files:
-            storage.sync_dir(f"data/{save_id}")
-        storage.commit(MANIFEST_NAME, manifest)
+        outcome = commit.commit_manifest(storage, manifest, save_id, has_files=bool(files),
+                                         replace=self._replace, cleanup=True)
+        if not outcome.committed and self._replace and outcome.exists:
+            # the manifest read back is the checkpoint this save was replacing: it is intact, not a rival's
+            outcome = dataclasses.replace(outcome, exists=False,
+                                          message=f"{outcome.message}; the previous checkpoint is kept")
+        commit.raise_for(outcome, storage)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
@@ -199,14 +234,58 @@ class Writer(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
-def _encode_bytes(payload: bytes, fqn: str) -> tuple[dict, str]:
+def _encode_bytes(payload: bytes, fqn: str) -> tuple[dict, str, list]:
     """A BYTE_IO payload (torch.save of a Python object, made by this process) as a manifest value: the
-    object itself as typed JSON when it is JSON-like ("value"), else the raw bytes ("torch_save")."""
+    object itself as typed JSON when it is JSON-like ("value"), else the raw bytes ("torch_save"). The list
+    marks where a PY_TYPES value sits in the object (its typed JSON keeps only tuple / bytes)."""
     try:
         obj = torch.load(io.BytesIO(payload), weights_only=True)
-        return encode_value(obj, fqn), "value"
+        return encode_value(obj, fqn), "value", _type_marks(obj)
     except Exception:
-        return encode_value(payload, fqn), "torch_save"
+        return encode_value(payload, fqn), "torch_save", []
+
+
+def _type_marks(obj, path: tuple = (), depth: int = 0) -> list:
+    """[[*path, type name], ...] for every torch.Size / bytearray inside a JSON-like object; a path is the
+    list indexes and dict keys leading to it ([] for the object itself)."""
+    if depth > 64:
+        return []
+    if isinstance(obj, torch.Size):
+        return [[*path, "torch.Size"]]
+    if isinstance(obj, bytearray):
+        return [[*path, "bytearray"]]
+    if isinstance(obj, (list, tuple)):
+        return [m for i, x in enumerate(obj) for m in _type_marks(x, (*path, i), depth + 1)]
+    if isinstance(obj, dict):
+        return [m for k, x in obj.items() for m in _type_marks(x, (*path, k), depth + 1)]
+    return []
+
+
+def _restore_types(obj, marks: list, fqn: str):
+    """Inverse of _type_marks on a decoded value: the marked tuples become torch.Size and the marked bytes
+    bytearray. A mark that does not fit the value (wrong path or payload) is a FormatError."""
+    for mark in marks:
+        if type(mark) is not list or not mark or mark[-1] not in PY_TYPES:
+            raise FormatError(f"py_types entry {mark!r:.80} is not [path..., type]", key=fqn)
+        obj = _retype(obj, mark[:-1], mark[-1], fqn)
+    return obj
+
+
+def _retype(obj, path: list, name: str, fqn: str):
+    if path:
+        k = path[0]
+        if isinstance(obj, (list, tuple)) and type(k) is int and 0 <= k < len(obj):
+            items = list(obj)
+            items[k] = _retype(items[k], path[1:], name, fqn)
+            return tuple(items) if isinstance(obj, tuple) else items
+        if isinstance(obj, dict) and k in obj:
+            return {**obj, k: _retype(obj[k], path[1:], name, fqn)}
+        raise FormatError(f"py_types path {path!r:.80} does not lead into the value", key=fqn)
+    if name == "torch.Size" and type(obj) is tuple and all(type(x) is int and x >= 0 for x in obj):
+        return torch.Size(obj)
+    if name == "bytearray" and type(obj) is bytes:
+        return bytearray(obj)
+    raise FormatError(f"py_types says {name}, but the value is a {type(obj).__name__}", key=fqn)
 
 
 def _encode_optional(obj):
@@ -240,17 +319,19 @@ class Reader(StorageReader):
         self.storage_options = storage_options
         self._storage = self._manifest = self._chunks = None
         self.stats = ReadStats()
+        self.load_id = str(uuid.uuid4())  # as FileSystemReader: names this load in Metadata.storage_meta
 
     @property
     def checkpoint_id(self):
         return self.path
 
     def reset(self, checkpoint_id=None) -> None:
-        """All ranks, before each load."""
+        """All ranks, before each load that names a checkpoint_id (DCP skips it otherwise)."""
         if checkpoint_id:
             self.path = os.fspath(checkpoint_id)
         self._storage = self._manifest = self._chunks = None
         self.stats = ReadStats()
+        self.load_id = str(uuid.uuid4())
 
     def _open(self) -> None:
         if self._manifest is None:
@@ -286,7 +367,7 @@ class Reader(StorageReader):
         storage_data = {MetadataIndex(k, off): c.file for (k, off), c in self._chunks.items()}
         return Metadata(state_dict_metadata=sdm, planner_data=planner_data, storage_data=storage_data,
                         storage_meta=StorageMeta(checkpoint_id=sm.get("checkpoint_id"), save_id=sm.get("save_id"),
-                                                 modules=list(sm.get("modules") or [])),
+                                                 modules=list(sm.get("modules") or []), load_id=self.load_id),
                         version=record.get("dcp_version"))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -304,13 +385,19 @@ class Reader(StorageReader):
         copy into the planner's tensors, then commit them; BYTE_IO objects go to planner.load_bytes."""
         self._open()
         m = self._manifest
-        kinds = (m.user_metadata.get(META_KEY) or {}).get("values", {}) \
-            if isinstance(m.user_metadata.get(META_KEY), dict) else {}
+        record = m.user_metadata.get(META_KEY) if isinstance(m.user_metadata.get(META_KEY), dict) else {}
+        kinds, py_types = record.get("values", {}), record.get("py_types", {})
+        if not isinstance(py_types, dict):
+            raise FormatError(f"user_metadata[{META_KEY!r}].py_types is not an object", file=self._storage.url)
         tasks, dests = [], []
         for req in plan.items:
             fqn = req.storage_index.fqn
             if req.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(req, io.BytesIO(_decode_bytes(m.values[fqn], kinds.get(fqn, "value"))))
+                marks = py_types.get(fqn) or []
+                if not isinstance(marks, list):
+                    raise FormatError("py_types entry is not a list", key=fqn, file=self._storage.url)
+                payload = _decode_bytes(m.values[fqn], kinds.get(fqn, "value"), marks, fqn)
+                planner.load_bytes(req, io.BytesIO(payload))
                 continue
             chunk = self._chunks.get((fqn, tuple(req.storage_index.offset)))
             if chunk is None:
@@ -339,12 +426,14 @@ class Reader(StorageReader):
             return False
 
 
-def _decode_bytes(value: dict, kind: str) -> bytes:
+def _decode_bytes(value: dict, kind: str, marks: list, fqn: str) -> bytes:
     """The BYTE_IO payload DCP's planner expects (a torch.save stream). JSON-like objects are re-serialised
-    here from the validated manifest value; "torch_save" payloads are handed over as stored."""
+    here from the validated manifest value, torch.Size / bytearray restored where `marks` say; "torch_save"
+    payloads are handed over as stored."""
     obj = decode_value(value)
     if kind == "torch_save" and isinstance(obj, bytes):
         return obj
+    obj = _restore_types(obj, marks, fqn)
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()

@@ -5,6 +5,7 @@ Who calls what, and when (numbers follow one save and one load):
   save  1. every rank: open_write(data file) -> FileWriter.write(...)* -> FileWriter.close() (durable on return)
         2. every rank: write_file(index file)                         (durable on return)
         3. coordinator only: commit(manifest name, bytes)              (atomic, create-only; the commit point)
+           or, when overwriting a committed checkpoint, replace(manifest name, bytes)  (atomic)
   load  1. every rank: read_file(manifest), read_file(index files)
         2. every rank: read_ranges(data file, ranges) for the frames it needs
   manager / CLI: list_dir, exists, size, mtime, delete_tree (retention and gc; coordinator only)
@@ -113,6 +114,15 @@ class Storage(abc.ABC):
         nothing or the whole file. Raises CheckpointExistsError if it exists (also when this same call's
         retried request found its own first attempt: the caller reads the manifest back), StorageError if
         the store fails. Called by the coordinator once per save, as the very last step: the commit point."""
+
+    def replace(self, relpath: str, data: bytes) -> None:
+        """Atomically put `data` at `relpath` whether or not a file is there: readers see the old file or the
+        whole new one, never neither and never a mix. Raises StorageError if the store fails (the old file is
+        then still in place). Called only by shardckpt.commit.commit_manifest on the coordinator, as the last
+        step of a save that overwrites a committed checkpoint (shardckpt.dcp.Writer with overwrite=True);
+        the caller deletes the old checkpoint's data only after this returns. This default refuses: a
+        backend without an atomic replace cannot overwrite."""
+        raise StorageError(f"{type(self).__name__} cannot replace a file atomically", file=self.url)
 
     @abc.abstractmethod
     def read_file(self, relpath: str) -> bytes:

@@ -119,6 +119,23 @@ class FsspecStorage(Storage):
         except Exception as e:
             raise storage_error(e, "commit", url) from e
 
+    def replace(self, relpath: str, data: bytes) -> None:
+        """Put `data` at `relpath` over whatever is there: one whole-object write (a single PUT on object
+        stores, which readers see whole or not at all; file:// goes through LocalStorage.replace). Called
+        only by shardckpt.commit.commit_manifest, on the coordinator, when a save overwrites a checkpoint."""
+        path, url = self._path(relpath), self._url(relpath)
+        try:
+            names = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+            if {"file", "local"} & set(names):
+                from .local import LocalStorage
+                LocalStorage(posixpath.dirname(path)).replace(posixpath.basename(path), bytes(data))
+            else:
+                self.fs.pipe_file(path, bytes(data))
+        except StorageError:
+            raise
+        except Exception as e:
+            raise storage_error(e, "replace", url) from e
+
     def read_file(self, relpath: str) -> bytes:
         """Read a whole file in one request. Raises FileNotFoundError if absent. Called by every loader for
         the manifest and index files (and by the manager to find committed checkpoints)."""

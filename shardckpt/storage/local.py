@@ -234,6 +234,26 @@ class LocalStorage(Storage):
         except OSError as e:
             raise _storage_error(e, "commit", path) from e
 
+    def replace(self, relpath: str, data: bytes) -> None:
+        """Temp file, fsync, rename(2) over the name (atomic on POSIX: readers see the old file or the new
+        one), fsync the directory so the new name survives a crash."""
+        path = self._path(relpath)
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            w = _LocalWriter(tmp)
+            try:
+                w.write(data)
+                w.close()
+                os.replace(tmp, path)
+            except BaseException:
+                w.abort()  # unlinks the temp file, if it is still there
+                raise
+            _fsync_dir(directory)
+        except OSError as e:
+            raise _storage_error(e, "replace", path) from e
+
     def read_file(self, relpath: str) -> bytes:
         path = self._path(relpath)
         try:

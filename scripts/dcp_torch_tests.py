@@ -1,0 +1,128 @@
+"""Run PyTorch's own DCP test files with FileSystemWriter / FileSystemReader replaced by shardckpt.dcp.Writer /
+Reader, beside a stock run of the same files, and print which tests pass in each.
+
+    python scripts/dcp_torch_tests.py --tests DIR [--files a.py,b.py] [--shardckpt-root DIR] [--json OUT]
+
+PyTorch's test utilities import `expecttest` (not a shardckpt dependency): install it, or put a
+`pip install --target` copy of it on PYTHONPATH, before running.
+
+DIR holds PyTorch's test/distributed/checkpoint files (a checkout of the pytorch/pytorch repository at the tag of
+the installed torch, or single files downloaded from it); this script never copies them anywhere and the
+repository never holds them. --shardckpt-root runs the shardckpt run against another copy of the package
+(e.g. an older commit exported with `git archive`), to measure before/after.
+
+How the swap works: a sitecustomize.py written to a temporary directory on PYTHONPATH (so it also runs in the
+processes MultiProcessTestCase spawns) rebinds the names FileSystemWriter / FileSystemReader in every
+torch.distributed.checkpoint module that imported them, dcp.save(checkpoint_id=...)'s default detection
+included, to thin subclasses of shardckpt's Writer / Reader that accept FileSystemWriter's constructor
+arguments (thread_count, sync_files, ... have no meaning for shardckpt and are ignored; `overwrite` is
+passed on). Each run is one pytest process per file with a junit report; the table lists every test case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+DEFAULT_FILES = ("test_file_system_checkpoint_cpu.py", "test_compatibility.py")
+
+SHIM = r'''
+import os, sys
+if os.environ.get("SHARDCKPT_DCP_SHIM") == "1":
+    root = os.environ.get("SHARDCKPT_SHIM_ROOT")
+    if root:  # a copy of the package wins over the editable install's finder
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
+                            and "editable" not in repr(f).lower()]
+        sys.path.insert(0, root)
+    import inspect
+    import torch.distributed.checkpoint as _dcp
+    import shardckpt.dcp as _sdcp
+    _takes_overwrite = "overwrite" in inspect.signature(_sdcp.Writer.__init__).parameters
+
+    class FileSystemWriter(_sdcp.Writer):
+        def __init__(self, path, *args, overwrite=True, **kwargs):
+            if _takes_overwrite:
+                super().__init__(path, overwrite=overwrite)
+            else:
+                super().__init__(path)
+
+    class FileSystemReader(_sdcp.Reader):
+        def __init__(self, path, *args, **kwargs):
+            super().__init__(path)
+
+    import importlib
+    for _name in ("torch.distributed.checkpoint", "torch.distributed.checkpoint.filesystem",
+                  "torch.distributed.checkpoint._storage_utils", "torch.distributed.checkpoint.format_utils"):
+        try:
+            _m = importlib.import_module(_name)
+        except Exception:
+            continue
+        if hasattr(_m, "FileSystemWriter"):
+            _m.FileSystemWriter = FileSystemWriter
+        if hasattr(_m, "FileSystemReader"):
+            _m.FileSystemReader = FileSystemReader
+    os.environ["SHARDCKPT_SHIM_ACTIVE"] = _sdcp.__file__
+'''
+
+
+def run_file(path: str, shim_dir: str, shardckpt: bool, root: str | None, timeout: int) -> dict[str, str]:
+    """One pytest process over one test file; returns {test id: "passed" | "failed" | "skipped"}."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = shim_dir + os.pathsep + env.get("PYTHONPATH", "")
+    env["SHARDCKPT_DCP_SHIM"] = "1" if shardckpt else "0"
+    if root:
+        env["SHARDCKPT_SHIM_ROOT"] = root
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "junit.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, f"--junitxml={report}"]
+        try:
+            subprocess.run(cmd, env=env, cwd=os.path.dirname(path), timeout=timeout,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return {f"{os.path.basename(path)}::TIMEOUT": "failed"}
+        if not os.path.exists(report):
+            return {f"{os.path.basename(path)}::NO-REPORT": "failed"}
+        out = {}
+        for case in ET.parse(report).getroot().iter("testcase"):
+            name = f"{os.path.basename(path)}::{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+            tags = {child.tag for child in case}
+            out[name] = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tests", required=True, help="directory holding PyTorch's DCP test files")
+    ap.add_argument("--files", default=",".join(DEFAULT_FILES))
+    ap.add_argument("--shardckpt-root", default=None, help="directory holding another copy of shardckpt/")
+    ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    shim_dir = tempfile.mkdtemp(prefix="dcp-shim-")
+    with open(os.path.join(shim_dir, "sitecustomize.py"), "w") as f:
+        f.write(SHIM)
+    results: dict[str, dict[str, str]] = {"stock": {}, "shardckpt": {}}
+    for name in args.files.split(","):
+        path = os.path.abspath(os.path.join(args.tests, name))
+        if not args.skip_stock:
+            results["stock"].update(run_file(path, shim_dir, False, None, args.timeout))
+        results["shardckpt"].update(run_file(path, shim_dir, True, args.shardckpt_root, args.timeout))
+    names = sorted(set(results["stock"]) | set(results["shardckpt"]))
+    for n in names:
+        print(f"{results['stock'].get(n, '-'):8} {results['shardckpt'].get(n, '-'):8} {n}")
+    stock_pass = {n for n, r in results["stock"].items() if r == "passed"}
+    ours = {n for n, r in results["shardckpt"].items() if r == "passed"}
+    print(f"stock: {len(stock_pass)} pass; shardckpt: {len(ours & stock_pass) if stock_pass else len(ours)} of "
+          f"those pass, {len(stock_pass - ours)} fail")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()
