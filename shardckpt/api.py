@@ -56,16 +56,21 @@ class _Prepared:
     frame_size: int
     user_metadata: dict
     writer: RankWriter | None = None  # started on the caller's thread when the state overflows the pool
+    hashed: bool = False              # content hashes in the index (format 2.0, FORMAT.md §7)
+    base: Any = None                  # refs.BaseChunks: the earlier checkpoint unchanged chunks refer to
     error: str | None = None          # a failure of that early part, reported at the commit round
     committed: bytes | None = None    # coordinator: the manifest it committed
 
 
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
-             stage: bool, pool: HostBufferPool | None) -> _Prepared:
+             stage: bool, pool: HostBufferPool | None, base=None, content_hash: bool = False) -> _Prepared:
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
-    error = None
+    error, base_chunks = None, None
     try:
+        if base is not None:
+            from .refs import load_base
+            base_chunks = load_base(storage, base, comm.rank, storage_options)
         flat = flatten(state_dict)
         infos, items = [], []
         for key, t in flat.tensors.items():
@@ -112,7 +117,8 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
     fault_point("stage", comm.rank)
     pool = pool or default_pool()
     total = sum(math.prod(i.shape) for i in infos)
-    p = _Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta)
+    p = _Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta,
+                  hashed=content_hash or base is not None, base=base_chunks)
     # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
     # (and strided views, GPU tensors) snapshot through the staging pool.
     direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
@@ -141,7 +147,7 @@ def _stream_overflow(p: _Prepared, items: list[WriteItem], pool: HostBufferPool)
         room -= aligned(items[tail].nbytes)
     if tail == 0:
         return items
-    p.writer = RankWriter(p.storage, p.save_id, p.comm.rank, p.frame_size)
+    p.writer = RankWriter(p.storage, p.save_id, p.comm.rank, p.frame_size, hashed=p.hashed, base=p.base)
     for item in items[:tail]:
         p.writer.add(item, stage_items([item], pool)[0])
         p.writer.drain()  # raw frames are written from the pool: finish before it is reused
@@ -155,7 +161,8 @@ def _write_and_commit(p: _Prepared) -> Manifest:
     try:
         if p.error:
             raise SaveError(p.error, rank=comm.rank)
-        files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size, p.writer)
+        files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size, p.writer,
+                           hashed=p.hashed, base=p.base)
         if files is not None:
             summary.update(vars(files))
         fault_point("before_commit", comm.rank)
@@ -172,9 +179,13 @@ def _build_manifest(p: _Prepared, files: list[dict]) -> bytes:
     """Coordinator only: the manifest of this save, given every rank's file entry."""
     tensors = {i.key: {"dtype": dtype_name(i.dtype), "shape": list(i.shape), "layout": i.layout}
                for i in p.infos}
+    bases = None
+    if p.hashed:  # the manifest's table of the checkpoints this save refers to (FORMAT.md §7)
+        used = {tuple(b) for f in files for b in f.pop("bases", None) or ()}
+        bases = [{"dir": d, "save_id": s} for d, s in sorted(used)]
     return build_manifest(save_id=p.save_id, created=time.time(), world_size=p.comm.world_size,
                           frame_size=p.frame_size, tree=p.tree, tensors=tensors, values=p.values, files=files,
-                          user_metadata=p.user_metadata, backend=_ext.BACKEND)
+                          user_metadata=p.user_metadata, backend=_ext.BACKEND, bases=bases)
 
 
 class _CommittedManifest(Manifest):
@@ -203,7 +214,7 @@ class _CommittedManifest(Manifest):
 
 def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata: dict | None = None,
          frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-         timeout_s: float | None = None) -> Manifest:
+         timeout_s: float | None = None, base=None, content_hash: bool = False) -> Manifest:
     """Save a (distributed) state_dict to `path`. Call on every rank of the group with the same keys.
 
     Each rank writes the chunks it owns (DTensor shards; replicated data split across its replicas) to its
@@ -220,6 +231,12 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
         frame_size: raw bytes per independently decodable frame.
         storage_options: passed to fsspec for URLs.
         timeout_s: how long a collective may wait for a slow or dead rank (default 600 s).
+        base: an earlier committed checkpoint in the same parent directory (a sibling, as the manager's
+            step-<N> directories are): each chunk whose key, box, dtype and content hash equal the base's
+            is recorded as a reference to the frames holding those bytes instead of being written again
+            (an incremental checkpoint, format 2.0; FORMAT.md §7).
+        content_hash: record every chunk's content hash (format 2.0) without a base, so that a later save
+            can refer to this one (implied by `base`).
 
     Returns:
         The committed Manifest (on ranks other than the coordinator it is read from storage on first use).
@@ -227,7 +244,8 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
     if frame_size <= 0 or frame_size % 8:
         raise ValueError("frame_size must be a positive multiple of 8")
     p = _prepare(state_dict, path, process_group=process_group, codec=codec, frame_size=frame_size,
-                 metadata=metadata, storage_options=storage_options, timeout_s=timeout_s, stage=False, pool=None)
+                 metadata=metadata, storage_options=storage_options, timeout_s=timeout_s, stage=False, pool=None,
+                 base=base, content_hash=content_hash)
     return _write_and_commit(p)
 
 
@@ -346,7 +364,8 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
             prefix + k, and saved keys outside the prefix are not "unexpected". For weights only out of a
             full training-state checkpoint: load(model.state_dict(), path, prefix="model.").
         convert_dtype: cast saved tensors to the caller's dtype instead of raising DtypeMismatchError.
-        exchange: "auto" (exchange when two ranks need the same bytes, else each reads its own), "always",
+        exchange: "auto" (exchange when reading directly would fetch 1/8 more than the bytes needed, as
+            replicas do; else each rank reads its own), "always",
             or "never": no collectives at all, each rank reads on its own (a load that only some ranks
             of the job make must say "never").
     """

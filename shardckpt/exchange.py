@@ -8,8 +8,9 @@ in this order (each step a collective on shardckpt's gloo companion group, with 
      a. gather every rank's needs (runs of frames of each data file; replicas send identical needs, which
         are planned once) and any error a rank met while planning (then every rank raises it)
      b. exchange_plan.plan_exchange, the same on every rank: who fetches which piece of frames
-     c. nothing shared (pure FSDP, or exchange="auto" finding no frame needed twice): each rank reads its
-        own frames directly (reader.run_reads); else rounds of:
+     c. exchange="auto" and direct reads would fetch less than 1/8 more than needed (pure FSDP; a reshard
+        sharing only the frames at shard boundaries): each rank reads its own frames directly
+        (reader.run_reads); else (or with "always") rounds of:
           fetch this rank's pieces of the round (crc32c of every frame checked by the fetcher, so a corrupt
           frame is reported by the rank that fetched it) -> one all-reduce: did any rank fail? ->
           all_to_all of the stored (still compressed) bytes to the ranks that need them -> decode the read
@@ -101,7 +102,7 @@ class _Files:
         per: dict[int, list[Chunk]] = defaultdict(list)
         for chunks in chunks_by_key.values():
             for c in chunks:
-                if c.frames:
+                if c.frames and not c.base:
                     per[ids[c.file]].append(c)
         offsets, crcs, owners = {}, {}, {}
         for f, entry in enumerate(manifest.files):
@@ -163,6 +164,15 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
         ) -> ExchangeStats:
     """All ranks of the group: fill every rank's read tasks, fetching each needed frame once (module
     docstring, step 2). `error` is a failure this rank met while planning: every rank raises it."""
+    referred = [t for t in tasks if t.chunk.base]
+    if referred and error is None:
+        # References (FORMAT.md §7) point into earlier checkpoints' files, which the frame numbering below
+        # does not cover: each rank reads those itself, before the exchange, so a failure reaches it
+        tasks = [t for t in tasks if not t.chunk.base]
+        try:
+            run_reads(storage, manifest, referred, stats)
+        except Exception as e:
+            error = e
     files = _Files.build(manifest, chunks_by_key) if error is None else None
     mine = [] if error is not None else _my_tasks(tasks, files)
     runs = sorted({(t.file, t.first, t.end) for t in mine})
@@ -180,8 +190,8 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
     needs = [[tuple(r) for r in parsed[b]["runs"]] for b in blobs]
     plan = plan_exchange(needs, files.offsets)
     out = ExchangeStats()
-    if not plan.shared and mode != "always":
-        run_reads(storage, manifest, tasks, stats)  # nothing is needed twice: read directly, no exchange
+    if mode != "always" and not plan.worth_exchanging:
+        run_reads(storage, manifest, tasks, stats)  # (almost) nothing is needed twice: read directly
         out.bytes_fetched = plan.fetched_bytes(comm.rank)
         return out
     out.exchanged = True

@@ -24,6 +24,7 @@ from typing import Sequence
 
 MIN_PIECE = 1 << 20
 MAX_PIECE = 16 << 20
+AUTO_MIN_REPEATED = 0.125
 ROUND_BYTES = 16 << 20  # small enough that fetching round k+1 overlaps exchanging and decoding round k
 
 Run = tuple[int, int, int]  # (file id, first frame, end frame)
@@ -49,6 +50,18 @@ class ExchangePlan:
     rounds: tuple[tuple[int, ...], ...]
     shared: bool
     world_size: int
+
+    @property
+    def repeated_bytes(self) -> int:
+        """Bytes that reading directly would fetch more than once (each piece once per extra needer)."""
+        return sum(p.nbytes * (len(p.receivers) - 1) for p in self.pieces)
+
+    @property
+    def worth_exchanging(self) -> bool:
+        """exchange="auto"'s rule: exchange when direct reads would fetch at least AUTO_MIN_REPEATED more
+        than the bytes needed (DDP, HSDP, fine-tuning loads); a reshard whose only shared frames are those
+        straddling shard boundaries reads directly (an exchange round costs more than those few frames)."""
+        return self.repeated_bytes >= AUTO_MIN_REPEATED * sum(p.nbytes for p in self.pieces) and self.shared
 
     def fetched_bytes(self, rank: int) -> int:
         return sum(p.nbytes for p in self.pieces if p.fetcher == rank)
