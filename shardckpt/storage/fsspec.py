@@ -125,9 +125,7 @@ class FsspecStorage(Storage):
         only by shardckpt.commit.commit_manifest, on the coordinator, when a save overwrites a checkpoint."""
         path, url = self._path(relpath), self._url(relpath)
         try:
-            names = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-            if {"file", "local"} & set(names):
-                from .local import LocalStorage
+            if self._kind == "local":
                 LocalStorage(posixpath.dirname(path)).replace(posixpath.basename(path), bytes(data))
             else:
                 self.fs.pipe_file(path, bytes(data))

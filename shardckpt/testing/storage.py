@@ -10,7 +10,7 @@ backend (modelled on zarr's StoreTests). Subclass StorageConformance in a pytest
             yield MyStorage(...)
 
 Class attributes tune it to a backend: `large_size` (bytes of the multi-part round trip), `reports_mtime`
-(False if mtime() is always None). The exception types asserted here are the ones base.py pins for each method.
+(False if mtime() is always None), `supports_replace` (False if replace() is base.py's refusal). The exception types asserted here are the ones base.py pins for each method.
 shardckpt's own backends run it in tests/test_storage.py (LocalStorage in both direct-I/O modes, memory://,
 file://, fakes of gcsfs and adlfs, and S3 on a real Ceph server). Needs pytest and numpy; never imported by
 shardckpt itself.
@@ -40,6 +40,7 @@ class StorageConformance:
 
     large_size = 12 * MIB + 12345  # more than one S3 part at every part size the fixtures use
     reports_mtime = True           # False for a backend whose mtime() is always None (gc then keeps all)
+    supports_replace = True        # False for a backend that keeps base.py's replace() (it refuses)
 
     # --- whole files ---------------------------------------------------------------------------------------
     def test_write_read_file(self, storage):
@@ -324,6 +325,53 @@ class StorageConformance:
             t.join()
         assert not errors, errors
         assert seen, "readers never saw the committed manifest"
+
+    # --- replace -------------------------------------------------------------------------------------------
+    def test_replace_creates_and_replaces(self, storage):
+        if not self.supports_replace:
+            with pytest.raises(StorageError):
+                storage.replace("manifest.json", b"m")
+            assert not storage.exists("manifest.json")
+            return
+        storage.replace("fresh/dir/manifest.json", b"first")  # absent: created, directories too
+        assert storage.read_file("fresh/dir/manifest.json") == b"first"
+        storage.replace("fresh/dir/manifest.json", b"a longer second version")
+        assert storage.read_file("fresh/dir/manifest.json") == b"a longer second version"
+        storage.replace("fresh/dir/manifest.json", b"3")
+        assert storage.read_file("fresh/dir/manifest.json") == b"3"
+        assert storage.list_files("fresh") == ["fresh/dir/manifest.json"]  # no temp file left behind
+        with pytest.raises(CheckpointExistsError):
+            storage.commit("fresh/dir/manifest.json", b"4")  # still a committed name
+
+    def test_replace_readers_see_old_or_new_whole(self, storage):
+        if not self.supports_replace:
+            return
+        old, new = payload(2 * MIB, seed=11), payload(2 * MIB + 17, seed=12)
+        storage.commit("manifest.json", old)
+        done, errors = threading.Event(), []
+
+        def poll():
+            try:
+                while True:
+                    finished = done.is_set()
+                    got = storage.read_file("manifest.json")  # never absent: the old one or the new
+                    if got not in (old, new):
+                        errors.append(f"a mix: {len(got)} bytes")
+                        return
+                    if finished:
+                        return
+            except Exception as e:  # noqa: BLE001 -- reported below
+                errors.append(repr(e))
+
+        readers = [threading.Thread(target=poll) for _ in range(2)]
+        for t in readers:
+            t.start()
+        storage.replace("manifest.json", new)
+        done.set()
+        for t in readers:
+            t.join()
+        assert not errors, errors
+        assert storage.read_file("manifest.json") == new
 
     # --- child ---------------------------------------------------------------------------------------------
     def test_child(self, storage):
