@@ -131,7 +131,8 @@ def _saver_for(process_group, timeout_s: float | None) -> _AsyncSaver:
 
 def async_save(state_dict, path, *, process_group=None, codec: str = "auto", metadata: dict | None = None,
                frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-               timeout_s: float | None = None, max_in_flight: int = 1) -> AsyncSaveHandle:
+               timeout_s: float | None = None, max_in_flight: int = 1, base=None,
+               content_hash: bool = False) -> AsyncSaveHandle:
     """Save like shardckpt.save, returning as soon as the state is snapshotted into reused host buffers.
 
     Call on every rank of the group, in the same order as the group's other saves. After it returns the
@@ -162,7 +163,7 @@ def async_save(state_dict, path, *, process_group=None, codec: str = "auto", met
     pool = _free_pool(saver)
     prepared = api._prepare(state_dict, path, process_group=process_group, codec=codec, frame_size=frame_size,
                             metadata=metadata, storage_options=storage_options, timeout_s=timeout_s,
-                            stage=True, pool=pool)
+                            stage=True, pool=pool, base=base, content_hash=content_hash)
     prepared = replace(prepared, comm=saver.background)
     future = saver.executor.submit(api._write_and_commit, prepared)
     handle = AsyncSaveHandle(prepared.storage.url, future, time.perf_counter() - t0)

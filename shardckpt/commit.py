@@ -71,9 +71,12 @@ def error_text(e: BaseException, limit: int = 1500) -> str:
 
 def file_entry(save_id: str, rank: int, summary: dict) -> dict:
     """The manifest's entry for one rank's files, from the summary the rank's write produced."""
-    return {"rank": rank, "data": data_file_name(save_id, rank), "data_size": summary["data_size"],
-            "index": index_file_name(save_id, rank), "index_size": summary["index_size"],
-            "index_crc32c": summary["index_crc32c"], "chunks": summary["chunks"], "raw_bytes": summary["raw_bytes"]}
+    entry = {"rank": rank, "data": data_file_name(save_id, rank), "data_size": summary["data_size"],
+             "index": index_file_name(save_id, rank), "index_size": summary["index_size"],
+             "index_crc32c": summary["index_crc32c"], "chunks": summary["chunks"], "raw_bytes": summary["raw_bytes"]}
+    if summary.get("bases") is not None:  # a hashed save (FORMAT.md §7); the coordinator pops "bases"
+        entry.update({k: summary[k] for k in ("ref_chunks", "ref_raw_bytes", "ref_stored_bytes", "bases")})
+    return entry
 
 
 def check_written(written: int, total: int, what: str = "the tensors hold") -> str | None:

@@ -27,8 +27,10 @@ from . import _ext
 from .errors import FormatError
 
 FORMAT_NAME = "shardckpt"
-FORMAT_VERSION = "1.0"
-SUPPORTED_MAJOR = 1
+FORMAT_VERSION = "1.0"          # what a save without content hashes writes (every 1.x reader reads it)
+FORMAT_VERSION_INCREMENTAL = "2.0"  # content hashes, and chunks that refer to an earlier checkpoint (§7)
+SUPPORTED_MAJORS = (1, 2)
+SUPPORTED_MAJOR = 1  # the oldest MAJOR this reader accepts (kept for callers that print it)
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 DEFAULT_FRAME_SIZE = 4 << 20
@@ -124,6 +126,8 @@ class Chunk:
     file: str
     rank: int
     frame_size: int
+    base: str = ""   # a reference (FORMAT.md §7): the sibling checkpoint directory holding `file`, else ""
+    hash: str = ""   # blake2b-128 of the chunk's raw bytes, hex (format 2.x), else ""
 
     @property
     def numel(self) -> int:
@@ -168,6 +172,17 @@ class FileEntry:
     index_crc32c: int
     chunks: int
     raw_bytes: int
+    ref_chunks: int = 0        # of `chunks`, those that refer to an earlier checkpoint's frames (§7)
+    ref_raw_bytes: int = 0     # their raw bytes (part of raw_bytes)
+    ref_stored_bytes: int = 0  # their stored bytes, in the earlier checkpoints' data files
+
+
+@dataclass(frozen=True)
+class Base:
+    """An earlier checkpoint that chunks of this one refer to (FORMAT.md §7): the sibling directory `dir`
+    (same parent as this checkpoint) and the save_id whose data/<save_id>/ files hold the frames."""
+    dir: str
+    save_id: str
 
 
 @dataclass(frozen=True)
@@ -183,10 +198,17 @@ class Manifest:
     files: tuple[FileEntry, ...]
     user_metadata: dict
     backend: str = ""
+    bases: tuple[Base, ...] = ()
 
     @property
     def stored_bytes(self) -> int:
+        """Bytes this checkpoint's own data files hold (what its save wrote)."""
         return sum(f.data_size for f in self.files)
+
+    @property
+    def ref_stored_bytes(self) -> int:
+        """Stored bytes of earlier checkpoints that this one refers to instead of writing them again."""
+        return sum(f.ref_stored_bytes for f in self.files)
 
     @property
     def raw_bytes(self) -> int:
@@ -199,24 +221,30 @@ class Manifest:
 @_without_gc
 def build_manifest(*, save_id: str, created: float, world_size: int, frame_size: int, tree: dict,
                    tensors: dict[str, dict], values: dict[str, Any], files: list[dict],
-                   user_metadata: dict, backend: str) -> bytes:
+                   user_metadata: dict, backend: str, bases: list[dict] | None = None) -> bytes:
     """The manifest's bytes (FORMAT.md §3), its checksum computed over the canonical JSON. Called by the
-    coordinator only, once per save, after every rank's summary is gathered (api and dcp commit paths)."""
+    coordinator only, once per save, after every rank's summary is gathered (api and dcp commit paths).
+    `bases` None writes format 1.0; a list (empty when nothing was referred to) writes 2.0 (§7), for a save
+    whose indexes carry content hashes."""
     obj = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "save_id": save_id, "created": created,
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION if bases is None else FORMAT_VERSION_INCREMENTAL,
+        "save_id": save_id, "created": created,
         "world_size": world_size, "frame_size": frame_size, "backend": backend, "tree": tree,
         "tensors": tensors, "values": values, "files": files, "user_metadata": user_metadata,
     }
+    if bases is not None:
+        obj["bases"] = bases
     obj["manifest_crc32c"] = _ext.crc32c(canonical_json(obj))
     return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False).encode()
 
 
 @_without_gc
-def build_index(*, save_id: str, rank: int, chunks: list[dict]) -> bytes:
+def build_index(*, save_id: str, rank: int, chunks: list[dict], hashed: bool = False) -> bytes:
     """One rank's index bytes (FORMAT.md §4, canonical JSON). Called by every rank that wrote data, once its
-    frames are written (writer.RankWriter), before the rank's summary goes to the coordinator."""
-    obj = {"format": "shardckpt-index", "format_version": FORMAT_VERSION, "save_id": save_id, "rank": rank,
-           "chunks": chunks}
+    frames are written (writer.RankWriter), before the rank's summary goes to the coordinator. `hashed`:
+    every chunk carries its content hash (and may be a reference): format 2.0 (§7)."""
+    obj = {"format": "shardckpt-index", "format_version": FORMAT_VERSION_INCREMENTAL if hashed else FORMAT_VERSION,
+           "save_id": save_id, "rank": rank, "chunks": chunks}
     return canonical_json(obj)
 
 

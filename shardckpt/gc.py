@@ -1,4 +1,5 @@
-"""Garbage collection under a manager root: the leftovers of saves that crashed before they committed.
+"""Garbage collection under a manager root: the leftovers of saves that crashed before they committed, and
+the data of retired steps once no committed manifest refers to it (incremental checkpoints, FORMAT.md §7).
 
 Who calls it: CheckpointManager on the coordinator (when created, and after every commit, excluding the step
 it has in flight), and `shardckpt gc` in a single CLI process. Only the grace period tells a crashed save
@@ -25,6 +26,60 @@ def _newest(storage: Storage, relpath: str) -> float | None:
     if any(t is None for t in times):
         return None
     return max(times)
+
+
+class _Unknown(Exception):
+    """A committed manifest could not be read: what it refers to is unknown, so nothing may be freed."""
+
+
+def referenced_data(storage: Storage) -> set[tuple[str, str]]:
+    """(step directory, save_id) of every data/<save_id>/ directory that a committed manifest under the root
+    needs: each step's own and the bases it refers to (FORMAT.md §7). Raises _Unknown if a manifest that
+    exists cannot be read (then no data may be freed). Called by retire_step and gc_uncommitted."""
+    live = set()
+    for name in storage.list_dir(""):
+        if not STEP_DIR.match(name) or not storage.exists(f"{name}/{MANIFEST_NAME}"):
+            continue
+        try:
+            m = api.read_manifest(storage.child(name))
+        except Exception as e:
+            raise _Unknown(f"{name}: {type(e).__name__}: {e}") from e
+        live.add((name, m.save_id))
+        live.update((b.dir, b.save_id) for b in m.bases)
+    return live
+
+
+def retire_step(storage: Storage, name: str) -> list[str]:
+    """Retention's delete of one committed step (CheckpointManager, coordinator): its manifest first (from
+    then on the step does not exist for any reader), then the data that committed manifests needed before
+    and no longer need: this step's own data unless a kept step's references still need it, and the data
+    of earlier retired steps that only this one referred to. Data that a kept step needs stays until no
+    committed manifest refers to it. A crash at any point leaves every kept step loadable: only data that no
+    committed manifest needs is ever deleted (what a crash leaves behind, gc_uncommitted frees later).
+
+    Returns:
+        The paths deleted (relative to root).
+    """
+    try:
+        before = referenced_data(storage)
+    except _Unknown:
+        before = None
+    if storage.exists(f"{name}/{MANIFEST_NAME}"):
+        storage.delete(f"{name}/{MANIFEST_NAME}")
+    if before is None:
+        return []  # a manifest that cannot be read may refer to anything: keep the data, gc frees it later
+    try:
+        after = referenced_data(storage)
+    except _Unknown:
+        return []
+    gone = []
+    for d, sid in sorted(before - after):  # data of committed checkpoints only, never of a save in flight
+        storage.delete_tree(f"{d}/data/{sid}")
+        gone.append(f"{d}/data/{sid}")
+        if not storage.exists(f"{d}/{MANIFEST_NAME}") and not storage.list_dir(f"{d}/data"):
+            storage.delete_tree(d)
+            gone.append(d)
+    return gone
 
 
 def gc_uncommitted(root, *, dry_run: bool = True, grace_s: float = DEFAULT_GC_GRACE_S,
@@ -55,20 +110,21 @@ def gc_uncommitted(root, *, dry_run: bool = True, grace_s: float = DEFAULT_GC_GR
         t = _newest(storage, rel)
         return t is not None and now - t > grace_s
 
+    try:
+        live = referenced_data(storage)  # data that committed manifests refer to is never a leftover
+    except _Unknown:
+        return []  # a corrupt committed step is retention's and restore's business; until then keep all
     found = []
     for name in storage.list_dir(""):
         if not STEP_DIR.match(name) or name in skip:
             continue
-        if not storage.exists(f"{name}/{MANIFEST_NAME}"):
+        committed = storage.exists(f"{name}/{MANIFEST_NAME}")
+        if not committed and not any(d == name for d, _ in live):
             if old(name):
                 found.append(name)
             continue
-        try:
-            save_id = api.read_manifest(storage.child(name)).save_id
-        except Exception:
-            continue  # a corrupt committed step is retention's and restore's business, not gc's
         for sid in storage.list_dir(f"{name}/data"):
-            if sid != save_id and old(f"{name}/data/{sid}"):
+            if (name, sid) not in live and old(f"{name}/data/{sid}"):
                 found.append(f"{name}/data/{sid}")
     if not dry_run:
         for rel in found:

@@ -42,7 +42,7 @@ from .async_save import AsyncSaveHandle, async_save, warm_up
 from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, CoordinationError, CorruptDataError,
                      FormatError, IncompleteCheckpointError, StorageError)
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
-from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
+from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
 from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
 from .state import load_training_state
 from .storage import Storage, storage_for
@@ -104,6 +104,11 @@ class CheckpointManager:
         gc_grace_s: how old uncommitted leftovers must be before gc removes them.
         verify: "index" (manifest + every index crc) or "full" (also every frame) before restoring.
         codec, frame_size, storage_options, timeout_s: as for shardckpt.save.
+        incremental: each save refers to the previous committed step's frames for every chunk whose bytes
+            did not change instead of writing it again (shardckpt.save's base=; FORMAT.md §7).
+        full_every: with incremental, every full_every-th save of this manager (and its first) writes
+            everything, so references never reach further back than full_every saves and retention can
+            free old steps' data.
     """
 
     def __init__(self, root, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
@@ -113,7 +118,10 @@ class CheckpointManager:
                  preemption_check_every: int = 1,
                  gc_grace_s: float = DEFAULT_GC_GRACE_S, verify: str = "index", codec: str = "auto",
                  frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, incremental: bool = False, full_every: int = 8):
+        if full_every < 1:
+            raise ValueError("full_every must be >= 1")
+        self.incremental, self.full_every, self._since_full = incremental, full_every, None
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
         if keep_best and not monitor:
@@ -276,6 +284,8 @@ class CheckpointManager:
             meta["monitor"] = {"metric": self.monitor, "mode": self.mode}
         path = self._path(step)
         kw = dict(process_group=self.process_group, metadata=meta, **self._save_kw)
+        if self.incremental:
+            kw.update(self._incremental_kw(step))
         if self.async_save:
             handle = async_save(state, path, **kw)
             self._pending = (step, handle)
@@ -284,6 +294,17 @@ class CheckpointManager:
             self._after_commit(step)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
+
+    def _incremental_kw(self, step: int) -> dict:
+        """All ranks: the base of an incremental save (the previous save of this manager, committed: the
+        previous save was reaped), or a full write with content hashes every full_every saves."""
+        prev = self._last_saved_step
+        if (prev is None or prev == step or prev in self._bad_steps or self._since_full is None
+                or self._since_full + 1 >= self.full_every or not self._path(prev).exists(MANIFEST_NAME)):
+            self._since_full = 0
+            return {"content_hash": True}
+        self._since_full += 1
+        return {"base": self._path(prev)}
 
     def _reap(self, block: bool) -> None:
         """Finish a pending async save: raise its error, or run retention after its commit."""
@@ -347,9 +368,8 @@ class CheckpointManager:
         return [s for s in steps if s not in keep]
 
     def _delete_step(self, step: int) -> None:
-        path = self._path(step)
-        path.delete(MANIFEST_NAME)  # first: from here on the step no longer exists for any reader
-        self.storage.delete_tree(step_dir(step))
+        # manifest first, then the data no kept step's references need (gc.retire_step)
+        retire_step(self.storage, step_dir(step))
         log.info("deleted checkpoint step %d", step)
 
     def _gc(self) -> None:

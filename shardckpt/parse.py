@@ -19,7 +19,7 @@ from typing import Any
 from . import _ext
 from .errors import ChecksumError, FormatError, UnsupportedVersionError
 from .format import (CODECS, DTYPES, FORMAT_NAME, MANIFEST_NAME, MAX_FRAME_SIZE, MAX_MANIFEST_BYTES, MAX_NDIM,
-                     MAX_NUMEL, SUPPORTED_MAJOR, Chunk, FileEntry, Frame, Manifest, TensorMeta, _without_gc, canonical_json,
+                     MAX_NUMEL, SUPPORTED_MAJORS, Base, Chunk, FileEntry, Frame, Manifest, TensorMeta, _without_gc, canonical_json,
                      data_file_name, index_file_name)
 
 def _fail(msg: str, file: str | None = None, key: str | None = None):
@@ -54,6 +54,8 @@ def _list(v, what, file, key=None) -> list:
 _SAVE_ID = re.compile(r"[0-9a-f]{8,64}")
 _REL_NAME = re.compile(r"data/[0-9a-f]{8,64}/r[0-9]{5,9}\.(bin|index\.json)")
 _VERSION = re.compile(r"[0-9]{1,4}\.[0-9]{1,4}")
+BASE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a base checkpoint: a plain sibling name (§7)
+CONTENT_HASH = re.compile(r"[0-9a-f]{32}")
 
 
 def check_relative_name(name, what: str, file: str) -> str:
@@ -109,10 +111,33 @@ def _check_version(obj: dict, expected_format: str, file: str) -> str:
     ver = obj.get("format_version")
     if type(ver) is not str or not _VERSION.fullmatch(ver):
         _fail(f"format_version must be 'MAJOR.MINOR', got {ver!r:.40}", file)
-    if int(ver.split(".")[0]) != SUPPORTED_MAJOR:
+    if int(ver.split(".")[0]) not in SUPPORTED_MAJORS:
         raise UnsupportedVersionError(
-            f"format_version {ver} is not supported (this shardckpt reads {SUPPORTED_MAJOR}.x)", file=file)
+            f"format_version {ver} is not supported (this shardckpt reads "
+            f"{' and '.join(f'{m}.x' for m in SUPPORTED_MAJORS)})", file=file)
     return ver
+
+
+def _major(ver: str) -> int:
+    return int(ver.split(".")[0])
+
+
+def _bases(obj: dict, ver: str, save_id: str, file: str) -> tuple[Base, ...]:
+    """Format 2.x's table of earlier checkpoints that chunks refer to (§7); 1.x has none."""
+    if _major(ver) < 2:
+        return ()
+    out = []
+    for b in _list(obj.get("bases", []), "bases", file):
+        b = _dict(b, "base entry", file)
+        name, sid = b.get("dir"), b.get("save_id")
+        if type(name) is not str or not BASE_DIR.fullmatch(name):
+            _fail(f"base dir {name!r:.80} is not a plain sibling directory name", file)
+        if type(sid) is not str or not _SAVE_ID.fullmatch(sid) or sid == save_id:
+            _fail(f"base save_id {sid!r:.80} must be another save's 8-64 lowercase hex digits", file)
+        if Base(name, sid) in out:
+            _fail(f"base {name}/{sid} listed twice", file)
+        out.append(Base(name, sid))
+    return tuple(out)
 
 
 _TREE_MAX_DEPTH = 64
@@ -243,16 +268,19 @@ def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
         index_name = check_relative_name(f.get("index"), "index file", file)
         if data_name != data_file_name(save_id, rank) or index_name != index_file_name(save_id, rank):
             _fail(f"file names of rank {rank} do not match save_id {save_id}", file)
+        refs = [_int(f.get(k, 0), k, file) for k in ("ref_chunks", "ref_raw_bytes", "ref_stored_bytes")] \
+            if _major(ver) >= 2 else [0, 0, 0]
         files.append(FileEntry(rank, data_name, _int(f.get("data_size"), "data_size", file),
                                index_name, _int(f.get("index_size"), "index_size", file, 0, MAX_MANIFEST_BYTES),
                                _int(f.get("index_crc32c"), "index_crc32c", file, 0, 0xFFFFFFFF),
-                               _int(f.get("chunks"), "chunks", file), _int(f.get("raw_bytes"), "raw_bytes", file)))
+                               _int(f.get("chunks"), "chunks", file), _int(f.get("raw_bytes"), "raw_bytes", file),
+                               *refs))
     user = obj.get("user_metadata", {})
     if type(user) is not dict:
         _fail("user_metadata must be an object", file)
     backend = _str(obj.get("backend", ""), "backend", file)
     return Manifest(ver, save_id, float(created), world_size, frame_size, tree, tensors, values,
-                    tuple(files), user, backend)
+                    tuple(files), user, backend, _bases(obj, ver, save_id, file))
 
 
 @_without_gc
@@ -274,7 +302,10 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
     if _ext.crc32c(data) != entry.index_crc32c:
         raise ChecksumError("index checksum mismatch: the index file is corrupt", file=file, rank=entry.rank)
     obj = _dict(_load_json(data, file), "index", file)
-    _check_version(obj, "shardckpt-index", file)
+    ver = _check_version(obj, "shardckpt-index", file)
+    if _major(ver) != _major(manifest.format_version):
+        _fail(f"index format_version {ver} differs from the manifest's {manifest.format_version}", file)
+    hashed = _major(ver) >= 2
     if obj.get("save_id") != manifest.save_id or type(obj.get("rank")) is not int or obj["rank"] != entry.rank:
         _fail("index belongs to another save or rank", file)
     raw_chunks = _list(obj.get("chunks"), "chunks", file)
@@ -307,6 +338,13 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
         if len(frames_raw) != -(-nbytes // F):
             _fail(f"chunk of {nbytes} bytes needs {-(-nbytes // F)} frames, index lists {len(frames_raw)}",
                   file, key)
+        digest, ref = "", None
+        if hashed:
+            digest = c.get("hash")
+            if type(digest) is not str or not CONTENT_HASH.fullmatch(digest):
+                _fail("chunk hash must be 32 lowercase hex digits (format 2.x)", file, key)
+            if c.get("ref") is not None:
+                ref = _reference(c["ref"], manifest, file, key)
         frames = []
         for i, fr in enumerate(frames_raw):
             if type(fr) is not list or len(fr) != 4:
@@ -317,16 +355,23 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
             if type(fr[3]) is not bool:
                 _fail("frame encoded flag must be a boolean", file, key)
             raw_len = min(F, nbytes - i * F)
+            if not fr[3] and stored != raw_len:
+                _fail("a raw frame's stored length must equal its raw length", file, key)
+            frames.append(Frame(off, stored, raw_len, crc, fr[3]))
+            if ref is not None:  # in the base's data file: its own index placed it; a short file is found on read
+                continue
             if off + stored > entry.data_size:
                 _fail(f"frame at {off}+{stored} lies beyond the data file's {entry.data_size} bytes", file, key)
             if off != pos:
                 _fail(f"frame at byte {off} of the data file, expected {pos} (frames are back to back)", file, key)
             pos += stored
-            if not fr[3] and stored != raw_len:
-                _fail("a raw frame's stored length must equal its raw length", file, key)
-            frames.append(Frame(off, stored, raw_len, crc, fr[3]))
             spans.append((off, stored))
-        out.append(Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank, F))
+        if ref is None:
+            out.append(Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank, F, "", digest))
+        else:
+            base, ref_rank = ref
+            out.append(Chunk(key, offsets, sizes, codec, tuple(frames), data_file_name(base.save_id, ref_rank),
+                             ref_rank, F, base.dir, digest))
     if pos != entry.data_size:
         _fail(f"frames end at byte {pos}, the data file has {entry.data_size}", file)
     spans.sort()
@@ -334,6 +379,16 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
         if a_off + a_len > b_off:
             _fail(f"frames overlap at byte {b_off} of the data file", file)
     return out
+
+
+def _reference(ref, manifest: Manifest, file: str, key: str) -> tuple[Base, int]:
+    """A chunk's `ref` (§7): {"dir", "save_id", "rank"}, naming an entry of the manifest's bases table."""
+    ref = _dict(ref, "chunk ref", file)
+    base = Base(_str(ref.get("dir"), "ref dir", file, key), _str(ref.get("save_id"), "ref save_id", file, key))
+    if base not in manifest.bases:
+        _fail(f"chunk refers to {base.dir}/{base.save_id:.64}, which the manifest's bases table does not list",
+              file, key)
+    return base, _int(ref.get("rank"), "ref rank", file, 0, (1 << 24) - 1, key)
 
 
 def check_coverage(meta: TensorMeta, chunks: list[Chunk], file: str = MANIFEST_NAME) -> None:

@@ -18,6 +18,7 @@ from .codec import CODEC_IDS, plane_size, threads
 from .errors import CorruptDataError, StorageError
 from .format import Chunk, Manifest, TensorMeta
 from .geometry import frame_span, intersect, row_batches
+from .refs import chunk_storage, reference_error
 from .storage.base import ReadRange, Storage
 from .storage.local import LocalStorage
 from .verify import frame_error
@@ -70,7 +71,8 @@ def plan_reads(targets: list[Target], manifest: Manifest, chunks_by_key: dict[st
             for lo, hi in row_batches(row_lo, row_lo + inter[1][0], row_bytes, TASK_BYTES, align):
                 tasks.append(ReadTask(ch, meta, lo, hi, inter, tgt))
     # file order, then offset: sequential reads keep the OS read-ahead useful
-    tasks.sort(key=lambda t: (t.chunk.file, t.chunk.frames[0].offset if t.chunk.frames else 0, t.row_lo))
+    tasks.sort(key=lambda t: (t.chunk.base, t.chunk.file, t.chunk.frames[0].offset if t.chunk.frames else 0,
+                              t.row_lo))
     return tasks
 
 
@@ -98,7 +100,8 @@ def _batches(tasks: list[ReadTask]) -> list[list[_Fetch]]:
         frames = t.chunk.frames[span.first:span.last]
         start = frames[0].offset
         f = _Fetch(t, span, start, frames[-1].offset + frames[-1].stored_len - start)
-        if not batches or batches[-1][0].task.chunk.file != f.task.chunk.file or size >= BATCH_BYTES:
+        last = batches[-1][0].task.chunk if batches else None
+        if last is None or (last.base, last.file) != (t.chunk.base, t.chunk.file) or size >= BATCH_BYTES:
             batches.append([])
             size = 0
         batches[-1].append(f)
@@ -185,8 +188,9 @@ def _fetch(storage: Storage, batch: list[_Fetch], stats: ReadStats | None):
             merged.append([start, end, total])
             total += end - start
     buf = _FetchBuffers.take(total)
-    try:
-        storage.read_ranges(batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
+    try:  # a reference's frames are in its base checkpoint (FORMAT.md §7)
+        chunk_storage(storage, batch[0].task.chunk).read_ranges(
+            batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
     except StorageError as e:
         _FetchBuffers.give(buf)
         short = _short_file_error(storage, batch)
@@ -216,7 +220,7 @@ def _short_file_error(storage: Storage, batch: list[_Fetch]) -> CorruptDataError
     whose frames it cuts off. None if the file is long enough (the read failed for another reason)."""
     ch = batch[0].task.chunk
     try:
-        size = storage.size(ch.file)
+        size = chunk_storage(storage, ch).size(ch.file)
     except Exception:
         size = None
     cut = [f for f in batch if size is None or f.start + f.stored > size]
@@ -224,6 +228,8 @@ def _short_file_error(storage: Storage, batch: list[_Fetch]) -> CorruptDataError
         return None
     f = min(cut, key=lambda f: f.start)
     what = "missing" if size is None else f"{size} bytes, shorter than its frames (to byte {f.start + f.stored})"
+    if ch.base:
+        return reference_error(storage, f.task.chunk, f"referenced data file is {what}")
     return CorruptDataError(f"data file is {what}", key=f.task.chunk.key, file=ch.file, rank=ch.rank)
 
 

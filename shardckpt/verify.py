@@ -26,6 +26,7 @@ from .codec import CODEC_IDS, plane_size, threads
 from .errors import ChecksumError, CheckpointError, CorruptDataError, IncompleteCheckpointError, StorageError
 from .format import Chunk, check_coverage, parse_index
 from .progress import Progress
+from .refs import chunk_storage, reference_error
 from .storage import ReadRange, storage_for
 
 VERIFY_BATCH = 64 << 20  # stored bytes of one verify job: contiguous frames of one chunk
@@ -47,12 +48,16 @@ def frame_error(e: Exception, chunk: Chunk, frames, first: int, where: str) -> C
         decode to the frame's raw length, or the frame table is inconsistent).
     """
     path = f"{where}/{chunk.file}"
+    note = ""
+    if chunk.base:  # a reference (FORMAT.md §7): the frames are in the sibling base checkpoint
+        path = f"{where.rstrip('/').rpartition('/')[0]}/{chunk.base}/{chunk.file}"
+        note = f" (checkpoint {where} refers to these frames of earlier checkpoint {chunk.base})"
     if not isinstance(e, _ext.FrameError):
-        return CorruptDataError(f"frame table is inconsistent: {e}", key=chunk.key, file=path, rank=chunk.rank)
+        return CorruptDataError(f"frame table is inconsistent: {e}{note}", key=chunk.key, file=path, rank=chunk.rank)
     bad = frames[e.index]
     cls = ChecksumError if e.reason == "checksum" else CorruptDataError
-    return cls(f"frame {first + e.index} at byte offset {bad.offset} failed its {e.reason} check", key=chunk.key,
-               file=path, rank=chunk.rank)
+    return cls(f"frame {first + e.index} at byte offset {bad.offset} failed its {e.reason} check{note}",
+               key=chunk.key, file=path, rank=chunk.rank)
 
 
 @dataclass
@@ -148,6 +153,7 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
                                                    f"{entry.data_size}", file=entry.data, rank=entry.rank,
                                            error="CorruptDataError"))
             bad_files.add(entry.data)
+    _check_references(storage, by_key, bad_files, report)
     if world_size == 1:
         for k, meta in m.tensors.items():
             try:
@@ -163,13 +169,35 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
     return report
 
 
+def _check_references(storage, by_key, bad_files, report: VerifyReport) -> None:
+    """Step 4b: every base data file that this share's references point into (FORMAT.md §7) exists and
+    holds their frames; a missing or short one is a Problem naming the key and both checkpoints."""
+    ends: dict[tuple[str, str], tuple[int, Chunk]] = {}
+    for cs in by_key.values():
+        for c in cs:
+            if c.base and c.frames:
+                end = max(f.offset + f.stored_len for f in c.frames)
+                if (c.base, c.file) not in ends or ends[(c.base, c.file)][0] < end:
+                    ends[(c.base, c.file)] = (end, c)
+    for (base, file), (end, c) in sorted(ends.items()):
+        try:
+            size = chunk_storage(storage, c).size(file)
+        except (FileNotFoundError, OSError, CheckpointError):
+            size = None
+        if size is None or size < end:
+            what = "missing" if size is None else f"{size} bytes, shorter than its frames (to byte {end})"
+            e = reference_error(storage, c, f"referenced data file is {what}")
+            report.problems.append(_problem("reference", e, file=f"../{base}/{file}"))
+            bad_files.add((base, file))
+
+
 def _verify_frames(storage, m, by_key, bad_files, report: VerifyReport, workers, progress) -> None:
     """Step 5: read every frame of the chunks in `by_key` (except in files already found missing or of
     the wrong size) and decode it, adding a Problem per bad frame to `report`."""
     jobs = []  # (chunk, first frame, last frame): contiguous frames of one chunk, ~VERIFY_BATCH stored bytes
     for cs in by_key.values():
         for c in cs:
-            if c.file in bad_files:
+            if c.file in bad_files or (c.base, c.file) in bad_files:
                 continue
             start, acc = 0, 0
             for i, f in enumerate(c.frames):
@@ -192,7 +220,7 @@ def _verify_frames(storage, m, by_key, bad_files, report: VerifyReport, workers,
         found = []
         src = np.empty(stored, dtype=np.uint8)
         try:
-            storage.read_ranges(c.file, [ReadRange(start, stored, 0)], src)
+            chunk_storage(storage, c).read_ranges(c.file, [ReadRange(start, stored, 0)], src)
         except (CheckpointError, OSError) as e:
             return [Problem("io", getattr(e, "message", str(e)), key=c.key, file=c.file, rank=c.rank, offset=start,
                             frame=a, error=type(e).__name__)], stored, 0

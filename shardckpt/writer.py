@@ -15,6 +15,7 @@ from ._faults import fault_point
 from .codec import CODEC_IDS, RAW, plane_size, threads, zstd_level
 from .format import build_index, chunk_frame_size, data_file_name, index_file_name
 from .plan import WriteItem
+from .refs import BaseChunks, chunk_hash
 from .storage.base import Storage
 
 BATCH_FRAMES = 16  # most frames encoded per native call; two batches in flight (encode one, write the other)
@@ -33,6 +34,10 @@ class RankFiles:
     chunks: int
     raw_bytes: int
     elements: int
+    ref_chunks: int = 0        # chunks recorded as references to a base's frames (FORMAT.md §7)
+    ref_raw_bytes: int = 0
+    ref_stored_bytes: int = 0
+    bases: list | None = None  # hashed saves: the [dir, save_id] pairs this rank's references name
 
 
 class _EncodeBuffers:
@@ -70,10 +75,18 @@ class RankWriter:
     first. Used by one thread at a time: a bounded-pool async save adds its first chunks on the caller's
     thread and hands the writer to the background thread.
 
+    A hashed writer (format 2.x, `hashed` or a `base`) records each chunk's content hash, and a chunk whose
+    box, dtype and hash equal the base's is recorded as a reference to the frames holding those bytes
+    instead of being written (FORMAT.md §7).
+
     Call sequence (every rank that has chunks): add(item, src)* -> close() -> RankFiles; abort() on error."""
 
-    def __init__(self, storage: Storage, save_id: str, rank: int, frame_size: int):
+    def __init__(self, storage: Storage, save_id: str, rank: int, frame_size: int, *, hashed: bool = False,
+                 base: BaseChunks | None = None):
         self.storage, self.save_id, self.rank, self.frame_size = storage, save_id, rank, frame_size
+        self.hashed, self.base = hashed or base is not None, base
+        self._refs = [0, 0, 0]  # chunks, raw bytes, stored bytes referred to
+        self._bases: set[tuple[str, str]] = set()
         self._file = storage.open_write(data_file_name(save_id, rank))
         self._bufs = _EncodeBuffers.take(_ext.encode_bound(BATCH_FRAMES * frame_size, frame_size,
                                                            CODEC_IDS["zstd/1"]))
@@ -87,10 +100,15 @@ class RankWriter:
         self._nthreads = threads()
         self._level = zstd_level()
 
-    def add(self, item: WriteItem, src: torch.Tensor) -> None:
-        """Encode and write one chunk whose bytes are `src` (contiguous CPU). `src` may be reused once
-        drain() returns (raw frames are written from it directly)."""
+    def add(self, item: WriteItem, src: torch.Tensor, digest: str | None = None) -> None:
+        """Encode and write one chunk whose bytes are `src` (contiguous CPU), or record it as a reference
+        when a base holds the same bytes. `src` may be reused once drain() returns (raw frames are written
+        from it directly). `digest`: its content hash if the caller computed it already."""
         data = as_bytes(src)
+        if self.hashed:
+            digest = digest or chunk_hash(data)
+            if self._add_reference(item, digest, len(data)):
+                return
         fs = chunk_frame_size(len(data), self.frame_size)
         batch_bytes = min(BATCH_FRAMES, max(2 * self._nthreads, -(-BATCH_BYTES // fs))) * fs
         itemsize = plane_size(item.source.dtype)
@@ -119,10 +137,31 @@ class RankWriter:
                 self._fill += n
                 if self._fill >= FLUSH_BYTES:
                     self._flush()
-        self._chunks.append({"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
-                             "codec": item.codec, "frame_size": fs, "frames": frames})
+        record = {"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
+                  "codec": item.codec, "frame_size": fs, "frames": frames}
+        if self.hashed:
+            record["hash"] = digest
+        self._chunks.append(record)
         self._raw_bytes += len(data)
         self._elements += math.prod(item.sizes)
+
+    def _add_reference(self, item: WriteItem, digest: str, nbytes: int) -> bool:
+        """Record the chunk as a reference if the base holds the same bytes; False if it must be written."""
+        c = self.base.match(item.key, item.offsets, item.sizes, item.source.dtype, digest) \
+            if self.base is not None else None
+        if c is None:
+            return False
+        ref_dir, ref_sid = BaseChunks.ref_of(c, self.base.dir, self.base.manifest.save_id)
+        self._bases.add((ref_dir, ref_sid))
+        self._chunks.append({"key": item.key, "offsets": list(item.offsets), "sizes": list(item.sizes),
+                             "codec": c.codec, "frame_size": c.frame_size, "hash": digest,
+                             "ref": {"dir": ref_dir, "save_id": ref_sid, "rank": c.rank},
+                             "frames": [[f.offset, f.stored_len, f.crc32c, f.encoded] for f in c.frames]})
+        stored = sum(f.stored_len for f in c.frames)
+        self._refs = [self._refs[0] + 1, self._refs[1] + nbytes, self._refs[2] + stored]
+        self._raw_bytes += nbytes
+        self._elements += math.prod(item.sizes)
+        return True
 
     def _flush(self) -> None:
         """Hand the bytes gathered in the current buffer to storage and switch buffers."""
@@ -156,10 +195,11 @@ class RankWriter:
             self.abort()
             raise
         self._release()
-        index = build_index(save_id=self.save_id, rank=self.rank, chunks=self._chunks)
+        index = build_index(save_id=self.save_id, rank=self.rank, chunks=self._chunks, hashed=self.hashed)
         self.storage.write_file(index_file_name(self.save_id, self.rank), index)
         return RankFiles(size, len(index), _ext.crc32c(index), len(self._chunks), self._raw_bytes,
-                         self._elements)
+                         self._elements, *self._refs,
+                         bases=sorted(map(list, self._bases)) if self.hashed else None)
 
     def abort(self) -> None:
         """Drop the partial data file; never raises."""
@@ -177,18 +217,26 @@ class RankWriter:
 
 
 def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem],
-               sources: list[torch.Tensor], frame_size: int, writer: RankWriter | None = None) -> RankFiles | None:
+               sources: list[torch.Tensor], frame_size: int, writer: RankWriter | None = None, *,
+               hashed: bool = False, base: BaseChunks | None = None) -> RankFiles | None:
     """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
     index, continuing `writer` if a bounded-pool save already started it. Returns None if this rank has
-    nothing to write. Called on every rank during a save."""
+    nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter; the
+    chunks' hashes are computed on a thread pool ahead of the encoder (blake2b releases the GIL), so hashing
+    overlaps encoding and writing."""
     if writer is None:
         if not items:
             return None
-        writer = RankWriter(storage, save_id, rank, frame_size)
+        writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
+    hasher = ThreadPoolExecutor(max(1, threads()), thread_name_prefix="shardckpt-hash") if writer.hashed else None
     try:
-        for item, src in zip(items, sources):
-            writer.add(item, src)
+        digests = [hasher.submit(chunk_hash, as_bytes(s)) for s in sources] if hasher else [None] * len(items)
+        for item, src, d in zip(items, sources, digests):
+            writer.add(item, src, d.result() if d is not None else None)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True, cancel_futures=True)
     return writer.close()

@@ -87,8 +87,8 @@ def _rewrite_manifest(path, mutate):
 def test_unknown_major_version_is_rejected(tmp_path):
     p = tmp_path / "c"
     shardckpt.save(_state(), p)
-    _rewrite_manifest(p, lambda m: m.update(format_version="2.0"))
-    with pytest.raises(shardckpt.UnsupportedVersionError, match="2.0"):
+    _rewrite_manifest(p, lambda m: m.update(format_version="3.0"))
+    with pytest.raises(shardckpt.UnsupportedVersionError, match="3.0"):
         shardckpt.read_manifest(p)
 
 

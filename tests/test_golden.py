@@ -122,7 +122,7 @@ def test_what_the_code_writes_today_conforms_to_schema(tmp_path):
     (lambda m, i: m["files"][0].update(rank=True), "$.files[0].rank"),
     (lambda m, i: m["values"].update(lr={"t": "float", "v": 0.25}), "$.values.lr"),
     (lambda m, i: m["values"].update(blob={"t": "bytes", "v": "not base64!"}), "$.values.blob"),
-    (lambda m, i: m.update(format_version="2.0"), "$.format_version"),
+    (lambda m, i: m.update(format_version="3.0"), "$.format_version"),
     (lambda m, i: m.pop("manifest_crc32c"), "$"),
     (lambda m, i: m["tree"].update(t="eval"), "$.tree"),
     (lambda m, i: i["chunks"][0].update(codec="lz4/1"), "index $.chunks[0].codec"),

@@ -296,7 +296,7 @@ HOSTILE = {
     "codec_future_version": (_chunk("w", "codec", "zstd/2"), FormatError),
     "dtype_unknown": (_tensor("w", "dtype", "float128"), FormatError),
     "dtype_object": (_tensor("w", "dtype", "object"), FormatError),
-    "version_major": (_top("format_version", "2.0"), UnsupportedVersionError),
+    "version_major": (_top("format_version", "3.0"), UnsupportedVersionError),
     "version_garbage": (_top("format_version", "1.0; rm -rf /"), FormatError),
     "version_missing": (lambda ck: ck.manifest.pop("format_version"), FormatError),
     "format_other": (_top("format", "safetensors"), FormatError),
@@ -345,7 +345,7 @@ def test_any_flipped_byte_before_the_checksum_is_checked_is_checksum_error(ck):
     """FORMAT.md §3: the checksum is verified before any other field is trusted, so a flipped version digit
     or format name is reported as corruption, not as a newer version or another format."""
     honest = (ck.path / "manifest.json").read_bytes()
-    for old, new in [(b'"1.0"', b'"2.0"'), (b'"1.0"', b'"9.0"'), (b'"shardckpt"', b'"shardckpx"')]:
+    for old, new in [(b'"1.0"', b'"3.0"'), (b'"1.0"', b'"9.0"'), (b'"shardckpt"', b'"shardckpx"')]:
         assert honest.count(old) == 1
         (ck.path / "manifest.json").write_bytes(honest.replace(old, new))
         with guarded(ck.path):

@@ -1,0 +1,298 @@
+"""Incremental checkpoints (FORMAT.md §7): chunks equal to the previous step's are references to its frames;
+every reader follows them, retention never frees data a kept step refers to."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt import CheckpointManager, gc as sgc
+from shardckpt.errors import ChecksumError, CorruptDataError, FormatError, SaveError, UnsupportedVersionError
+from shardckpt.verify import verify_checkpoint
+
+from faultkit import launch
+from harness import run_ranks
+
+HERE = os.path.join(os.path.dirname(__file__), "golden")
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"frozen": {"w": torch.randn(256, 64, generator=g), "emb": torch.randn(128, 32, generator=g).bfloat16()},
+            "head": torch.randn(64, 8, generator=g), "ids": torch.arange(100), "step": 0}
+
+
+def _train(st: dict, step: int) -> None:
+    st["head"].add_(0.01 * step)
+    st["step"] = step
+
+
+def _same(a: dict, b: dict) -> bool:
+    flat_a, flat_b = _flat(a), _flat(b)
+    return flat_a.keys() == flat_b.keys() and all(
+        torch.equal(x, flat_b[k]) if isinstance(x, torch.Tensor) else x == flat_b[k] for k, x in flat_a.items())
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _refs(path) -> dict[str, bool]:
+    """key -> whether its (single-rank) chunk is a reference, from the index files."""
+    m = shardckpt.read_manifest(path)
+    out = {}
+    for f in m.files:
+        for c in json.load(open(os.path.join(path, f.index)))["chunks"]:
+            out[c["key"]] = "ref" in c
+    return out
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_unchanged_chunks_are_references_and_load_bit_exact(tmp_path, async_save):
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, async_save=async_save, preemption_signals=()) as mgr:
+        for step in (1, 2, 3):
+            _train(st, step)
+            mgr.save(step, st)
+            mgr.wait()
+    full, m3 = shardckpt.read_manifest(tmp_path / "step-0000000001"), shardckpt.read_manifest(tmp_path / "step-0000000003")
+    assert m3.format_version == "2.0" and full.bases == ()
+    assert _refs(tmp_path / "step-0000000003") == {"frozen.w": True, "frozen.emb": True, "head": False, "ids": True}
+    # references point at the holder of the bytes (step 1), never through step 2
+    assert [b.dir for b in m3.bases] == ["step-0000000001"]
+    head = st["head"].numel() * 4
+    assert m3.stored_bytes <= 1.1 * head + 4096 and m3.ref_stored_bytes > 0
+    assert _same(shardckpt.load_full(tmp_path / "step-0000000003"), st)
+    back = _state(seed=9)
+    shardckpt.load(back, tmp_path / "step-0000000003")
+    assert _same(back, st)
+    assert verify_checkpoint(tmp_path / "step-0000000003").ok
+
+
+def test_one_ulp_change_in_a_frozen_tensor_is_written(tmp_path):
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    w = st["frozen"]["w"]
+    w.view(torch.int32)[17, 3] += 1  # the next float up: one ULP
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    assert _refs(tmp_path / "b")["frozen.w"] is False and _refs(tmp_path / "b")["frozen.emb"] is True
+    got = shardckpt.load_full(tmp_path / "b")
+    assert torch.equal(got["frozen"]["w"].view(torch.int32), w.view(torch.int32))
+
+
+def test_base_must_be_a_committed_sibling(tmp_path):
+    st = _state()
+    shardckpt.save(st, tmp_path / "run" / "a", content_hash=True)
+    with pytest.raises(SaveError, match="same parent"):
+        shardckpt.save(st, tmp_path / "other" / "b", base=tmp_path / "run" / "a")
+    with pytest.raises(SaveError, match="not a committed"):
+        shardckpt.save(st, tmp_path / "run" / "c", base=tmp_path / "run" / "nothing")
+
+
+def test_reader_without_major_2_refuses(tmp_path, monkeypatch):
+    """What a 1.x reader does with an incremental checkpoint: refuses it (another MAJOR), never misreads."""
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    import shardckpt.parse as parse
+    monkeypatch.setattr(parse, "SUPPORTED_MAJORS", (1,))
+    with pytest.raises(UnsupportedVersionError):
+        shardckpt.load_full(tmp_path / "b")
+
+
+def _rewrite(path, edit):
+    """Edit a manifest's JSON and re-seal its checksum (a hostile but well-formed manifest)."""
+    from shardckpt import _ext
+    from shardckpt.format import canonical_json
+    p = os.path.join(path, "manifest.json")
+    obj = json.load(open(p))
+    obj.pop("manifest_crc32c")
+    edit(obj)
+    obj["manifest_crc32c"] = _ext.crc32c(canonical_json(obj))
+    open(p, "w").write(json.dumps(obj))
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", ".hidden", "/abs", ""])
+def test_hostile_base_name_is_rejected_before_any_read(tmp_path, name):
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    _rewrite(tmp_path / "b", lambda o: o["bases"][0].update(dir=name))
+    with pytest.raises(FormatError, match="sibling"):
+        shardckpt.read_manifest(tmp_path / "b")
+
+
+def test_missing_or_corrupt_referenced_data_is_a_typed_error(tmp_path):
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    _train(st, 1)
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    m = shardckpt.read_manifest(tmp_path / "a")
+    data = tmp_path / "a" / m.files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    data.write_bytes(bytes(raw))
+    with pytest.raises((ChecksumError, CorruptDataError)) as e:
+        shardckpt.load_full(tmp_path / "b")
+    assert e.value.key and "a" in e.value.file and str(tmp_path / "b") in str(e.value)
+    report = verify_checkpoint(tmp_path / "b")
+    assert not report.ok and any("refers to" in p.message for p in report.problems)
+    os.remove(data)
+    with pytest.raises(CorruptDataError) as e:
+        shardckpt.load_full(tmp_path / "b")
+    assert e.value.key and str(tmp_path / "a") in e.value.file and str(tmp_path / "b") in str(e.value)
+    report = verify_checkpoint(tmp_path / "b", full=False)  # index level finds it too
+    assert [p.kind for p in report.problems] and all(p.kind == "reference" for p in report.problems)
+
+
+def test_keep_last_1_retires_old_steps_and_frees_data_once_unreferenced(tmp_path):
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, full_every=3, keep_last=1, async_save=False,
+                           preemption_signals=()) as mgr:
+        for step in range(1, 8):
+            _train(st, step)
+            mgr.save(step, st)
+            assert mgr.steps() == [step]
+            assert _same(shardckpt.load_full(tmp_path / f"step-{step:010d}"), st)
+            assert verify_checkpoint(tmp_path / f"step-{step:010d}").ok
+    # full writes at steps 1, 4, 7: step 7 refers to nothing, so every older directory is gone
+    assert sorted(os.listdir(tmp_path)) == ["step-0000000007"]
+
+
+def test_retention_keeps_data_a_kept_step_refers_to(tmp_path):
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False,
+                           preemption_signals=()) as mgr:
+        for step in (1, 2, 3):
+            _train(st, step)
+            mgr.save(step, st)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["step-0000000001", "step-0000000003"]  # step 1: data only, no manifest
+    assert not (tmp_path / "step-0000000001" / "manifest.json").exists()
+    assert sgc.gc_uncommitted(tmp_path, dry_run=False, grace_s=0) == []  # referenced: not a leftover
+    assert _same(shardckpt.load_full(tmp_path / "step-0000000003"), st)
+
+
+def _retire_and_die(rank, ws, root, die_at):
+    """Saves three incremental steps (keeping all), then retires with keep_last=1 and SIGKILLs itself at
+    the die_at-th delete of retention."""
+    st = _state()
+    with CheckpointManager(root, incremental=True, async_save=False, preemption_signals=()) as mgr:
+        for step in (1, 2, 3):
+            _train(st, step)
+            mgr.save(step, st)
+    from shardckpt.storage.local import LocalStorage
+    calls = {"n": 0}
+    real_delete, real_tree = LocalStorage.delete, LocalStorage.delete_tree
+
+    def counted(fn):
+        def wrapper(self, *a):
+            calls["n"] += 1
+            if calls["n"] == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(self, *a)
+        return wrapper
+    LocalStorage.delete, LocalStorage.delete_tree = counted(real_delete), counted(real_tree)
+    mgr = CheckpointManager(root, incremental=True, keep_last=1, async_save=False, preemption_signals=())
+    mgr._after_commit(3)
+    return calls["n"]
+
+
+@pytest.mark.parametrize("die_at", [1, 2, 3, 5])
+def test_kill_during_retention_leaves_kept_step_loadable(tmp_path, die_at):
+    fates = launch(1, _retire_and_die, str(tmp_path), die_at, timeout=120)
+    assert fates[0] == ("dead", -signal.SIGKILL)  # killed inside retention (its 5 deletes: manifests, data)
+    st = _state()
+    for step in (1, 2, 3):
+        _train(st, step)
+    assert _same(shardckpt.load_full(tmp_path / "step-0000000003"), st)
+    assert verify_checkpoint(tmp_path / "step-0000000003").ok
+    # a later retention and gc finish the job without touching what step 3 needs
+    mgr = CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False, preemption_signals=(),
+                            gc_grace_s=0)
+    mgr._after_commit(3)
+    assert mgr.steps() == [3]
+    assert _same(shardckpt.load_full(tmp_path / "step-0000000003"), st)
+    assert not (tmp_path / "step-0000000002").exists()
+
+
+# ------------------------------------------------------------------------------------------- multi-rank
+
+def _dstate(mesh, seed):
+    from torch.distributed.tensor import Shard, distribute_tensor
+    st = _state(seed)
+    st["frozen"]["w"] = distribute_tensor(st["frozen"]["w"], mesh, [Shard(0)], src_data_rank=None)
+    st["head"] = distribute_tensor(st["head"], mesh, [Shard(1)], src_data_rank=None)
+    return st
+
+
+def _save_2(rank, ws, root, mode):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (ws,))
+    st = _dstate(mesh, 0)
+    with CheckpointManager(root, incremental=True, async_save=(mode == "async"), preemption_signals=()) as mgr:
+        for step in (1, 2):
+            st["head"].to_local().add_(0.5 * step)  # a DTensor's local shard, changed on every rank
+            st["step"] = step
+            mgr.save(step, st)
+    return _plain(st)
+
+
+def _plain(st: dict) -> dict:
+    """Full tensors as (dtype, nested lists): tensors do not cross the harness's queue once a rank exits."""
+    return {k: ((str(v.dtype), (v.full_tensor() if hasattr(v, "full_tensor") else v).float().tolist())
+                if isinstance(v, torch.Tensor) else v) for k, v in _flat(st).items()}
+
+
+def _load_3(rank, ws, path):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (ws,))
+    st = _dstate(mesh, 7)
+    shardckpt.load(st, path)
+    full = shardckpt.load_full(path, process_group=None)
+    return _plain(st), _plain(full)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_two_ranks_incremental_then_reshard_onto_three(tmp_path, mode):
+    want = run_ranks(2, _save_2, str(tmp_path), mode)[0]
+    path = tmp_path / "step-0000000002"
+    m = shardckpt.read_manifest(path)
+    assert m.bases and sum(f.ref_chunks for f in m.files) >= 3  # frozen.w (2 shards), emb, ids
+    assert not any(_refs_rank(path, r)["head"] for r in range(2))
+    for got, full in run_ranks(3, _load_3, str(path)):
+        assert got == want and full == want
+    assert verify_checkpoint(path).ok
+
+
+def _refs_rank(path, rank) -> dict[str, bool]:
+    m = shardckpt.read_manifest(path)
+    f = next(f for f in m.files if f.rank == rank)
+    return {c["key"]: "ref" in c for c in json.load(open(os.path.join(path, f.index)))["chunks"]}
+
+
+# ---------------------------------------------------------------------------------------------- golden
+
+def test_golden_incremental_loads_bit_exact_and_conforms_to_schema():
+    from golden.json_schema import validate
+    from golden.make_golden import incremental_states
+    schema = json.load(open(os.path.join(os.path.dirname(__file__), "..", "docs", "manifest.schema.json")))
+    root = os.path.join(HERE, "v2.0-incremental")
+    for name, want in zip(("step-0000000001", "step-0000000002"), incremental_states()):
+        path = os.path.join(root, name)
+        assert _same(shardckpt.load_full(path), want)
+        m = json.load(open(os.path.join(path, "manifest.json")))
+        assert m["format_version"] == "2.0" and validate(m, schema) == []
+        for f in m["files"]:
+            assert validate(json.load(open(os.path.join(path, f["index"]))), {"$ref": "#/$defs/index"}, schema) == []
+    assert any(_refs(os.path.join(root, "step-0000000002")).values())
