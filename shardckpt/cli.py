@@ -88,9 +88,9 @@ def cmd_ls(args) -> int:
     for s in steps:
         tags = ",".join(t for t, on in (("latest", s.latest), ("best", s.best)) if on)
         rows.append([s.name, _fmt(s.step), s.state, human_bytes(s.stored_bytes),
-                     f"{s.ratio:.2f}x" if s.ratio else "-", human_age(s.age_s) if s.age_s is not None else "-"]
+                     human_bytes(s.ref_bytes) if s.ref_bytes else "-", f"{s.ratio:.2f}x" if s.ratio else "-", human_age(s.age_s) if s.age_s is not None else "-"]
                     + [_fmt(s.metrics.get(k)) for k in names] + [tags])
-    print(_table(rows, ["NAME", "STEP", "STATE", "SIZE", "RATIO", "AGE"] + [n.upper() for n in names] + [""]))
+    print(_table(rows, ["NAME", "STEP", "STATE", "SIZE", "REFERS", "RATIO", "AGE"] + [n.upper() for n in names] + [""]))
     return 0
 
 
@@ -124,6 +124,8 @@ def cmd_inspect(args) -> int:
           f"  world_size {info['world_size']}  files {info['files']}  frame_size {human_bytes(info['frame_size'])}\n"
           f"size        {human_bytes(info['raw_bytes'])} raw -> {human_bytes(info['stored_bytes'])} stored "
           f"({ratio:.2f}x)")
+    if info["bases"]:  # an incremental checkpoint (FORMAT.md §7)
+        print(f"refers to   {human_bytes(info['ref_stored_bytes'])} stored in {', '.join(info['bases'])}")
     if info["user_metadata"]:
         print("metadata    " + json.dumps(info["user_metadata"], default=_json_default)[:2000])
     tensors, values = info["tensors"], info["values"]

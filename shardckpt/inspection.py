@@ -16,9 +16,11 @@ from .tree import decode_value
 @dataclass
 class StepInfo:
     name: str
-    state: str                     # "committed", "partial" (data files but no manifest) or "corrupt"
+    state: str                     # "committed", "partial" (data files but no manifest), "retired" (no
+                                   # manifest; data a committed step refers to, FORMAT.md §7) or "corrupt"
     step: int | None = None
-    stored_bytes: int = 0
+    stored_bytes: int = 0          # bytes this step's save wrote (its own data and index files)
+    ref_bytes: int = 0             # stored bytes of earlier steps it refers to instead of writing them
     raw_bytes: int = 0
     ratio: float | None = None
     created: float | None = None
@@ -27,6 +29,7 @@ class StepInfo:
     latest: bool = False
     best: bool = False
     monitor: dict | None = None    # {"metric", "mode"} a CheckpointManager recorded
+    bases: list = field(default_factory=list)  # the directories its references point into
 
 
 def _metrics_of(user: dict) -> dict:
@@ -58,8 +61,10 @@ def _step_info(storage: Storage, name: str, now: float) -> StepInfo | None:
     stored = sum(f.data_size + f.index_size for f in m.files)
     step = m.user_metadata.get("step")
     step = step if isinstance(step, int) and not isinstance(step, bool) else _step_from_name(name)
-    return StepInfo(name, "committed", step, stored, m.raw_bytes, (m.raw_bytes / stored) if stored else None,
-                    m.created, now - m.created, _metrics_of(m.user_metadata), monitor=m.user_metadata.get("monitor"))
+    return StepInfo(name, "committed", step, stored, m.ref_stored_bytes, m.raw_bytes,
+                    (m.raw_bytes / (stored + m.ref_stored_bytes)) if stored + m.ref_stored_bytes else None,
+                    m.created, now - m.created, _metrics_of(m.user_metadata), monitor=m.user_metadata.get("monitor"),
+                    bases=[b.dir for b in m.bases])
 
 
 def list_steps(root, *, metric: str | None = None, mode: str | None = None, storage_options=None) -> list[StepInfo]:
@@ -81,6 +86,10 @@ def list_steps(root, *, metric: str | None = None, mode: str | None = None, stor
             raise IncompleteCheckpointError("no such directory: there are no checkpoints here", file=storage.url)
         out = [s for s in (_step_info(storage.child(n), n, now) for n in names) if s is not None]
     committed = [s for s in out if s.state == "committed"]
+    referred = {b for s in committed for b in s.bases}
+    for s in out:
+        if s.state == "partial" and s.name in referred:
+            s.state = "retired"
     if committed:
         newest = max(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0))
         newest.latest = True
@@ -111,6 +120,7 @@ def inspect_checkpoint(path, *, key=None, storage_options=None) -> dict:
         tensors[k] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "chunks": len(cs),
                       "raw_bytes": t.numel * t.itemsize,
                       "stored_bytes": sum(f.stored_len for c in cs for f in c.frames),
+                      "ref_chunks": sum(1 for c in cs if c.base),
                       "codecs": sorted({c.codec for c in cs}), "layout": t.layout,
                       "ranks": sorted({c.rank for c in cs})}
     values = {k: decode_value(v) for k, v in m.values.items() if wanted(k)}
@@ -120,4 +130,5 @@ def inspect_checkpoint(path, *, key=None, storage_options=None) -> dict:
     return {"path": storage.url, "format_version": m.format_version, "save_id": m.save_id, "created": m.created,
             "world_size": m.world_size, "frame_size": m.frame_size, "backend": m.backend,
             "files": len(m.files), "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
+            "ref_stored_bytes": m.ref_stored_bytes, "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
             "user_metadata": user, "tensors": tensors, "values": values}

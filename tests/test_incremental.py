@@ -296,3 +296,47 @@ def test_golden_incremental_loads_bit_exact_and_conforms_to_schema():
         for f in m["files"]:
             assert validate(json.load(open(os.path.join(path, f["index"]))), {"$ref": "#/$defs/index"}, schema) == []
     assert any(_refs(os.path.join(root, "step-0000000002")).values())
+
+
+def test_ls_and_inspect_show_written_against_referred_bytes(tmp_path, capsys):
+    from shardckpt.cli import main
+    from shardckpt.inspection import inspect_checkpoint, list_steps
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False, preemption_signals=()) as mgr:
+        for step in (1, 2):
+            _train(st, step)
+            mgr.save(step, st)
+    rows = {s.name: s for s in list_steps(tmp_path)}
+    assert rows["step-0000000001"].state == "retired" and rows["step-0000000002"].state == "committed"
+    m2 = shardckpt.read_manifest(tmp_path / "step-0000000002")
+    assert rows["step-0000000002"].ref_bytes == m2.ref_stored_bytes > 10 * m2.stored_bytes
+    info = inspect_checkpoint(tmp_path / "step-0000000002")
+    assert info["ref_stored_bytes"] == m2.ref_stored_bytes and info["tensors"]["frozen.w"]["ref_chunks"] == 1
+    assert info["tensors"]["head"]["ref_chunks"] == 0
+    main(["ls", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "REFERS" in out and "retired" in out
+    main(["inspect", str(tmp_path / "step-0000000002")])
+    assert "refers to" in capsys.readouterr().out
+
+
+def test_diff_export_and_dcp_reader_follow_references(tmp_path):
+    from shardckpt.diff import diff_checkpoints
+    from shardckpt.export import export_safetensors
+    import torch.distributed.checkpoint as dcp
+    from shardckpt.dcp import Reader
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    _train(st, 1)
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    res = {d.key: d for d in diff_checkpoints(tmp_path / "a", tmp_path / "b")["entries"]}
+    assert res["frozen.w"].identical and res["head"].status == "changed"
+    export_safetensors(tmp_path / "b", tmp_path / "st", keys=["frozen"])
+    from safetensors.torch import load_file
+    files = [f for f in os.listdir(tmp_path / "st") if f.endswith(".safetensors")]
+    got = {k: v for f in files for k, v in load_file(str(tmp_path / "st" / f)).items()}
+    assert torch.equal(got["frozen.w"], st["frozen"]["w"]) and torch.equal(got["frozen.emb"], st["frozen"]["emb"])
+    out = {"frozen": {"w": torch.zeros(256, 64), "emb": torch.zeros(128, 32).bfloat16()},
+           "head": torch.zeros(64, 8), "ids": torch.zeros(100, dtype=torch.int64)}
+    dcp.load(out, storage_reader=Reader(str(tmp_path / "b")))
+    assert torch.equal(out["frozen"]["w"], st["frozen"]["w"]) and torch.equal(out["head"], st["head"])
