@@ -340,3 +340,50 @@ def test_diff_export_and_dcp_reader_follow_references(tmp_path):
            "head": torch.zeros(64, 8), "ids": torch.zeros(100, dtype=torch.int64)}
     dcp.load(out, storage_reader=Reader(str(tmp_path / "b")))
     assert torch.equal(out["frozen"]["w"], st["frozen"]["w"]) and torch.equal(out["head"], st["head"])
+
+
+_TWIN_SCRIPT = """
+import json, os, sys, torch, shardckpt
+from test_incremental import _state, _train, _refs
+root = sys.argv[1]
+st = _state()
+shardckpt.save(st, os.path.join(root, "a"), content_hash=True)
+_train(st, 1)
+shardckpt.save(st, os.path.join(root, "b"), base=os.path.join(root, "a"))
+m = shardckpt.read_manifest(os.path.join(root, "b"))
+idx = json.load(open(os.path.join(root, "b", m.files[0].index)))
+print(json.dumps({"backend": shardckpt.backend, "refs": _refs(os.path.join(root, "b")),
+                  "hashes": {c["key"]: c["hash"] for c in idx["chunks"]}}))
+"""
+
+
+def test_python_twin_writes_the_same_hashes_and_references(tmp_path):
+    import subprocess
+    import sys
+    out = {}
+    for name in ("native", "python"):
+        env = dict(os.environ, SHARDCKPT_BACKEND=name, PYTHONPATH=os.path.dirname(__file__) + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""))
+        os.makedirs(tmp_path / name)
+        res = subprocess.run([sys.executable, "-c", _TWIN_SCRIPT, str(tmp_path / name)], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["python"]["backend"] == "python" and out["native"]["backend"] == "native"
+    assert out["python"]["refs"] == out["native"]["refs"] and out["python"]["hashes"] == out["native"]["hashes"]
+    assert out["native"]["refs"]["frozen.w"] and not out["native"]["refs"]["head"]
+
+
+def test_incremental_on_an_fsspec_store():
+    """References resolve through FsspecStorage too (sibling prefixes on the same filesystem)."""
+    import uuid
+    root = f"memory://incr-{uuid.uuid4().hex[:8]}"
+    st = _state()
+    with CheckpointManager(root, incremental=True, keep_last=1, async_save=False, preemption_signals=()) as mgr:
+        for step in (1, 2, 3):
+            _train(st, step)
+            mgr.save(step, st)
+        assert mgr.steps() == [3]
+    path = f"{root}/step-0000000003"
+    assert [b.dir for b in shardckpt.read_manifest(path).bases] == ["step-0000000001"]
+    assert _same(shardckpt.load_full(path), st) and verify_checkpoint(path).ok
