@@ -387,3 +387,27 @@ def test_incremental_on_an_fsspec_store():
     path = f"{root}/step-0000000003"
     assert [b.dir for b in shardckpt.read_manifest(path).bases] == ["step-0000000001"]
     assert _same(shardckpt.load_full(path), st) and verify_checkpoint(path).ok
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["ref"].update(dir="step-9"),             # a base the manifest's table does not list
+    lambda c: c["ref"].update(save_id="0" * 32),
+    lambda c: c["ref"].update(rank=-1),
+    lambda c: c.update(hash="XYZ"),
+    lambda c: c.pop("hash"),
+])
+def test_hostile_reference_in_an_index_is_rejected(tmp_path, edit):
+    from shardckpt import _ext
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    m = shardckpt.read_manifest(tmp_path / "b")
+    ipath = tmp_path / "b" / m.files[0].index
+    idx = json.load(open(ipath))
+    edit(next(c for c in idx["chunks"] if "ref" in c))
+    from shardckpt.format import canonical_json
+    data = canonical_json(idx)
+    ipath.write_bytes(data)
+    _rewrite(tmp_path / "b", lambda o: o["files"][0].update(index_size=len(data), index_crc32c=_ext.crc32c(data)))
+    with pytest.raises(FormatError):
+        shardckpt.load_full(tmp_path / "b")
