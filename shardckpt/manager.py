@@ -286,6 +286,7 @@ class CheckpointManager:
         kw = dict(process_group=self.process_group, metadata=meta, **self._save_kw)
         if self.incremental:
             kw.update(self._incremental_kw(step))
+            meta["incremental"] = {"since_full": self._since_full}  # read back after a restart
         if self.async_save:
             handle = async_save(state, path, **kw)
             self._pending = (step, handle)
@@ -296,11 +297,18 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
 
     def _incremental_kw(self, step: int) -> dict:
-        """All ranks: the base of an incremental save (the previous save of this manager, committed: the
-        previous save was reaped), or a full write with content hashes every full_every saves."""
+        """All ranks: the base of an incremental save (the previous save of this manager or the step it
+        restored, committed: the previous save was reaped), or a full write with content hashes every
+        full_every saves (counted in the manifests' user_metadata["incremental"], so restarts keep it)."""
         prev = self._last_saved_step
-        if (prev is None or prev == step or prev in self._bad_steps or self._since_full is None
-                or self._since_full + 1 >= self.full_every or not self._path(prev).exists(MANIFEST_NAME)):
+        committed = prev is not None and prev != step and prev not in self._bad_steps \
+            and self._path(prev).exists(MANIFEST_NAME)
+        if committed and self._since_full is None:  # after restore(): continue the restored step's count
+            since = self.metadata(prev).get("incremental", {})
+            self._since_full = since.get("since_full") if isinstance(since, dict) else None
+            if type(self._since_full) is not int:
+                self._since_full = None
+        if not committed or self._since_full is None or self._since_full + 1 >= self.full_every:
             self._since_full = 0
             return {"content_hash": True}
         self._since_full += 1

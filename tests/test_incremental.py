@@ -411,3 +411,21 @@ def test_hostile_reference_in_an_index_is_rejected(tmp_path, edit):
     _rewrite(tmp_path / "b", lambda o: o["files"][0].update(index_size=len(data), index_crc32c=_ext.crc32c(data)))
     with pytest.raises(FormatError):
         shardckpt.load_full(tmp_path / "b")
+
+
+def test_after_restore_the_manager_continues_incrementally_and_keeps_the_full_write_count(tmp_path):
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, full_every=3, async_save=False, preemption_signals=()) as mgr:
+        for step in (1, 2):
+            _train(st, step)
+            mgr.save(step, st)
+    back = _state(seed=5)
+    with CheckpointManager(tmp_path, incremental=True, full_every=3, async_save=False, preemption_signals=()) as mgr:
+        assert mgr.restore(back) == 2 and _same(back, st)
+        for step in (3, 4):
+            _train(back, step)
+            mgr.save(step, back)
+    bases = {s: [b.dir for b in shardckpt.read_manifest(tmp_path / f"step-{s:010d}").bases] for s in (1, 2, 3, 4)}
+    # step 1 full, 2 and 3 refer to 1 (the count survived the restart), 4 full again (full_every=3)
+    assert bases == {1: [], 2: ["step-0000000001"], 3: ["step-0000000001"], 4: []}
+    assert _same(shardckpt.load_full(tmp_path / "step-0000000004"), back)
