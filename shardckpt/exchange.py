@@ -29,7 +29,7 @@ import json
 import struct
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from .exchange_plan import ExchangePlan, plan_exchange
 from .format import MANIFEST_NAME, Chunk, Manifest
 from .geometry import frame_span
 from .reader import ReadStats, ReadTask, _decode_task, run_reads
+from .refs import base_storage
 from .storage.base import ReadRange, Storage
 
 MODES = ("auto", "always", "never")
@@ -88,37 +89,53 @@ def read_metadata(storage: Storage, comm) -> tuple[bytes, list[bytes]]:
 @dataclass
 class _Files:
     """Every data file's frames numbered in file order: offsets (plus the file size last), crc32c, and the
-    chunk each frame belongs to (for naming a corrupt one)."""
+    chunk each frame belongs to (for naming a corrupt one). The files of references (FORMAT.md §7) are in
+    their base checkpoints and numbered too; the stretches between the referenced frames there (other
+    chunks of the base) are numbered as frames no task needs, with crc32c None."""
     names: list[str]
-    ids: dict[str, int]
+    ids: dict[tuple[str, str], int]  # (base dir or "", file name) -> file id
     offsets: dict[int, list[int]]
-    crcs: dict[int, list[int]]
+    crcs: dict[int, list[int | None]]
     owners: dict[int, list[tuple[int, Chunk]]]  # per file: (first frame, chunk), sorted
+    bases: list[str] = field(default_factory=list)  # per file id: "" or the base directory holding it
 
     @classmethod
     def build(cls, manifest: Manifest, chunks_by_key: dict[str, list[Chunk]]) -> "_Files":
-        names = [f.data for f in manifest.files]
-        ids = {n: i for i, n in enumerate(names)}
+        keys = [("", f.data) for f in manifest.files]
+        ids = {k: i for i, k in enumerate(keys)}
         per: dict[int, list[Chunk]] = defaultdict(list)
         for chunks in chunks_by_key.values():
             for c in chunks:
-                if c.frames and not c.base:
-                    per[ids[c.file]].append(c)
+                if c.frames:
+                    if (c.base, c.file) not in ids:
+                        ids[(c.base, c.file)] = len(keys)
+                        keys.append((c.base, c.file))
+                    per[ids[(c.base, c.file)]].append(c)
         offsets, crcs, owners = {}, {}, {}
-        for f, entry in enumerate(manifest.files):
+        for f, (base_dir, _) in enumerate(keys):
             cs = sorted(per.get(f, ()), key=lambda c: c.frames[0].offset)
-            frames = [fr for c in cs for fr in c.frames]
-            offsets[f] = [fr.offset for fr in frames] + [entry.data_size]
-            crcs[f] = [fr.crc32c for fr in frames]
-            base, owned = 0, []
+            offs, crc, owned, pos = [], [], [], 0
             for c in cs:
-                owned.append((base, c))
-                base += len(c.frames)
-            owners[f] = owned
-        return cls(names, ids, offsets, crcs, owners)
+                if base_dir and c.frames[0].offset > pos:  # a stretch of the base file nobody refers to
+                    offs.append(pos)
+                    crc.append(None)
+                owned.append((len(offs), c))
+                offs += [fr.offset for fr in c.frames]
+                crc += [fr.crc32c for fr in c.frames]
+                pos = c.frames[-1].offset + c.frames[-1].stored_len
+            offsets[f] = offs + [manifest.files[f].data_size if f < len(manifest.files) else pos]
+            crcs[f], owners[f] = crc, owned
+        return cls([k[1] for k in keys], ids, offsets, crcs, owners, [k[0] for k in keys])
+
+    def storage(self, storage: Storage, f: int) -> Storage:
+        """The Storage holding file f: the checkpoint's own, or a reference's base (refs.base_storage)."""
+        return base_storage(storage, self.bases[f]) if f < len(self.bases) and self.bases[f] else storage
+
+    def url(self, storage: Storage, f: int) -> str:
+        return f"{self.storage(storage, f).url}/{self.names[f]}"
 
     def first_frame(self, chunk: Chunk) -> int:
-        f = self.ids[chunk.file]
+        f = self.ids[(chunk.base, chunk.file)]
         return bisect.bisect_left(self.offsets[f], chunk.frames[0].offset, 0, len(self.offsets[f]) - 1)
 
     def owner(self, f: int, frame: int) -> tuple[int, Chunk]:
@@ -143,7 +160,7 @@ def _my_tasks(tasks: list[ReadTask], files: _Files) -> list[_Task]:
         if span.nbytes == 0:
             continue
         base = files.first_frame(t.chunk)
-        out.append(_Task(t, span, files.ids[t.chunk.file], base + span.first, base + span.last))
+        out.append(_Task(t, span, files.ids[(t.chunk.base, t.chunk.file)], base + span.first, base + span.last))
     return out
 
 
@@ -164,15 +181,6 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
         ) -> ExchangeStats:
     """All ranks of the group: fill every rank's read tasks, fetching each needed frame once (module
     docstring, step 2). `error` is a failure this rank met while planning: every rank raises it."""
-    referred = [t for t in tasks if t.chunk.base]
-    if referred and error is None:
-        # References (FORMAT.md §7) point into earlier checkpoints' files, which the frame numbering below
-        # does not cover: each rank reads those itself, before the exchange, so a failure reaches it
-        tasks = [t for t in tasks if not t.chunk.base]
-        try:
-            run_reads(storage, manifest, referred, stats)
-        except Exception as e:
-            error = e
     files = _Files.build(manifest, chunks_by_key) if error is None else None
     mine = [] if error is not None else _my_tasks(tasks, files)
     runs = sorted({(t.file, t.first, t.end) for t in mine})
@@ -331,19 +339,21 @@ def _fetch_round(storage, plan: ExchangePlan, files: _Files, idx: list[int]) -> 
             out[i] = buf[pos:pos + p.nbytes]
             pos += p.nbytes
         try:
-            storage.read_ranges(files.names[f], ranges, buf)
+            files.storage(storage, f).read_ranges(files.names[f], ranges, buf)
         except CheckpointError as e:
             base, chunk = files.owner(f, plan.pieces[pieces[0]].first)
-            raise type(e)(e.message, key=chunk.key, file=f"{storage.url}/{files.names[f]}", rank=chunk.rank) from e
+            note = f"; checkpoint {storage.url} refers to it" if files.bases[f] else ""
+            raise type(e)(e.message + note, key=chunk.key, file=files.url(storage, f), rank=chunk.rank) from e
         for i in pieces:
             p = plan.pieces[i]
             a = out[i]
             for j in range(p.first, p.end):
                 lo, hi = offs[j] - offs[p.first], offs[j + 1] - offs[p.first]
-                if _ext.crc32c(a[lo:hi]) != files.crcs[f][j]:
+                if files.crcs[f][j] is not None and _ext.crc32c(a[lo:hi]) != files.crcs[f][j]:
                     base, chunk = files.owner(f, j)
-                    raise ChecksumError(f"frame {j - base} failed its crc32c check (fetched for the group)",
-                                        key=chunk.key, file=f"{storage.url}/{files.names[f]}", rank=chunk.rank)
+                    raise ChecksumError(f"frame {j - base} failed its crc32c check (fetched for the group)"
+                                        + (f"; checkpoint {storage.url} refers to it" if files.bases[f] else ""),
+                                        key=chunk.key, file=files.url(storage, f), rank=chunk.rank)
     return out
 
 

@@ -260,7 +260,9 @@ def _load_3(rank, ws, path):
     st = _dstate(mesh, 7)
     shardckpt.load(st, path)
     full = shardckpt.load_full(path, process_group=None)
-    return _plain(st), _plain(full)
+    from torch.distributed import group
+    shared = shardckpt.load_full(path, process_group=group.WORLD, exchange="always")  # read-once, references too
+    return _plain(st), _plain(full), _plain(shared)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -270,8 +272,8 @@ def test_two_ranks_incremental_then_reshard_onto_three(tmp_path, mode):
     m = shardckpt.read_manifest(path)
     assert m.bases and sum(f.ref_chunks for f in m.files) >= 3  # frozen.w (2 shards), emb, ids
     assert not any(_refs_rank(path, r)["head"] for r in range(2))
-    for got, full in run_ranks(3, _load_3, str(path)):
-        assert got == want and full == want
+    for got, full, shared in run_ranks(3, _load_3, str(path)):
+        assert got == want and full == want and shared == want
     assert verify_checkpoint(path).ok
 
 
@@ -429,3 +431,52 @@ def test_after_restore_the_manager_continues_incrementally_and_keeps_the_full_wr
     # step 1 full, 2 and 3 refer to 1 (the count survived the restart), 4 full again (full_every=3)
     assert bases == {1: [], 2: ["step-0000000001"], 3: ["step-0000000001"], 4: []}
     assert _same(shardckpt.load_full(tmp_path / "step-0000000004"), back)
+
+
+def _count_reads(rank, ws, path, mode):
+    from torch.distributed import group
+    from shardckpt.storage.local import LocalStorage
+    seen = {"n": 0}
+    real = LocalStorage.read_ranges
+
+    def counted(self, relpath, ranges, dest):
+        seen["n"] += sum(r.length for r in ranges)
+        return real(self, relpath, ranges, dest)
+    LocalStorage.read_ranges = counted
+    shardckpt.load_full(path, process_group=group.WORLD, exchange=mode)
+    return seen["n"]
+
+
+def test_group_restore_fetches_referenced_bytes_once(tmp_path):
+    """Every rank needs every byte (load_full on 3 ranks): with the exchange, referenced frames in the base
+    checkpoint are fetched once for the group, as the checkpoint's own frames are."""
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    _train(st, 1)
+    m = shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    total = m.stored_bytes + m.ref_stored_bytes
+    once = sum(run_ranks(3, _count_reads, str(tmp_path / "b"), "always"))
+    each = sum(run_ranks(3, _count_reads, str(tmp_path / "b"), "never"))
+    assert once <= 1.1 * total + 65536 and each >= 2.9 * total
+
+
+def _group_load_error(rank, ws, path):
+    from torch.distributed import group
+    try:
+        shardckpt.load_full(path, process_group=group.WORLD, exchange="always")
+    except (ChecksumError, CorruptDataError) as e:
+        return type(e).__name__, e.key, e.file, str(e)
+    return None
+
+
+def test_group_restore_with_corrupt_referenced_data_fails_on_every_rank(tmp_path):
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    _train(st, 1)
+    shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    data = tmp_path / "a" / shardckpt.read_manifest(tmp_path / "a").files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x01
+    data.write_bytes(bytes(raw))
+    for res in run_ranks(2, _group_load_error, str(tmp_path / "b")):
+        assert res is not None and res[1] and str(tmp_path / "a") in res[2] and str(tmp_path / "b") in res[3]
