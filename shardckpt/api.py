@@ -54,10 +54,12 @@ class _Prepared:
     base: Any = None                  # refs.BaseChunks: the earlier checkpoint unchanged chunks refer to
     error: str | None = None          # a failure of that early part, reported at the commit round
     committed: bytes | None = None    # coordinator: the manifest it committed
+    replace: bool = False             # coordinator: overwrite=True and a committed checkpoint is at the path
 
 
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
-             stage: bool, pool: HostBufferPool | None, base=None, content_hash: bool = False) -> _Prepared:
+             stage: bool, pool: HostBufferPool | None, base=None, content_hash: bool = False,
+             overwrite: bool = False) -> _Prepared:
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
     error, base_chunks = None, None
@@ -92,7 +94,7 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
         bad = next((r for r in records if r["error"]), None)
         if bad:
             verdict = {"ok": False, "kind": "error", "rank": bad["rank"], "message": bad["error"]}
-        elif records[0].get("exists"):
+        elif records[0].get("exists") and not overwrite:
             verdict = {"ok": False, "kind": "exists", "rank": 0,
                        "message": "a committed checkpoint already exists here; save to a new path "
                                   "(CheckpointManager uses one directory per step)"}
@@ -112,7 +114,8 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
     pool = pool or default_pool()
     total = sum(math.prod(i.shape) for i in infos)
     p = _Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta,
-                  hashed=content_hash or base is not None, base=base_chunks)
+                  hashed=content_hash or base is not None, base=base_chunks,
+                  replace=bool(comm.is_coordinator and records[0].get("exists")))
     # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
     # (and strided views, GPU tensors) snapshot through the staging pool.
     direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
@@ -163,7 +166,7 @@ def _write_and_commit(p: _Prepared) -> Manifest:
     except Exception as e:
         summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
     committed = commit.finish(comm, storage, p.save_id, summary, total_elements=p.total_elements,
-                              build=lambda files: _build_manifest(p, files))
+                              build=lambda files: _build_manifest(p, files), replace=p.replace)
     if committed is not None:
         return parse_manifest(committed, file=f"{storage.url}/{MANIFEST_NAME}")
     return _CommittedManifest(storage)
@@ -208,7 +211,8 @@ class _CommittedManifest(Manifest):
 
 def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata: dict | None = None,
          frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-         timeout_s: float | None = None, base=None, content_hash: bool = False) -> Manifest:
+         timeout_s: float | None = None, base=None, content_hash: bool = False,
+         overwrite: bool = False) -> Manifest:
     """Save a (distributed) state_dict to `path`. Call on every rank of the group with the same keys.
 
     Each rank writes the chunks it owns (DTensor shards; replicated data split across its replicas) to its
@@ -231,6 +235,9 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
             (an incremental checkpoint, format 2.0; FORMAT.md §7).
         content_hash: record every chunk's content hash (format 2.0) without a base, so that a later save
             can refer to this one (implied by `base`).
+        overwrite: replace a committed checkpoint at `path` instead of refusing: the new data goes beside
+            the old, manifest.json is replaced atomically (Storage.replace; commit.commit_manifest) and the
+            old data is deleted only once the new manifest is durable (the Lightning plugin's last.ckpt).
 
     Returns:
         The committed Manifest (on ranks other than the coordinator it is read from storage on first use).
@@ -239,7 +246,7 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
         raise ValueError("frame_size must be a positive multiple of 8")
     p = _prepare(state_dict, path, process_group=process_group, codec=codec, frame_size=frame_size,
                  metadata=metadata, storage_options=storage_options, timeout_s=timeout_s, stage=False, pool=None,
-                 base=base, content_hash=content_hash)
+                 base=base, content_hash=content_hash, overwrite=overwrite)
     return _write_and_commit(p)
 
 

@@ -68,6 +68,15 @@ class AsyncSaveHandle:
             if self._future.done():
                 self._observed = True
 
+    def add_done_callback(self, fn) -> None:
+        """Call fn(manifest, error) once the save finished (one of them None), on the background thread that
+        committed it, or at once if it has finished. Does not count as observing an error. Called by
+        CheckpointManager (its "committed" event); fn must be quick and must not block on a collective."""
+        def done(f: Future) -> None:
+            err = f.exception()
+            fn(None if err is not None else f.result(), err)
+        self._future.add_done_callback(done)
+
     def exception(self) -> BaseException | None:
         """The save's error once it finished (None while running or if it committed). Does not count as
         observing it: the error is still raised by wait() or the next async_save."""
@@ -132,7 +141,7 @@ def _saver_for(process_group, timeout_s: float | None) -> _AsyncSaver:
 def async_save(state_dict, path, *, process_group=None, codec: str = "auto", metadata: dict | None = None,
                frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
                timeout_s: float | None = None, max_in_flight: int = 1, base=None,
-               content_hash: bool = False) -> AsyncSaveHandle:
+               content_hash: bool = False, overwrite: bool = False) -> AsyncSaveHandle:
     """Save like shardckpt.save, returning as soon as the state is snapshotted into reused host buffers.
 
     Call on every rank of the group, in the same order as the group's other saves. After it returns the
@@ -163,7 +172,7 @@ def async_save(state_dict, path, *, process_group=None, codec: str = "auto", met
     pool = _free_pool(saver)
     prepared = api._prepare(state_dict, path, process_group=process_group, codec=codec, frame_size=frame_size,
                             metadata=metadata, storage_options=storage_options, timeout_s=timeout_s,
-                            stage=True, pool=pool, base=base, content_hash=content_hash)
+                            stage=True, pool=pool, base=base, content_hash=content_hash, overwrite=overwrite)
     prepared = replace(prepared, comm=saver.background)
     future = saver.executor.submit(api._write_and_commit, prepared)
     handle = AsyncSaveHandle(prepared.storage.url, future, time.perf_counter() - t0)

@@ -186,7 +186,7 @@ def raise_for(outcome: CommitOutcome, storage: Storage) -> None:
 
 
 def finish(comm, storage: Storage, save_id: str, summary: dict, *, total_elements: int,
-           build: Callable[[list[dict]], bytes]) -> bytes | None:
+           build: Callable[[list[dict]], bytes], replace: bool = False) -> bytes | None:
     """All ranks, after writing: gather the write summaries, let the coordinator commit, agree on the
     outcome, clean up only what is certainly uncommitted, and raise the same typed error on every rank.
 
@@ -195,6 +195,7 @@ def finish(comm, storage: Storage, save_id: str, summary: dict, *, total_element
         summary: this rank's {"rank", "ok", and SUMMARY_FIELDS | "error"} (no files: no data_size).
         total_elements: elements of all the state's tensors (each must be written exactly once).
         build: coordinator only: manifest bytes from the list of file entries.
+        replace: coordinator only: atomically replace the committed manifest at the path (overwrite=True).
 
     Returns:
         On the coordinator the committed manifest's bytes, elsewhere None.
@@ -204,7 +205,7 @@ def finish(comm, storage: Storage, save_id: str, summary: dict, *, total_element
     committed = None
     outcome = None
     if comm.is_coordinator:
-        outcome, committed = _coordinate(storage, save_id, records, total_elements, build)
+        outcome, committed = _coordinate(storage, save_id, records, total_elements, build, replace)
         if outcome.committed:
             fault_point("committed", 0)
     else:
@@ -217,7 +218,7 @@ def finish(comm, storage: Storage, save_id: str, summary: dict, *, total_element
     return committed
 
 
-def _coordinate(storage, save_id, records, total_elements, build) -> tuple[CommitOutcome, bytes | None]:
+def _coordinate(storage, save_id, records, total_elements, build, replace=False) -> tuple[CommitOutcome, bytes | None]:
     bad = next((r for r in records if not r["ok"]), None)
     if bad:
         return CommitOutcome(False, message=f"rank {bad['rank']}: {bad['error']}", rank=bad["rank"]), None
@@ -229,5 +230,5 @@ def _coordinate(storage, save_id, records, total_elements, build) -> tuple[Commi
         manifest = build(files)
     except Exception as e:
         return CommitOutcome(False, message=f"building the manifest failed: {error_text(e)}"), None
-    outcome = commit_manifest(storage, manifest, save_id, has_files=bool(files))
+    outcome = commit_manifest(storage, manifest, save_id, has_files=bool(files), replace=replace)
     return outcome, (manifest if outcome.committed else None)

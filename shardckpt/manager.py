@@ -9,8 +9,15 @@
             break                                  # every rank saved and the checkpoint committed
     manager.close()
 
+Policies (shardckpt.policy, decided on the coordinator and broadcast): save_best_only skips a save whose
+monitored metric does not improve on the best committed one by more than min_delta; early_stopping_patience
+sets `should_stop` on every rank once that many monitored saves in a row did not improve. Events
+(shardckpt.events: save started, snapshot done, committed, skipped, deleted, restored, failed) go to
+`callbacks` on the coordinator's event thread, never on the training thread.
+
 Layout: `root/step-<10-digit step>/` per checkpoint (a normal shardckpt checkpoint); the manifest's
-user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set). A step
+user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set,
+{"policy": {"best", "wait"}} with save_best_only or early stopping). A step
 exists once its manifest.json is committed (shardckpt.layout); shardckpt.gc collects what crashed saves left.
 
 Who does what:
@@ -27,7 +34,6 @@ half-deleted checkpoint that looks committed.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
@@ -41,6 +47,8 @@ from . import api, dist as sdist
 from .async_save import AsyncSaveHandle, async_save, warm_up
 from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, CoordinationError, CorruptDataError,
                      FormatError, IncompleteCheckpointError, StorageError)
+from .events import EventBus
+from .policy import Decision, Monitor, json_metrics, metric_value, rank_steps, steps_to_delete
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
 from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
@@ -65,15 +73,6 @@ def _signum(s) -> int:
     if isinstance(s, str):
         return int(getattr(signal, s if s.startswith("SIG") else "SIG" + s))
     return int(s)
-
-
-def _json_metrics(metrics: dict | None) -> dict:
-    out = {}
-    for k, v in (metrics or {}).items():
-        if isinstance(v, torch.Tensor):
-            v = v.item()
-        out[str(k)] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-    return out
 
 
 class CheckpointManager:
@@ -109,6 +108,15 @@ class CheckpointManager:
         full_every: with incremental, every full_every-th save of this manager (and its first) writes
             everything, so references never reach further back than full_every saves and retention can
             free old steps' data.
+        callbacks: shardckpt.events callbacks (TensorBoardCallback, MLflowCallback, yours), called on the
+            coordinator's event thread; one that raises is logged and never fails a save.
+        save_best_only: skip a save (nothing written, maybe_save returns False) unless metrics[monitor]
+            improves on the best committed value by more than min_delta; the first save always happens, and
+            so do preemption saves and force=True (Keras' ModelCheckpoint(save_best_only=True)).
+        min_delta: the smallest change that counts as an improvement (save_best_only, early stopping).
+        early_stopping_patience: `should_stop` turns True on every rank once this many monitored saves in a
+            row did not improve (Keras' / Lightning's EarlyStopping(patience)); restore(state, "best") then
+            gives back the best step.
     """
 
     def __init__(self, root, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
@@ -118,18 +126,25 @@ class CheckpointManager:
                  preemption_check_every: int = 1,
                  gc_grace_s: float = DEFAULT_GC_GRACE_S, verify: str = "index", codec: str = "auto",
                  frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-                 timeout_s: float | None = None, incremental: bool = False, full_every: int = 8):
+                 timeout_s: float | None = None, incremental: bool = False, full_every: int = 8,
+                 callbacks: Iterable = (), save_best_only: bool = False, min_delta: float = 0.0,
+                 early_stopping_patience: int | None = None):
         if full_every < 1:
             raise ValueError("full_every must be >= 1")
         self.incremental, self.full_every, self._since_full = incremental, full_every, None
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
-        if keep_best and not monitor:
-            raise ValueError("keep_best needs monitor= (the metric to rank steps by)")
+        for name, v in (("keep_best", keep_best), ("save_best_only", save_best_only),
+                        ("early_stopping_patience", early_stopping_patience)):
+            if v and not monitor:
+                raise ValueError(f"{name} needs monitor= (the metric to rank steps by)")
+        if min_delta < 0:
+            raise ValueError("min_delta must be >= 0")
         if verify not in ("index", "full"):
             raise ValueError("verify must be 'index' or 'full'")
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("save_every_steps", save_every_steps),
-                        ("keep_every_steps", keep_every_steps), ("preemption_check_every", preemption_check_every)):
+                        ("keep_every_steps", keep_every_steps), ("preemption_check_every", preemption_check_every),
+                        ("early_stopping_patience", early_stopping_patience)):
             if v is not None and v < 1 and not (name == "keep_best" and v == 0):
                 raise ValueError(f"{name} must be >= 1")
         self.storage = storage_for(root, storage_options)
@@ -143,6 +158,10 @@ class CheckpointManager:
         self.gc_grace_s, self.verify = gc_grace_s, verify
         self._save_kw = {"codec": codec, "frame_size": frame_size, "timeout_s": timeout_s}
         self.comm = sdist.comm_for(process_group, timeout_s)
+        self.events = EventBus(callbacks, enabled=self.comm.is_coordinator)
+        self._monitor = Monitor(mode, min_delta, save_best_only, early_stopping_patience) \
+            if save_best_only or early_stopping_patience else None
+        self.should_stop = False  # early stopping: set on every rank together
         self._check_writable()
         self.preempted = False
         self._signalled: int | None = None
@@ -209,21 +228,15 @@ class CheckpointManager:
 
     def _metric(self, step: int) -> float | None:
         try:
-            v = self.metadata(step).get("metrics", {}).get(self.monitor)
+            return metric_value(self.metadata(step).get("metrics", {}), self.monitor)
         except Exception:
             return None
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
-            return None
-        return float(v)
 
     def _ranked_by_metric(self, steps: list[int]) -> list[int]:
         """Steps with the monitored metric, best first (ties: the newer step first)."""
         if not self.monitor:
             return []
-        scored = [(m, s) for s in steps if (m := self._metric(s)) is not None]
-        sign = 1.0 if self.mode == "min" else -1.0
-        scored.sort(key=lambda ms: (sign * ms[0], -ms[1]))
-        return [s for _, s in scored]
+        return rank_steps([(m, s) for s in steps if (m := self._metric(s)) is not None], self.mode)
 
     def _path(self, step: int) -> Storage:
         return self.storage.child(step_dir(step))
@@ -246,7 +259,8 @@ class CheckpointManager:
             return False
         if step != self._last_saved_step:
             try:
-                self.save(step, state, metrics)
+                if not self.save(step, state, metrics, _always=force or preempt):
+                    return False
             except CheckpointExistsError:
                 log.warning("step %d is already committed under %s (a resumed or rolled-back run?); not "
                             "saving it again", step, self.root)
@@ -271,30 +285,88 @@ class CheckpointManager:
                                     rank=self.comm.global_rank) from e
         return t.tolist()
 
-    def save(self, step: int, state, metrics: dict | None = None) -> None:
+    def save(self, step: int, state, metrics: dict | None = None, *, _always: bool = False) -> bool:
         """Save `state` as step `step` (all ranks). Waits for the previous save to commit first (its
-        errors raise here). Asynchronous managers return once the state is snapshotted."""
+        errors raise here). Asynchronous managers return once the state is snapshotted. Returns False
+        when save_best_only skipped it (nothing written; every rank returns False)."""
         self._reap(block=True)
+        policy = self._decide(step, metrics, _always) if self._monitor else None
+        if policy is not None and not policy[0].save:
+            return False
         if self.comm.is_coordinator and step in self._bad_steps:
             log.warning("replacing step %d, found corrupt at restore", step)
             self._delete_step(step)
             self._bad_steps.discard(step)
-        meta = {"step": int(step), "metrics": _json_metrics(metrics)}
+        meta = {"step": int(step), "metrics": json_metrics(metrics)}
         if self.monitor:  # so `shardckpt ls` marks the same best step without being told the metric
             meta["monitor"] = {"metric": self.monitor, "mode": self.mode}
+        if policy is not None:  # what a job resumed from this step counts on from (policy.Monitor.load)
+            self._monitor.apply(policy[1], policy[0])
+            meta["policy"] = self._monitor.state()
         path = self._path(step)
         kw = dict(process_group=self.process_group, metadata=meta, **self._save_kw)
         if self.incremental:
             kw.update(self._incremental_kw(step))
             meta["incremental"] = {"since_full": self._since_full}  # read back after a restart
-        if self.async_save:
-            handle = async_save(state, path, **kw)
-            self._pending = (step, handle)
-        else:
-            api.save(state, path, **kw)
-            self._after_commit(step)
+        t0 = time.monotonic()
+        self.events.emit("save_started", step, path=path.url, metrics=meta["metrics"])
+        try:
+            if self.async_save:
+                handle = async_save(state, path, **kw)
+                self._pending = (step, handle)
+                self.events.emit("snapshot_done", step, path=path.url, stall_s=handle.stall_s)
+                if self.events.enabled:
+                    handle.add_done_callback(lambda m, err: self._report(step, path.url, meta, t0, handle.stall_s,
+                                                                         m, err))
+            else:
+                manifest = api.save(state, path, **kw)
+                stall = time.monotonic() - t0
+                self.events.emit("snapshot_done", step, path=path.url, stall_s=stall)
+                self._report(step, path.url, meta, t0, stall, manifest, None)
+                self._after_commit(step)
+        except Exception as e:
+            self.events.emit("failed", step, path=path.url, error=f"{type(e).__name__}: {e}"[:2000])
+            raise
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
+        return True
+
+    def _report(self, step, url, meta, t0, stall_s, manifest, err) -> None:
+        """Coordinator: the committed (or failed) event of a save; for async saves on the thread that
+        committed it. Only queues an event: never blocks, never raises."""
+        if err is not None:
+            self.events.emit("failed", step, path=url, error=f"{type(err).__name__}: {err}"[:2000])
+            return
+        try:
+            raw, stored = manifest.raw_bytes, manifest.stored_bytes
+        except Exception:
+            raw = stored = None
+        self.events.emit("committed", step, path=url, metrics=meta["metrics"], stall_s=stall_s,
+                         durable_s=time.monotonic() - t0, raw_bytes=raw, stored_bytes=stored)
+
+    def _decide(self, step: int, metrics: dict | None, always: bool) -> tuple[Decision, float | None]:
+        """All ranks: the coordinator's policy decision for this save and its metric value, broadcast (one
+        small record); sets should_stop. Preemption and forced saves are always written."""
+        record = None
+        if self.comm.is_coordinator:
+            mon = self._monitor
+            if not mon.known:  # a fresh manager on an existing root: the best committed value counts
+                best = self.best_step()
+                mon.load(None, None if best is None else self._metric(best))
+            value = metric_value(metrics, self.monitor)
+            d = mon.decide(value)
+            record = {"save": d.save or always, "improved": d.improved, "stop": d.stop, "value": value}
+        record = self.comm.broadcast_json(record)
+        d = Decision(record["save"], record["improved"], record["stop"])
+        if d.stop and not self.should_stop and self.comm.is_coordinator:
+            log.warning("early stopping: %d monitored saves without improving %s by more than %g (best %s); "
+                        "restore(state, 'best') gives the best step", self._monitor.patience, self.monitor,
+                        self._monitor.min_delta, self._monitor.best)
+        self.should_stop = self.should_stop or d.stop
+        if not d.save:
+            self._monitor.apply(record["value"], d)
+            self.events.emit("skipped", step, metrics=json_metrics(metrics), value=record["value"])
+        return d, record["value"]
 
     def _incremental_kw(self, step: int) -> dict:
         """All ranks: the base of an incremental save (the previous save of this manager or the step it
@@ -322,7 +394,7 @@ class CheckpointManager:
         if not block and not handle.done():
             return
         self._pending = None
-        handle.wait()
+        handle.wait()  # its committed / failed event was queued by the thread that committed it
         self._after_commit(step)
 
     def wait(self) -> None:
@@ -330,10 +402,12 @@ class CheckpointManager:
         self._reap(block=True)
 
     def close(self) -> None:
-        """Wait for the pending save and restore the previous signal handlers."""
+        """Wait for the pending save, deliver the queued events (then close the callbacks) and restore the
+        previous signal handlers."""
         try:
             self.wait()
         finally:
+            self.events.close()
             for num, old in self._old_handlers.items():
                 try:
                     signal.signal(num, old)
@@ -356,6 +430,7 @@ class CheckpointManager:
         try:
             for s in self.to_delete():
                 self._delete_step(s)
+                self.events.emit("deleted", s, path=self._path(s).url)
             self._gc()
         except Exception as e:
             log.warning("checkpoint retention under %s failed: %s: %s", self.root, type(e).__name__, e)
@@ -365,15 +440,9 @@ class CheckpointManager:
         if self.keep_last is None and not self.keep_best:
             return []
         steps = self.steps()
-        if not steps:
-            return []
-        keep = {steps[-1]}
-        keep.update(steps[-self.keep_last:] if self.keep_last else [])
-        if self.keep_best:
-            keep.update(self._ranked_by_metric(steps)[:self.keep_best])
-        if self.keep_every_steps:
-            keep.update(s for s in steps if s % self.keep_every_steps == 0)
-        return [s for s in steps if s not in keep]
+        return steps_to_delete(steps, self._ranked_by_metric(steps) if self.keep_best else [],
+                               keep_last=self.keep_last, keep_best=self.keep_best,
+                               keep_every_steps=self.keep_every_steps)
 
     def _delete_step(self, step: int) -> None:
         # manifest first, then the data no kept step's references need (gc.retire_step)
@@ -399,6 +468,7 @@ class CheckpointManager:
         self._reap(block=True)
         if step not in ("latest", "best") and not isinstance(step, int):
             raise ValueError("step must be 'latest', 'best' or an int")
+        t0 = time.monotonic()
         order: list[int] = []
         if self.comm.is_coordinator:
             steps = self.steps()
@@ -412,6 +482,7 @@ class CheckpointManager:
             nxt = self.comm.broadcast_json(nxt)
             if nxt is None:
                 if isinstance(step, int):
+                    self.events.emit("failed", step, path=self.root, error="no such committed step")
                     raise CheckpointError(f"checkpoint step {step} cannot be restored", file=self.root)
                 self._warm_up(state)
                 return None
@@ -421,15 +492,35 @@ class CheckpointManager:
                 if self.comm.is_coordinator and tried > 1:
                     log.warning("restored step %d instead (fell back past %d bad step(s))", nxt, tried - 1)
                 self._last_saved_step = nxt
+                self._on_restored(nxt)
+                self.events.emit("restored", nxt, path=self._path(nxt).url, tier="root",
+                                 seconds=time.monotonic() - t0)
                 self._warm_up(state)
                 return nxt
             self._bad_steps.add(nxt)
             if self.comm.is_coordinator:
                 log.warning("checkpoint step %d under %s is unreadable or corrupt (%s); falling back to the "
                             "previous valid one", nxt, self.root, problem)
+            self.events.emit("failed", nxt, path=self._path(nxt).url, error=problem[:2000])
             if isinstance(step, int):
                 raise CheckpointError(f"checkpoint step {nxt} is unreadable or corrupt: {problem}",
                                       file=f"{self.root}/{step_dir(nxt)}")
+
+    def _on_restored(self, step: int) -> None:
+        """All ranks: the policy state resumes from the restored step's metadata (coordinator reads it)."""
+        if self._monitor is None:
+            return
+        saved = None
+        if self.comm.is_coordinator:
+            try:
+                saved = self.metadata(step).get("policy")
+            except Exception:
+                saved = None
+            best = self.best_step() if not isinstance(saved, dict) else None
+            saved = {"state": saved, "fallback": None if best is None else self._metric(best)}
+        saved = self.comm.broadcast_json(saved)
+        self._monitor.load(saved["state"], saved["fallback"])
+        self.should_stop = self._monitor.stopped
 
     def _warm_up(self, state) -> None:
         """After restore (every job's first call): create the async-save groups and pre-fault the staging

@@ -238,3 +238,98 @@ def test_ls_marks_the_managers_best_step_without_being_told_the_metric(tmp_path)
     steps = {s.step: s for s in list_steps(str(tmp_path))}
     assert steps[2].best and steps[3].latest and not steps[3].best
     assert sorted(steps) == [2, 3]  # retention kept the best and the latest
+
+
+# ------------------------------------------------------------------ policies and events (issue 16)
+
+class _Recorder:
+    def __init__(self):
+        import threading
+        self.events, self.threads = [], set()
+        self._threading = threading
+
+    def on_event(self, e):
+        self.events.append(e)
+        self.threads.add(self._threading.current_thread().name)
+
+
+class _Broken:
+    def on_event(self, e):
+        raise RuntimeError("tracker down")
+
+
+def test_save_best_only_min_delta_and_early_stopping_with_best_restorable(tmp_path, caplog):
+    rec = _Recorder()
+    losses = {1: 5.0, 2: 4.95, 3: 4.0, 4: 3.95, 5: 3.95, 6: 1.0}
+    m = CheckpointManager(tmp_path, save_every_steps=1, monitor="loss", save_best_only=True, min_delta=0.1,
+                          early_stopping_patience=2, callbacks=[_Broken(), rec], preemption_signals=())
+    saved, stop_at = [], None
+    for step in range(1, 7):
+        if m.maybe_save(step, _state(step), metrics={"loss": losses[step]}):
+            saved.append(step)
+        if m.should_stop:
+            stop_at = step
+            break
+    m.close()
+    assert saved == [1, 3]  # the first always; 2 and 4 improve by less than min_delta: nothing written
+    assert m.steps() == [1, 3] and stop_at == 5  # 4 and 5 did not improve: patience 2 reached
+    assert m.metadata(3)["policy"] == {"best": 4.0, "wait": 0}
+    into = _state(-1)
+    assert m.restore(into, "best") == 3 and torch.equal(into["w"], _state(3)["w"])
+    kinds = [(e.kind, e.step) for e in rec.events]
+    assert kinds[:3] == [("save_started", 1), ("snapshot_done", 1), ("committed", 1)]
+    assert ("skipped", 2) in kinds and ("skipped", 4) in kinds and ("skipped", 5) in kinds
+    committed = [e for e in rec.events if e.kind == "committed"]
+    assert [e.step for e in committed] == [1, 3] and all(e.durable_s >= e.stall_s > 0 for e in committed)
+    assert [(e.raw_bytes, e.stored_bytes > 0) for e in committed] == [(sum(t.numel() * t.element_size() for t in (_state(1)["w"], _state(1)["n"])), True)] * 2
+    assert committed[1].metrics == {"loss": 4.0} and committed[1].path.endswith(step_dir(3))
+    assert rec.threads == {"shardckpt-events"}  # never the training thread
+    assert "tracker down" in caplog.text  # the failing callback was logged and did not fail a save
+    # a restarted job resumes the count from the restored step's metadata: the next save must beat 4.0
+    m2 = CheckpointManager(tmp_path, save_every_steps=1, monitor="loss", save_best_only=True, min_delta=0.1,
+                           early_stopping_patience=2, preemption_signals=())
+    assert m2.restore(_state(-1)) == 3 and not m2.should_stop
+    assert not m2.maybe_save(4, _state(4), metrics={"loss": 3.95})
+    assert m2.maybe_save(6, _state(6), metrics={"loss": 1.0})
+    m2.close()
+    assert m2.steps() == [1, 3, 6]
+
+
+def test_async_commit_event_comes_from_the_background_save_and_retention_reports_deletes(tmp_path):
+    rec = _Recorder()
+    m = CheckpointManager(tmp_path, keep_last=1, async_save=True, callbacks=[rec], preemption_signals=())
+    for s in (1, 2):
+        m.save(s, _state(s), metrics={"loss": float(s)})
+    r = m.restore(_state(-1))
+    m.close()
+    kinds = [(e.kind, e.step) for e in rec.events]
+    assert kinds.index(("committed", 1)) < kinds.index(("save_started", 2))
+    assert ("deleted", 1) in kinds and kinds.index(("committed", 2)) < kinds.index(("deleted", 1))
+    restored = [e for e in rec.events if e.kind == "restored"]
+    assert r == 2 and restored[0].step == 2 and restored[0].tier == "root" and restored[0].seconds > 0
+
+
+def test_policy_options_are_checked():
+    for kw in ({"save_best_only": True}, {"early_stopping_patience": 2}):
+        with pytest.raises(ValueError, match="needs monitor"):
+            CheckpointManager("memory://pol", **kw)
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        CheckpointManager("memory://pol", monitor="l", early_stopping_patience=0)
+    with pytest.raises(TypeError):
+        CheckpointManager("memory://pol", callbacks=[object()])
+
+
+def _best_only_ranks(rank, ws, root):
+    m = CheckpointManager(root, save_every_steps=1, monitor="loss", save_best_only=True,
+                          early_stopping_patience=1, preemption_signals=())
+    # each rank sees its own loss; the coordinator's decides for all (rank 1's would save step 2)
+    losses = {1: 3.0, 2: 4.0 if rank == 0 else 1.0}
+    saved = [s for s in (1, 2) if m.maybe_save(s, {"w": torch.full((8,), float(s))}, metrics={"loss": losses[s]})]
+    stop = m.should_stop
+    m.close()
+    return saved, stop, m.steps()
+
+
+def test_save_best_only_and_early_stopping_agree_on_every_rank(tmp_path):
+    for saved, stop, steps in run_ranks(2, _best_only_ranks, str(tmp_path), timeout=120):
+        assert saved == [1] and stop and steps == [1]

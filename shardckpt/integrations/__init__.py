@@ -1,0 +1,10 @@
+"""Integrations with the tools people train and watch runs with. One module each, importing its framework
+only when imported itself (the core never imports these):
+
+  shardckpt.integrations.lightning     ShardckptCheckpointIO, AsyncShardckptCheckpointIO (pytorch-lightning 2)
+  shardckpt.integrations.tensorboard   TensorBoardCallback (CheckpointManager callbacks=)
+  shardckpt.integrations.mlflow        MLflowCallback (CheckpointManager callbacks=)
+
+Install the framework with the matching extra: pip install "shardckpt[lightning]" / "[tensorboard]" /
+"[mlflow]".
+"""
