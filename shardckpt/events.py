@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("shardckpt")
@@ -138,3 +139,19 @@ class EventBus:
                     close()
                 except Exception as e:
                     log.warning("shardckpt: closing checkpoint callback %s failed: %s", type(cb).__name__, e)
+
+
+def report_commit(bus: EventBus, step: int, url: str, metrics: dict, t0: float, stall_s: float, manifest,
+                  err: BaseException | None) -> None:
+    """Coordinator: queue the committed (or failed) event of a save begun at time.monotonic() t0; for
+    async saves called on the background thread that committed it (AsyncSaveHandle.add_done_callback).
+    Only queues: never blocks, never raises."""
+    if err is not None:
+        bus.emit("failed", step, path=url, error=f"{type(err).__name__}: {err}"[:2000])
+        return
+    try:
+        raw, stored = manifest.raw_bytes, manifest.stored_bytes
+    except Exception:
+        raw = stored = None
+    bus.emit("committed", step, path=url, metrics=metrics, stall_s=stall_s, durable_s=time.monotonic() - t0,
+             raw_bytes=raw, stored_bytes=stored)

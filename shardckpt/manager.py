@@ -43,23 +43,18 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from . import api, dist as sdist
-from .async_save import AsyncSaveHandle, async_save, warm_up
-from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, CoordinationError, CorruptDataError,
-                     FormatError, IncompleteCheckpointError, StorageError)
-from .events import EventBus
-from .policy import Decision, Monitor, json_metrics, metric_value, rank_steps, steps_to_delete
+from . import api, dist as sdist, restoring
+from .async_save import AsyncSaveHandle, async_save
+from .errors import CheckpointExistsError, CoordinationError, StorageError
+from .events import EventBus, report_commit
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
 from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
-from .state import load_training_state
+from .policy import Decision, Monitor, json_metrics, metric_value, rank_steps, steps_to_delete
 from .storage import Storage, storage_for
 from .verify import list_problems
 
 log = logging.getLogger("shardckpt")
-
-_CORRUPTION = (ChecksumError, CorruptDataError, FormatError, IncompleteCheckpointError, StorageError,
-               FileNotFoundError)
 
 
 # verify_checkpoint(path, *, full=False, storage_options=None, rank=0, world_size=1) -> list[str]: restore's
@@ -315,14 +310,15 @@ class CheckpointManager:
                 handle = async_save(state, path, **kw)
                 self._pending = (step, handle)
                 self.events.emit("snapshot_done", step, path=path.url, stall_s=handle.stall_s)
-                if self.events.enabled:
-                    handle.add_done_callback(lambda m, err: self._report(step, path.url, meta, t0, handle.stall_s,
-                                                                         m, err))
+                if self.events.enabled:  # queued by the background thread that commits it
+                    stall = handle.stall_s
+                    handle.add_done_callback(lambda m, err: report_commit(self.events, step, path.url,
+                                                                          meta["metrics"], t0, stall, m, err))
             else:
                 manifest = api.save(state, path, **kw)
                 stall = time.monotonic() - t0
                 self.events.emit("snapshot_done", step, path=path.url, stall_s=stall)
-                self._report(step, path.url, meta, t0, stall, manifest, None)
+                report_commit(self.events, step, path.url, meta["metrics"], t0, stall, manifest, None)
                 self._after_commit(step)
         except Exception as e:
             self.events.emit("failed", step, path=path.url, error=f"{type(e).__name__}: {e}"[:2000])
@@ -330,19 +326,6 @@ class CheckpointManager:
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         return True
-
-    def _report(self, step, url, meta, t0, stall_s, manifest, err) -> None:
-        """Coordinator: the committed (or failed) event of a save; for async saves on the thread that
-        committed it. Only queues an event: never blocks, never raises."""
-        if err is not None:
-            self.events.emit("failed", step, path=url, error=f"{type(err).__name__}: {err}"[:2000])
-            return
-        try:
-            raw, stored = manifest.raw_bytes, manifest.stored_bytes
-        except Exception:
-            raw = stored = None
-        self.events.emit("committed", step, path=url, metrics=meta["metrics"], stall_s=stall_s,
-                         durable_s=time.monotonic() - t0, raw_bytes=raw, stored_bytes=stored)
 
     def _decide(self, step: int, metrics: dict | None, always: bool) -> tuple[Decision, float | None]:
         """All ranks: the coordinator's policy decision for this save and its metric value, broadcast (one
@@ -464,96 +447,7 @@ class CheckpointManager:
         """Load `state` in place from a committed step (all ranks): "latest", "best" or a step number.
         The checkpoint is verified first (`verify`); for "latest" and "best", an unreadable or corrupt one
         is skipped with a warning naming it, and the next one (older, or next best) is tried. Returns the
-        step restored, or None if there is no (valid) checkpoint. A step number that fails raises."""
+        step restored, or None if there is no (valid) checkpoint. A step number that fails raises.
+        (shardckpt.restoring does the work.)"""
         self._reap(block=True)
-        if step not in ("latest", "best") and not isinstance(step, int):
-            raise ValueError("step must be 'latest', 'best' or an int")
-        t0 = time.monotonic()
-        order: list[int] = []
-        if self.comm.is_coordinator:
-            steps = self.steps()
-            order = steps[::-1] if step == "latest" else self._ranked_by_metric(steps) if step == "best" \
-                else [step]
-        tried = 0
-        while True:
-            nxt = None
-            if self.comm.is_coordinator:
-                nxt = order[tried] if tried < len(order) else None
-            nxt = self.comm.broadcast_json(nxt)
-            if nxt is None:
-                if isinstance(step, int):
-                    self.events.emit("failed", step, path=self.root, error="no such committed step")
-                    raise CheckpointError(f"checkpoint step {step} cannot be restored", file=self.root)
-                self._warm_up(state)
-                return None
-            tried += 1
-            problem = self._check_and_load(nxt, state)
-            if problem is None:
-                if self.comm.is_coordinator and tried > 1:
-                    log.warning("restored step %d instead (fell back past %d bad step(s))", nxt, tried - 1)
-                self._last_saved_step = nxt
-                self._on_restored(nxt)
-                self.events.emit("restored", nxt, path=self._path(nxt).url, tier="root",
-                                 seconds=time.monotonic() - t0)
-                self._warm_up(state)
-                return nxt
-            self._bad_steps.add(nxt)
-            if self.comm.is_coordinator:
-                log.warning("checkpoint step %d under %s is unreadable or corrupt (%s); falling back to the "
-                            "previous valid one", nxt, self.root, problem)
-            self.events.emit("failed", nxt, path=self._path(nxt).url, error=problem[:2000])
-            if isinstance(step, int):
-                raise CheckpointError(f"checkpoint step {nxt} is unreadable or corrupt: {problem}",
-                                      file=f"{self.root}/{step_dir(nxt)}")
-
-    def _on_restored(self, step: int) -> None:
-        """All ranks: the policy state resumes from the restored step's metadata (coordinator reads it)."""
-        if self._monitor is None:
-            return
-        saved = None
-        if self.comm.is_coordinator:
-            try:
-                saved = self.metadata(step).get("policy")
-            except Exception:
-                saved = None
-            best = self.best_step() if not isinstance(saved, dict) else None
-            saved = {"state": saved, "fallback": None if best is None else self._metric(best)}
-        saved = self.comm.broadcast_json(saved)
-        self._monitor.load(saved["state"], saved["fallback"])
-        self.should_stop = self._monitor.stopped
-
-    def _warm_up(self, state) -> None:
-        """After restore (every job's first call): create the async-save groups and pre-fault the staging
-        pool in the background, so the first save stalls no longer than later ones."""
-        if self.async_save:
-            warm_up(state, process_group=self.process_group, codec=self._save_kw["codec"],
-                    timeout_s=self._save_kw["timeout_s"])
-
-    def _check_and_load(self, step: int, state) -> str | None:
-        """Verify (work shared across ranks), then load; ranks agree on the outcome. None means restored."""
-        path = self._path(step)
-        mine = verify_checkpoint(path, full=self.verify == "full", rank=self.comm.rank,
-                                 world_size=self.comm.world_size)
-        problem = self._agree_problem(mine[0] if mine else None, fatal=False)
-        if problem is not None:
-            return problem
-        err, fatal = None, False
-        try:
-            load_training_state(state, path, process_group=self.process_group)
-        except Exception as e:
-            err = f"rank {self.comm.rank}: {type(e).__name__}: {e}"
-            fatal = not isinstance(e, _CORRUPTION)  # the caller's state does not fit: never fall back
-        return self._agree_problem(err, fatal)
-
-    def _agree_problem(self, problem: str | None, fatal: bool) -> str | None:
-        """The first rank's problem, on every rank; raises everywhere if it is the caller's mistake."""
-        records = self.comm.gather_json({"p": problem[:1500] if problem else None, "fatal": fatal})
-        verdict = None
-        if self.comm.is_coordinator:
-            verdict = next(({"p": r["p"], "fatal": r["fatal"]} for r in records if r["p"]), None)
-        verdict = self.comm.broadcast_json(verdict)
-        if verdict is None:
-            return None
-        if verdict["fatal"]:
-            raise CheckpointError(f"restore failed: {verdict['p']}", file=self.root)
-        return verdict["p"]
+        return restoring.restore(self, state, step)
