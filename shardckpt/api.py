@@ -151,8 +151,10 @@ def _stream_overflow(p: _Prepared, items: list[WriteItem], pool: HostBufferPool)
     return items[tail:]
 
 
-def _write_and_commit(p: _Prepared) -> Manifest:
-    """Every rank: encode and write this rank's files, then run the commit protocol (commit.finish)."""
+def _write_and_commit(p: _Prepared, after_write=None) -> Manifest:
+    """Every rank: encode and write this rank's files, then run the commit protocol (commit.finish).
+    `after_write(summary) -> summary` runs on every rank between the two, failed write or not (it may be
+    collective): shardckpt.tiers replicates a local save's files to peers there, before the commit."""
     comm, storage = p.comm, p.storage
     summary: dict = {"rank": comm.rank, "ok": True}
     try:
@@ -165,6 +167,8 @@ def _write_and_commit(p: _Prepared) -> Manifest:
         fault_point("before_commit", comm.rank)
     except Exception as e:
         summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
+    if after_write is not None:
+        summary = after_write(summary)
     committed = commit.finish(comm, storage, p.save_id, summary, total_elements=p.total_elements,
                               build=lambda files: _build_manifest(p, files), replace=p.replace)
     if committed is not None:

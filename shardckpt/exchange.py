@@ -177,10 +177,12 @@ class ExchangeStats:
 
 
 def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chunk]], tasks: list[ReadTask],
-        comm, *, mode: str = "auto", error: BaseException | None = None, stats: ReadStats | None = None
-        ) -> ExchangeStats:
+        comm, *, mode: str = "auto", error: BaseException | None = None, stats: ReadStats | None = None,
+        holders: dict[int, list[int]] | None = None) -> ExchangeStats:
     """All ranks of the group: fill every rank's read tasks, fetching each needed frame once (module
-    docstring, step 2). `error` is a failure this rank met while planning: every rank raises it."""
+    docstring, step 2). `error` is a failure this rank met while planning: every rank raises it.
+    `holders` (a node-local tier's restore, shardckpt.tiers): per manifest file index, the ranks whose
+    `storage` holds that file; only they fetch it, and the exchange always runs (no direct reads)."""
     files = _Files.build(manifest, chunks_by_key) if error is None else None
     mine = [] if error is not None else _my_tasks(tasks, files)
     runs = sorted({(t.file, t.first, t.end) for t in mine})
@@ -196,9 +198,9 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
             raise error
         raise error_from(failed)
     needs = [[tuple(r) for r in parsed[b]["runs"]] for b in blobs]
-    plan = plan_exchange(needs, files.offsets)
+    plan = plan_exchange(needs, files.offsets, holders=holders)
     out = ExchangeStats()
-    if mode != "always" and not plan.worth_exchanging:
+    if mode != "always" and holders is None and not plan.worth_exchanging:
         run_reads(storage, manifest, tasks, stats)  # (almost) nothing is needed twice: read directly
         out.bytes_fetched = plan.fetched_bytes(comm.rank)
         return out

@@ -11,7 +11,10 @@ bytes are a difference of frame offsets.
   2. a sweep per file cuts the needed frames into segments with one set of needing ranks each
   3. segments are cut into pieces at frame boundaries (up to one per needing rank, at least MIN_PIECE bytes
      each, at most MAX_PIECE) and each piece goes to the least-loaded rank that needs it: every needed frame
-     is fetched exactly once, by a rank that needs it, and replicas share the fetching evenly by bytes
+     is fetched exactly once, by a rank that needs it, and replicas share the fetching evenly by bytes.
+     With `holders` (a node-local tier's restore, shardckpt.tiers: only the ranks whose node's disk holds a
+     file can read it) the fetcher is the least-loaded rank that both needs and holds the piece, else the
+     least-loaded holder, which then only sends it
   4. pieces, in file order, are grouped into rounds in which no rank fetches more than ROUND_BYTES, so the
      exchange streams with bounded memory
 """
@@ -33,7 +36,8 @@ Run = tuple[int, int, int]  # (file id, first frame, end frame)
 @dataclass(frozen=True)
 class Piece:
     """Frames [first, end) of data file `file`: `nbytes` stored bytes fetched by rank `fetcher` and sent to
-    every rank in `receivers` (the ranks that need them, the fetcher included)."""
+    every rank in `receivers` (the ranks that need them; the fetcher is one of them unless `holders`
+    excluded every needer from reading the file)."""
     file: int
     first: int
     end: int
@@ -84,7 +88,8 @@ def merge_runs(runs: Sequence[Run]) -> list[Run]:
 
 def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Sequence[int]], *,
                   min_piece: int = MIN_PIECE, max_piece: int = MAX_PIECE,
-                  round_bytes: int = ROUND_BYTES) -> ExchangePlan:
+                  round_bytes: int = ROUND_BYTES, holders: dict[int, Sequence[int]] | None = None
+                  ) -> ExchangePlan:
     """Plan a read-once restore.
 
     Args:
@@ -92,6 +97,8 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
         frame_offsets: per file id, the byte offset of each frame and, last, the file's size (len frames + 1).
         min_piece, max_piece: bounds of a piece's stored bytes (a piece is never cut inside a frame).
         round_bytes: the most a rank fetches in one round.
+        holders: per file id, the ranks able to fetch it (a file not named: every rank). None: every rank
+            may fetch every file (a shared store).
 
     Returns:
         The ExchangePlan, the same on every rank for the same inputs.
@@ -108,7 +115,10 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
     for f, a, b, needers in segments:
         shared = shared or len(needers) > 1
         offs = frame_offsets[f]
-        heap = heaps.setdefault(needers, [(0, r) for r in needers])
+        fetchers = needers if holders is None or f not in holders else _fetchers(needers, holders[f], f)
+        heap = heaps.get(fetchers)
+        if heap is None:  # a new candidate set starts from the loads other sets already gave its ranks
+            heap = heaps[fetchers] = sorted((load[r], r) for r in fetchers)
         for lo, hi in _cut(offs, a, b, len(needers), min_piece, max_piece):
             nbytes = offs[hi] - offs[lo]
             while True:  # least-loaded needer; heap entries go stale when another segment loads a rank
@@ -120,6 +130,14 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
             heapq.heappush(heap, (load[r], r))
             pieces.append(Piece(f, lo, hi, nbytes, r, needers))
     return ExchangePlan(tuple(pieces), _rounds(pieces, world, round_bytes), shared, world)
+
+
+def _fetchers(needers: tuple[int, ...], holders: Sequence[int], f: int) -> tuple[int, ...]:
+    """Who may fetch a piece of file f: the needers that hold it, else every holder."""
+    held = set(holders)
+    if not held:
+        raise ValueError(f"file {f} is needed but no rank holds it")
+    return tuple(r for r in needers if r in held) or tuple(sorted(held))
 
 
 def _segments(groups: list[tuple[tuple, list[int]]]) -> list[tuple[int, int, int, tuple[int, ...]]]:

@@ -156,8 +156,9 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
 
 
 def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, keys, key_map, prefix,
-          convert_dtype, exchange) -> LoadResult:
-    """load, once the group has the checkpoint's metadata (state.load_training_state reads it first)."""
+          convert_dtype, exchange, holders=None) -> LoadResult:
+    """load, once the group has the checkpoint's metadata (state.load_training_state reads it first).
+    `holders`: see exchange.run (a node-local tier's restore; `storage` is then this rank's own copy)."""
     from . import exchange as xchg
     manifest, index_data = metadata
     error, chunks, tasks, value_slots, flat = None, {}, [], [], None
@@ -178,7 +179,7 @@ def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, k
     if comm.group is None:
         run_reads(storage, manifest, tasks, stats)
     else:
-        xchg.run(storage, manifest, chunks, tasks, comm, mode=exchange, error=error, stats=stats)
+        xchg.run(storage, manifest, chunks, tasks, comm, mode=exchange, error=error, stats=stats, holders=holders)
     for leaf, saved in value_slots:
         if leaf.container is not None:
             leaf.container[leaf.slot] = decode_value(manifest.values[saved])

@@ -14,10 +14,12 @@ import torch.multiprocessing as mp
 TIMEOUT_S = 60
 
 
-def _entry(rank, world_size, store_path, fn, args, env, result_q):
-    # what torchrun sets for ranks on one node (shardckpt splits the node's cores among them)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size)})
+def _entry(rank, world_size, store_path, fn, args, env, result_q, nodes=1):
+    # what torchrun sets (shardckpt splits a node's cores among its ranks); `nodes` simulates that many
+    # nodes of world_size // nodes ranks each (GROUP_RANK = node, as torchrun's --nnodes sets it)
+    per = world_size // nodes
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank % per), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(per), "GROUP_RANK": str(rank // per)})
     os.environ.update(env)
     import torch
     import torch.distributed as dist
@@ -42,15 +44,16 @@ def _entry(rank, world_size, store_path, fn, args, env, result_q):
         os._exit(0)  # gloo's teardown at interpreter exit can abort a finished process
 
 
-def run_ranks(world_size: int, fn, *args, env: dict | None = None, timeout: float = 240.0) -> list:
+def run_ranks(world_size: int, fn, *args, env: dict | None = None, timeout: float = 240.0, nodes: int = 1) -> list:
     """Run fn(rank, world_size, *args) on world_size processes; return the per-rank results (picklable),
-    re-raising the first rank's traceback as AssertionError if any rank failed."""
+    re-raising the first rank's traceback as AssertionError if any rank failed. `nodes` > 1 sets each
+    rank's GROUP_RANK/LOCAL_RANK/LOCAL_WORLD_SIZE as on that many nodes of equal size."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "shardckpt"])
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         procs = [ctx.Process(target=_entry, args=(r, world_size, os.path.join(d, "store"), fn, args,
-                                                  dict(env or {}), q), daemon=True)
+                                                  dict(env or {}), q, nodes), daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()

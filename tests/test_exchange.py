@@ -294,3 +294,35 @@ def test_assemble_takes_a_tasks_frames_from_its_own_file_only():
     task = x._Task(None, None, 0, 1, 4)
     assert x._assemble(task, plan, files, held, piece_at).tolist() == list(range(10, 40))
     assert x._assemble(x._Task(None, None, 0, 2, 3), plan, files, held, piece_at).tolist() == list(range(20, 30))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_layouts(), st.data())
+def test_plan_with_holders_fetches_only_from_holders_preferring_needers(layout, data):
+    """A node-local tier's restore (shardckpt.tiers): a file can be fetched only by the ranks whose node
+    holds it; a holder that needs the piece fetches it, else the least-loaded holder fetches and sends it."""
+    needs, offsets = layout
+    world = len(needs)
+    holders = {f: data.draw(st.lists(st.integers(0, world - 1), min_size=1, max_size=world, unique=True))
+               for f in offsets}
+    plan = plan_exchange(needs, offsets, min_piece=1 << 20, max_piece=4 << 20, holders=holders)
+    fetched = set()
+    for p in plan.pieces:
+        assert p.fetcher in holders[p.file]
+        if set(p.receivers) & set(holders[p.file]):
+            assert p.fetcher in p.receivers
+        for j in range(p.first, p.end):
+            assert (p.file, j) not in fetched
+            fetched.add((p.file, j))
+            assert set(p.receivers) == {r for r, runs in enumerate(needs)
+                                        for f, a, b in runs if f == p.file and a <= j < b}
+    assert fetched == {(f, j) for runs in needs for f, a, b in runs for j in range(a, b)}
+
+
+def test_plan_holders_spread_a_lost_nodes_file_over_its_holders():
+    offs = {0: [i << 20 for i in range(65)], 1: [i << 20 for i in range(65)]}
+    needs = [[(0, 0, 64)], [(1, 0, 64)], [(0, 0, 64), (1, 0, 64)]]
+    plan = plan_exchange(needs, offs, holders={0: [1], 1: [1, 2]})
+    assert {p.fetcher for p in plan.pieces if p.file == 0} == {1}  # rank 1 fetches and sends what 0 needs
+    assert {p.fetcher for p in plan.pieces if p.file == 1} <= {1, 2}
+    assert plan_exchange(needs, offs).pieces == plan_exchange(needs, offs, holders=None).pieces
