@@ -43,7 +43,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from . import api, dist as sdist, restoring
+from . import api, dist as sdist, restoring, tiers
 from .async_save import AsyncSaveHandle, async_save
 from .errors import CheckpointExistsError, CoordinationError, StorageError
 from .events import EventBus, report_commit
@@ -112,6 +112,13 @@ class CheckpointManager:
         early_stopping_patience: `should_stop` turns True on every rank once this many monitored saves in a
             row did not improve (Keras' / Lightning's EarlyStopping(patience)); restore(state, "best") then
             gives back the best step.
+        local_root: a node-local directory (the same string on every node, never shared) for a frequent
+            tier of checkpoints with peer replicas (shardckpt.tiers; FORMAT.md "Local tier"): a local save
+            every local_every_steps (each node keeps local_keep_last), each rank's files also held by
+            local_replicas peers on the nodes local_jump, 2*local_jump, ... further on; a durable save due
+            on a local step uploads that step's files instead of saving again; restore("latest") takes the
+            newest step the surviving nodes hold when it is not older than the durable latest
+            (restored_tier says which).
     """
 
     def __init__(self, root, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
@@ -123,7 +130,8 @@ class CheckpointManager:
                  frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
                  timeout_s: float | None = None, incremental: bool = False, full_every: int = 8,
                  callbacks: Iterable = (), save_best_only: bool = False, min_delta: float = 0.0,
-                 early_stopping_patience: int | None = None):
+                 early_stopping_patience: int | None = None, local_root=None, local_every_steps: int = 1,
+                 local_keep_last: int | None = 2, local_replicas: int = 1, local_jump: int = 1):
         if full_every < 1:
             raise ValueError("full_every must be >= 1")
         self.incremental, self.full_every, self._since_full = incremental, full_every, None
@@ -158,6 +166,11 @@ class CheckpointManager:
             if save_best_only or early_stopping_patience else None
         self.should_stop = False  # early stopping: set on every rank together
         self._check_writable()
+        self.tier = None if local_root is None else tiers.LocalTier(  # the node-local tier (shardckpt.tiers)
+            local_root, keep_last=local_keep_last, replicas=local_replicas, jump=local_jump,
+            process_group=process_group, timeout_s=timeout_s, codec=codec, gc_grace_s=gc_grace_s)
+        self.local_every_steps = local_every_steps
+        self.restored_tier: tuple[str, int] | None = None  # ("local" | "durable", step) of the last restore
         self.preempted = False
         self._signalled: int | None = None
         self._calls = 0
@@ -250,6 +263,9 @@ class CheckpointManager:
             local = self._agree(local)
         preempt, time_due = bool(local[0]), bool(local[1])
         due = force or preempt or time_due or bool(self.save_every_steps and step % self.save_every_steps == 0)
+        if self.tier is not None and not preempt and step % self.local_every_steps == 0 \
+                and step != self._last_saved_step:
+            return tiers.save_step(self, step, state, metrics, durable=due)
         if not due:
             return False
         if step != self._last_saved_step:
@@ -450,4 +466,11 @@ class CheckpointManager:
         step restored, or None if there is no (valid) checkpoint. A step number that fails raises.
         (shardckpt.restoring does the work.)"""
         self._reap(block=True)
-        return restoring.restore(self, state, step)
+        if self.tier is not None and step == "latest":  # the local tier when it holds a step >= the durable latest
+            got = self.tier.restore(state, self.storage, load_durable=False)
+            if got is not None:
+                self.restored_tier, self._last_saved_step = ("local", got), got
+                return got
+        got = restoring.restore(self, state, step)
+        self.restored_tier = None if got is None else ("durable", got)
+        return got

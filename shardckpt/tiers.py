@@ -239,10 +239,13 @@ class LocalTier:
                             self.storage.url, name, error_text(e, 300))
         return out
 
-    def restore(self, state, durable_root=None, *, storage_options: dict | None = None) -> int | None:
+    def restore(self, state, durable_root=None, *, storage_options: dict | None = None,
+                load_durable: bool = True) -> int | None:
         """Every rank: restore the newest step that can be assembled, from the local tier (own files plus
         peer replicas of the surviving nodes) when it is at least as new as the durable tier's latest, else
-        from the durable tier. Sets self.restored to (tier, step) and logs it. Returns the step, or None."""
+        from the durable tier (unless not `load_durable`: then None, and the caller restores it, as
+        CheckpointManager.restore does with its verification and fallbacks). Sets self.restored to
+        (tier, step) and logs it. Returns the step, or None."""
         from .state import load_training_state
         comm = self._comm()
         durable = None
@@ -263,7 +266,7 @@ class LocalTier:
                     raise
                 log.warning("shardckpt: restoring local step %d failed (%s); restoring durable step %d instead",
                             step, error_text(e, 300), durable)
-        if durable is None:
+        if durable is None or not load_durable:
             self.restored = None
             return None
         load_training_state(state, storage_for(durable_root, storage_options).child(step_dir(durable)),
@@ -310,6 +313,25 @@ class LocalTier:
         index_data = [got[i] for i in range(len(manifest.files))]
         _load(state, path, comm, (manifest, index_data), strict=True, keys=None, key_map=None, prefix="",
               convert_dtype=False, exchange="always", holders=holders)
+
+
+def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:
+    """CheckpointManager.maybe_save, every rank, on a step of its local tier (local_every_steps): a local
+    save, then, when the durable tier is due too, its promotion (the same encoded files and manifest, no
+    second snapshot) and the durable retention. Returns True (saved)."""
+    from .errors import CheckpointExistsError
+    from .policy import json_metrics
+    mgr._reap(block=True)  # a pending async durable save runs collectives on the same group
+    mgr.tier.save(step, state, metadata={"step": int(step), "metrics": json_metrics(metrics)})
+    if durable:
+        try:
+            mgr.tier.promote(step, mgr.storage)
+        except CheckpointExistsError:
+            log.warning("step %d is already committed under %s; not promoting it again", step, mgr.root)
+            return True
+        mgr._after_commit(step)
+        mgr._last_saved_step = step
+    return True
 
 
 def choose_local(recs: list[dict], durable: int | None) -> tuple[int, dict[int, list[int]]] | None:

@@ -34,7 +34,27 @@ def _train(rank, world, local_base, durable):
         tier.save(step, distributed_state(_state(step), mesh, 0), metadata={"step": step})
         if step % 10 == 0:
             tier.promote(step, durable)
-    return committed_steps(tier.root) if os.environ["LOCAL_RANK"] == "0" else None  # after its retention
+    kept = committed_steps(tier.root) if os.environ["LOCAL_RANK"] == "0" else None  # after its retention
+    return kept, _manager(world, mesh, local_base + "-mgr", durable + "-mgr")
+
+
+def _manager(world, mesh, local_base, durable):
+    """CheckpointManager with both tiers: local every step, durable every 3 (promoted), retention in each."""
+    import shardckpt
+    from shardckpt.layout import committed_steps
+    kw = dict(save_every_steps=3, keep_last=1, local_root=_node_dir(local_base), local_every_steps=1,
+              local_keep_last=2)
+    with shardckpt.CheckpointManager(durable, **kw) as mgr:
+        for step in range(1, 8):
+            mgr.maybe_save(step, distributed_state(_state(step), mesh, 0))
+    torch.distributed.barrier()
+    durable_steps = committed_steps(durable)
+    local_steps = committed_steps(_node_dir(local_base))
+    with shardckpt.CheckpointManager(durable, **kw) as mgr:
+        state = zeros_like_state(distributed_state(_state(0), mesh, 1))
+        step = mgr.restore(state)
+        exact = all(torch.equal(full_of(state[k]), v) for k, v in _state(7).items())
+    return durable_steps, local_steps, step, mgr.restored_tier, exact
 
 
 def _restore(rank, world, cases, durable):
@@ -54,8 +74,10 @@ def _restore(rank, world, cases, durable):
 
 def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path):
     local, durable = str(tmp_path / "local"), str(tmp_path / "durable")
-    kept = run_ranks(4, _train, local, durable, nodes=2)
-    assert kept == [[11, 12], None, [11, 12], None], kept  # local_keep_last per node's dir
+    got = run_ranks(4, _train, local, durable, nodes=2)
+    assert [k for k, _ in got] == [[11, 12], None, [11, 12], None]  # local_keep_last per node's dir
+    # the manager: durable keep_last=1 and local_keep_last=2 together; restore prefers the newer local step
+    assert all(m == ([6], [6, 7], 7, ("local", 7), True) for _, m in got), [m for _, m in got]
     assert sorted(os.listdir(durable)) == ["step-0000000010"]
     # node 0's dir holds its own ranks' files and node 1's replicas
     step12 = os.path.join(local, "node0", "step-0000000012")
