@@ -7,6 +7,7 @@ Phases, in save order (api.py and writer.py call fault_point at each):
   stage          after the go verdict, before this rank snapshots / picks its sources
   write          inside write_rank, after a batch of frames was handed to the writer (data file partial)
   before_commit  after this rank's data and index are durable, before the summary gather
+  replicate      a node-local save (shardckpt.tiers): sizes exchanged, replicas about to be sent
   manifest       coordinator: every summary checked, manifest about to be committed;
                  other ranks: summary sent, waiting for the commit result
   committed      coordinator: manifest committed, result not yet broadcast

@@ -108,3 +108,24 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path):
         assert per_rank[2] == (("durable", 10), True)  # the only copy of rank 2's file is corrupt
     got = run_ranks(2, _restore, [case("two", [0])], durable, nodes=1)
     assert all(r == [(("local", 12), True)] for r in got)  # resharded onto the surviving node
+
+
+def _save_steps(rank, world, local_base, steps):
+    os.environ["GROUP_RANK"] = str(rank // 2)  # faultkit.launch starts one node: simulate two here
+    from shardckpt.tiers import LocalTier
+    mesh = make_mesh(world, 1)
+    tier = LocalTier(_node_dir(local_base), keep_last=2)
+    for step in steps:
+        tier.save(step, distributed_state(_state(step), mesh, 0))
+    return True
+
+
+def test_rank_killed_while_replicating_leaves_the_previous_local_step(tmp_path):
+    from faultkit import launch
+    local = str(tmp_path / "local")
+    fates = launch(4, _save_steps, local, [1, 2, 3], env={"SHARDCKPT_FAULT": "replicate:3:kill:3",
+                                                           "SHARDCKPT_TIMEOUT": "5"}, timeout=60)
+    assert fates[3][0] == "dead" and all(fates[r][0] == "error" for r in range(3)), fates
+    assert not os.path.exists(os.path.join(local, "node0", "step-0000000003", "manifest.json"))
+    got = run_ranks(4, _restore, [local], None, nodes=2)
+    assert all(r == [(("local", 2), True)] for r in got)
