@@ -76,13 +76,25 @@ def _print_json(obj) -> None:
 
 
 def cmd_ls(args) -> int:
-    steps = list_steps(args.root, metric=args.metric, mode=args.mode, storage_options=args.storage_options)
-    if args.json:
-        _print_json([asdict(s) for s in steps])
+    tiers = [(args.root, args.storage_options)] + [(d, None) for d in args.local or ()]
+    listed = [list_steps(root, metric=args.metric, mode=args.mode, storage_options=opts) for root, opts in tiers]
+    if args.json:  # with --local: {"durable": [...], "local": {dir: [...]}} (a node-local tier, shardckpt.tiers)
+        out = [asdict(s) for s in listed[0]]
+        if args.local:
+            out = {"durable": out, "local": {d: [asdict(s) for s in st] for (d, _), st in zip(tiers[1:], listed[1:])}}
+        _print_json(out)
         return 0
+    for i, ((root, _), steps) in enumerate(zip(tiers, listed)):
+        if args.local:
+            print(("durable tier " if i == 0 else "\nlocal tier ") + str(root))
+        _ls_table(root, steps)
+    return 0
+
+
+def _ls_table(root, steps) -> None:
     if not steps:
-        print(f"no checkpoints under {args.root}")
-        return 0
+        print(f"no checkpoints under {root}")
+        return
     names = sorted({k for s in steps for k in s.metrics})[:6]
     rows = []
     for s in steps:
@@ -91,7 +103,6 @@ def cmd_ls(args) -> int:
                      human_bytes(s.ref_bytes) if s.ref_bytes else "-", f"{s.ratio:.2f}x" if s.ratio else "-", human_age(s.age_s) if s.age_s is not None else "-"]
                     + [_fmt(s.metrics.get(k)) for k in names] + [tags])
     print(_table(rows, ["NAME", "STEP", "STATE", "SIZE", "REFERS", "RATIO", "AGE"] + [n.upper() for n in names] + [""]))
-    return 0
 
 
 # ------------------------------------------------------------------------------------------ inspect
@@ -296,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "CheckpointManager recorded)")
     s.add_argument("--mode", choices=["min", "max"], default=None,
                    help="best = lowest (min, the default) or highest (max)")
+    s.add_argument("--local", action="append", metavar="LOCAL_ROOT",
+                   help="also list a node-local tier's directory on this node (repeatable; shardckpt.tiers)")
     s.set_defaults(fn=cmd_ls)
 
     s = sub.add_parser("inspect", parents=[common], help="tree of keys with dtype, shape, chunks, bytes, codec")

@@ -3,6 +3,7 @@ every step with peer replicas, durable promotions every 10; then restores in fre
 node, onto a smaller world, with no local dir left, and with a corrupt replica."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -72,7 +73,7 @@ def _restore(rank, world, cases, durable):
     return out
 
 
-def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path):
+def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsys):
     local, durable = str(tmp_path / "local"), str(tmp_path / "durable")
     got = run_ranks(4, _train, local, durable, nodes=2)
     assert [k for k, _ in got] == [[11, 12], None, [11, 12], None]  # local_keep_last per node's dir
@@ -108,6 +109,12 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path):
         assert per_rank[2] == (("durable", 10), True)  # the only copy of rank 2's file is corrupt
     got = run_ranks(2, _restore, [case("two", [0])], durable, nodes=1)
     assert all(r == [(("local", 12), True)] for r in got)  # resharded onto the surviving node
+
+    from shardckpt import cli  # `shardckpt ls` shows both tiers
+    assert cli.main(["ls", durable, "--local", os.path.join(local, "node0"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listed["durable"]] == [10]
+    assert [s["step"] for s in listed["local"][os.path.join(local, "node0")]] == [11, 12]
 
 
 def _save_steps(rank, world, local_base, steps):
