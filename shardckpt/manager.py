@@ -473,4 +473,6 @@ class CheckpointManager:
                 return got
         got = restoring.restore(self, state, step)
         self.restored_tier = None if got is None else ("durable", got)
+        if self.tier is not None and got is not None:
+            self.tier.retire_newer(got)
         return got

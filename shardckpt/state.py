@@ -343,13 +343,21 @@ def load_training_state(state: dict, path, *, process_group=None, storage_option
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group)
     metadata = _read_metadata(storage, comm)  # once for the group, and once for the hooks and the load
+    return load_training_state_from(state, storage, comm, metadata, strict=strict)
+
+
+def load_training_state_from(state: dict, storage, comm, metadata, *, strict: bool = True, holders=None):
+    """load_training_state once the group has the metadata; shardckpt.tiers calls it for a local-tier restore
+    (`storage` this rank's own copy, `holders` which ranks hold each file: exchange.run)."""
+    from .api import _load
     manifest = metadata[0]
     skip = []
     for k, v in state.items():
         hook = getattr(v, "on_restore", None)
         if callable(hook) and not hook(manifest, str(k)):
             skip.append(str(k))
-    kw = dict(strict=strict, key_map=None, prefix="", convert_dtype=False, exchange="auto")
+    kw = dict(strict=strict, key_map=None, prefix="", convert_dtype=False,
+              exchange="auto" if holders is None else "always", holders=holders)
     if not skip:
         return _load(state, storage, comm, metadata, keys=None, **kw)
     rest = {k: v for k, v in state.items() if str(k) not in skip}

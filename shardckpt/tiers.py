@@ -260,7 +260,7 @@ class LocalTier:
             step, holders = pick
             try:
                 self._load_local(state, comm, step, holders)
-                return self._done("local", step)
+                return self._done("local", step, comm)
             except CheckpointError as e:
                 if durable is None:
                     raise
@@ -271,17 +271,31 @@ class LocalTier:
             return None
         load_training_state(state, storage_for(durable_root, storage_options).child(step_dir(durable)),
                             process_group=self.process_group)
-        return self._done("durable", durable)
+        return self._done("durable", durable, comm)
 
-    def _done(self, tier: str, step: int) -> int:
+    def _done(self, tier: str, step: int, comm) -> int:
         self.restored = (tier, step)
         log.info("shardckpt: restored step %d from the %s tier", step, tier)
+        self.retire_newer(step, comm)
         return step
+
+    def retire_newer(self, step: int, comm=None) -> None:
+        """Every rank, after a restore of `step` (restore; CheckpointManager.restore after a durable one):
+        local steps newer than it belong to an abandoned run (incomplete, or not chosen); each node's local
+        rank 0 retires them, so a later restore never prefers them to what this run saves next."""
+        comm = comm or self._comm()
+        if node_map(comm).local_rank(comm.rank) == 0:
+            try:
+                for newer in [s for s in committed_steps(self.storage) if s > step]:
+                    retire_step(self.storage, step_dir(newer))
+            except Exception as e:
+                log.warning("shardckpt: could not retire local steps newer than %d under %s: %s", step,
+                            self.storage.url, error_text(e))
 
     def _load_local(self, state, comm, step: int, holders: dict[int, list[int]]) -> None:
         """All ranks: the metadata read by holders (manifest by the first, each index by one of its file's
         holders), all-gathered, then the exchange restricted to holders."""
-        from .loading import _load
+        from .state import load_training_state_from
         path = self.storage.child(step_dir(step))
         have = [r for rs in holders.values() for r in rs]
         first = min(have)
@@ -311,8 +325,7 @@ class LocalTier:
                 pos += k
         manifest = parse_manifest(got[-1], file=f"{path.url}/{MANIFEST_NAME}")
         index_data = [got[i] for i in range(len(manifest.files))]
-        _load(state, path, comm, (manifest, index_data), strict=True, keys=None, key_map=None, prefix="",
-              convert_dtype=False, exchange="always", holders=holders)
+        load_training_state_from(state, path, comm, (manifest, index_data), holders=holders)
 
 
 def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:

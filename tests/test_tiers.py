@@ -107,6 +107,7 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
         assert per_rank[0] == (("local", 12), True)    # node 1 lost: its files come from node 0's replicas
         assert per_rank[1] == (("durable", 10), True)  # no local dir left
         assert per_rank[2] == (("durable", 10), True)  # the only copy of rank 2's file is corrupt
+    assert not os.path.exists(os.path.join(bad, "node0", "step-0000000012", "manifest.json"))  # abandoned
     got = run_ranks(2, _restore, [case("two", [0])], durable, nodes=1)
     assert all(r == [(("local", 12), True)] for r in got)  # resharded onto the surviving node
 
