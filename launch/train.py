@@ -151,6 +151,10 @@ def parse(argv=None):
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--sync", action="store_true", help="blocking saves instead of async ones")
+    p.add_argument("--local-root", default=None, help="node-local tier: a directory on each node's own disk "
+                                                     "(the same path on every node; peers hold replicas)")
+    p.add_argument("--local-every", type=int, default=1, help="steps between local-tier saves")
+    p.add_argument("--local-keep-last", type=int, default=2)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (2-D mesh: dp x tp)")
     p.add_argument("--global-batch", type=int, default=12, help="sequences per step over all ranks")
     p.add_argument("--seq", type=int, default=64)
@@ -193,10 +197,13 @@ def main(argv=None) -> list[tuple[int, float]]:
              "rng": RNGState(seed=args.seed), "data": sampler}
     manager = shardckpt.CheckpointManager(args.ckpt, save_every_steps=args.save_every, keep_last=args.keep_last,
                                           keep_best=1, monitor="loss", async_save=not args.sync,
-                                          preemption_signals=("SIGTERM", "SIGUSR1"))
+                                          preemption_signals=("SIGTERM", "SIGUSR1"), local_root=args.local_root,
+                                          local_every_steps=args.local_every, local_keep_last=args.local_keep_last)
     start = manager.restore(state) or 0
     if rank == 0:
-        if start:
+        if start and manager.restored_tier and manager.restored_tier[0] == "local":
+            print(f"resumed from step {start} (local tier, now {world} ranks)", flush=True)
+        elif start:
             saved_ws = shardckpt.read_manifest(manager.storage.child(f"step-{start:010d}")).world_size
             print(f"resumed from step {start} (saved by {saved_ws} ranks, now {world}; data position "
                   f"epoch {sampler.position.epoch} sample {sampler.position.index})", flush=True)

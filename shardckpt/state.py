@@ -338,7 +338,7 @@ def load_training_state(state: dict, path, *, process_group=None, storage_option
     method (RNGState) may opt out of the load when they cannot be restored as saved (another world size)
     and restore themselves instead. Everything else loads as shardckpt.load does. Call on every rank."""
     from . import dist as sdist
-    from .api import _load, _read_metadata
+    from .api import _read_metadata
     from .storage import storage_for
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group)

@@ -137,3 +137,33 @@ def test_rank_killed_while_replicating_leaves_the_previous_local_step(tmp_path):
     assert not os.path.exists(os.path.join(local, "node0", "step-0000000003", "manifest.json"))
     got = run_ranks(4, _restore, [local], None, nodes=2)
     assert all(r == [(("local", 2), True)] for r in got)
+
+
+def _torchrun_two_nodes(tmp_path, run_id: str, steps: int) -> list[str]:
+    """launch/train.py on 2 nodes x 1 rank (torchrun --nnodes 2, c10d rendezvous on loopback), each node its
+    own --local-root. Returns both nodes' output."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train = os.path.join(os.path.dirname(__file__), "..", "launch", "train.py")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                               "1", "--node-rank", str(n), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", "--rdzv-id", run_id, train, "--ckpt", str(tmp_path / "durable"),
+                               "--local-root", str(tmp_path / f"local{n}"), "--steps", str(steps), "--save-every",
+                               "4", "--d-model", "32", "--layers", "1", "--sync"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return outs
+
+
+def test_torchrun_two_nodes_resume_from_local_tier_after_losing_a_node(tmp_path):
+    _torchrun_two_nodes(tmp_path, "first", 6)
+    assert sorted(os.listdir(tmp_path / "durable")) == ["step-0000000004"]
+    assert sorted(os.listdir(tmp_path / "local1")) == ["step-0000000005", "step-0000000006"]
+    shutil.rmtree(tmp_path / "local1")  # node 1 lost; its rank's files survive as replicas on node 0
+    outs = _torchrun_two_nodes(tmp_path, "second", 8)
+    assert any("resumed from step 6 (local tier" in o for o in outs), outs
