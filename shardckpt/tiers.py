@@ -169,8 +169,16 @@ class LocalTier:
         """After the commit: the coordinator's manifest bytes committed by local rank 0 of every other node."""
         if comm.group is None or nodes.count == 1:
             return
-        data = path.read_file(MANIFEST_NAME) if comm.is_coordinator else None
+        data = None
+        if comm.is_coordinator:
+            try:
+                data = path.read_file(MANIFEST_NAME)
+            except Exception as e:  # the step is committed on the coordinator's node; the others go without
+                log.warning("shardckpt: could not read back %s/%s to mirror it: %s", path.url, MANIFEST_NAME,
+                            error_text(e))
         n = comm.broadcast_json(len(data) if data is not None else None)
+        if n is None:
+            return
         data = comm.broadcast_bytes(data, n)
         if nodes.local_rank(comm.rank) == 0 and nodes.node_of[comm.rank] != nodes.node_of[0]:
             outcome = commit.commit_manifest(path, data, save_id, replace=True)
