@@ -187,6 +187,21 @@ class _LocalWriter(FileWriter):
             self._stage = None
 
 
+def _durable_temp(path: str, data: bytes) -> str:
+    """A fsynced temp file beside `path` holding `data` (commit links it, replace renames it)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    w = _LocalWriter(tmp)
+    try:
+        w.write(data)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    return tmp
+
+
 class LocalStorage(Storage):
     """Storage on a local or shared POSIX filesystem (NFS, Lustre, GPFS). Data files larger than
     DIRECT_STAGE are written with O_DIRECT unless direct_io is False (default: SHARDCKPT_DIRECT_IO)."""
@@ -213,24 +228,15 @@ class LocalStorage(Storage):
 
     def commit(self, relpath: str, data: bytes) -> None:
         path = self._path(relpath)
-        directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
-            os.makedirs(directory, exist_ok=True)
-            w = _LocalWriter(tmp)
-            try:
-                w.write(data)
-                w.close()
-            except BaseException:
-                w.abort()
-                raise
+            tmp = _durable_temp(path, data)
             try:
                 os.link(tmp, path)  # create-only: fails with EEXIST if a manifest is already there
             except FileExistsError:
                 raise CheckpointExistsError("a committed manifest already exists", file=path) from None
             finally:
                 os.unlink(tmp)
-            _fsync_dir(directory)
+            _fsync_dir(os.path.dirname(path))
         except OSError as e:
             raise _storage_error(e, "commit", path) from e
 
@@ -238,19 +244,14 @@ class LocalStorage(Storage):
         """Temp file, fsync, rename(2) over the name (atomic on POSIX: readers see the old file or the new
         one), fsync the directory so the new name survives a crash."""
         path = self._path(relpath)
-        directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
-            os.makedirs(directory, exist_ok=True)
-            w = _LocalWriter(tmp)
+            tmp = _durable_temp(path, data)
             try:
-                w.write(data)
-                w.close()
                 os.replace(tmp, path)
             except BaseException:
-                w.abort()  # unlinks the temp file, if it is still there
+                os.unlink(tmp)
                 raise
-            _fsync_dir(directory)
+            _fsync_dir(os.path.dirname(path))
         except OSError as e:
             raise _storage_error(e, "replace", path) from e
 
