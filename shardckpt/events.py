@@ -56,6 +56,14 @@ class CheckpointEvent:
             return None
         return self.raw_bytes / self.stored_bytes
 
+    def save_scalars(self) -> dict[str, float]:
+        """What trackers log per committed save (stall_s, durable_s, stored_gb, compression_ratio), the
+        ones that are known."""
+        scalars = {"stall_s": self.stall_s, "durable_s": self.durable_s,
+                   "stored_gb": None if self.stored_bytes is None else self.stored_bytes / 1e9,
+                   "compression_ratio": self.compression_ratio}
+        return {k: float(v) for k, v in scalars.items() if v is not None}
+
 
 class CheckpointCallback:
     """Base class for callbacks: override on_<kind> for the events you want (or on_event for all).

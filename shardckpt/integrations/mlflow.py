@@ -42,12 +42,8 @@ class MLflowCallback(CheckpointCallback):
         self.client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
 
     def on_committed(self, e: CheckpointEvent) -> None:
-        metrics = {"stall_s": e.stall_s, "durable_s": e.durable_s,
-                   "stored_gb": None if e.stored_bytes is None else e.stored_bytes / 1e9,
-                   "compression_ratio": e.compression_ratio}
-        for name, v in metrics.items():
-            if v is not None:
-                self.client.log_metric(self.run_id, self.prefix + name, float(v), step=e.step)
+        for name, v in e.save_scalars().items():
+            self.client.log_metric(self.run_id, self.prefix + name, v, step=e.step)
         for key, value in (("shardckpt.checkpoint_uri", e.path), ("shardckpt.checkpoint_step", str(e.step)),
                            (f"shardckpt.checkpoint.{e.step}", e.path)):
             self.client.set_tag(self.run_id, key, value)

@@ -35,12 +35,8 @@ class TensorBoardCallback(CheckpointCallback):
         self.prefix = prefix
 
     def on_committed(self, e: CheckpointEvent) -> None:
-        scalars = {"stall_s": e.stall_s, "durable_s": e.durable_s,
-                   "stored_gb": None if e.stored_bytes is None else e.stored_bytes / 1e9,
-                   "compression_ratio": e.compression_ratio}
-        for name, v in scalars.items():
-            if v is not None:
-                self.writer.add_scalar(self.prefix + name, v, global_step=e.step)
+        for name, v in e.save_scalars().items():
+            self.writer.add_scalar(self.prefix + name, v, global_step=e.step)
         self.writer.flush()
 
     def on_restored(self, e: CheckpointEvent) -> None:
