@@ -291,38 +291,23 @@ class StorageConformance:
 
     def test_reader_never_sees_partial_manifest(self, storage):
         manifest = payload(2 * MIB, seed=3)  # big enough that a non-atomic write is caught half done
-        seen, done, errors = [], threading.Event(), []
+        seen = []
 
-        def poll():
-            try:
-                while True:
-                    finished = done.is_set()
-                    if storage.exists("manifest.json"):
-                        got = storage.read_file("manifest.json")
-                        if got != manifest:
-                            errors.append(f"partial manifest: {len(got)} of {len(manifest)} bytes")
-                            return
-                        seen.append(1)
-                    else:
-                        try:
-                            got = storage.read_file("manifest.json")
-                        except FileNotFoundError:
-                            got = None
-                        if got is not None and got != manifest:
-                            errors.append(f"partial manifest: {len(got)} of {len(manifest)} bytes")
-                            return
-                    if finished:
-                        return
-            except Exception as e:  # noqa: BLE001 -- reported below
-                errors.append(repr(e))
+        def check():
+            if storage.exists("manifest.json"):
+                got = storage.read_file("manifest.json")  # once there it stays: FileNotFoundError fails
+            else:
+                try:
+                    got = storage.read_file("manifest.json")
+                except FileNotFoundError:
+                    got = None
+            if got is not None and got != manifest:
+                return f"partial manifest: {len(got)} of {len(manifest)} bytes"
+            if got is not None:
+                seen.append(1)
+            return None
 
-        readers = [threading.Thread(target=poll) for _ in range(2)]
-        for t in readers:
-            t.start()
-        storage.commit("manifest.json", manifest)
-        done.set()
-        for t in readers:
-            t.join()
+        errors = _while_polling(check, lambda: storage.commit("manifest.json", manifest))
         assert not errors, errors
         assert seen, "readers never saw the committed manifest"
 
@@ -348,28 +333,12 @@ class StorageConformance:
             return
         old, new = payload(2 * MIB, seed=11), payload(2 * MIB + 17, seed=12)
         storage.commit("manifest.json", old)
-        done, errors = threading.Event(), []
 
-        def poll():
-            try:
-                while True:
-                    finished = done.is_set()
-                    got = storage.read_file("manifest.json")  # never absent: the old one or the new
-                    if got not in (old, new):
-                        errors.append(f"a mix: {len(got)} bytes")
-                        return
-                    if finished:
-                        return
-            except Exception as e:  # noqa: BLE001 -- reported below
-                errors.append(repr(e))
+        def check():
+            got = storage.read_file("manifest.json")  # never absent: the old one or the new
+            return None if got in (old, new) else f"a mix: {len(got)} bytes"
 
-        readers = [threading.Thread(target=poll) for _ in range(2)]
-        for t in readers:
-            t.start()
-        storage.replace("manifest.json", new)
-        done.set()
-        for t in readers:
-            t.join()
+        errors = _while_polling(check, lambda: storage.replace("manifest.json", new))
         assert not errors, errors
         assert storage.read_file("manifest.json") == new
 
@@ -388,3 +357,33 @@ class StorageConformance:
         grandchild.read_ranges("r00000.bin", [ReadRange(1, 2, 0)], dest)
         assert dest == b"bc"
         step.sync_dir()
+
+
+def _while_polling(check, action, readers: int = 2) -> list[str]:
+    """Run check() over and over on `readers` threads while action() runs, and once more after it; return
+    what the checks reported (a string per problem, or an exception's repr)."""
+    done, errors = threading.Event(), []
+
+    def poll():
+        try:
+            while True:
+                finished = done.is_set()
+                problem = check()
+                if problem:
+                    errors.append(problem)
+                    return
+                if finished:
+                    return
+        except Exception as e:  # noqa: BLE001 -- reported to the caller
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=poll) for _ in range(readers)]
+    for t in threads:
+        t.start()
+    try:
+        action()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    return errors
