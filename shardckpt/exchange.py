@@ -207,7 +207,7 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
     out.exchanged = True
     local_error = None
     try:  # returns or raises on every rank after the same round: its collectives stay in step
-        _rounds(storage, manifest, plan, files, mine, comm, out, stats)
+        _rounds(storage, plan, files, mine, comm, out, stats)
     except _Aborted as e:
         local_error = e.cause
     except _PeerFailed as e:
@@ -233,8 +233,10 @@ class _Aborted(Exception):
         self.cause = cause
 
 
-def _rounds(storage, manifest, plan: ExchangePlan, files: _Files, mine: list[_Task], comm, out: ExchangeStats,
+def _rounds(storage, plan: ExchangePlan, files: _Files, mine: list[_Task], comm, out: ExchangeStats,
             stats: ReadStats | None) -> None:
+    """Every rank: when each of this rank's tasks can be decoded and when each piece it holds can go, then
+    the rounds themselves (_run_rounds), with the next round's fetch on an I/O thread."""
     round_of = [0] * len(plan.pieces)
     for k, idx in enumerate(plan.rounds):
         for i in idx:
@@ -258,12 +260,12 @@ def _rounds(storage, manifest, plan: ExchangePlan, files: _Files, mine: list[_Ta
     # the next round's fetch runs on an I/O thread while this one is exchanged and decoded
     io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-exchange")
     try:
-        _run_rounds(storage, plan, files, comm, out, stats, io, round_of, last_use, pending, piece_at)
+        _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, piece_at)
     finally:
         io.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_rounds(storage, plan, files, comm, out, stats, io, round_of, last_use, pending, piece_at) -> None:
+def _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, piece_at) -> None:
     me, world = comm.rank, comm.world_size
     held: dict[int, np.ndarray] = {}
     nthreads = threads()
