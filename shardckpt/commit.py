@@ -61,10 +61,15 @@ class CommitOutcome:
 def error_text(e: BaseException, limit: int = 1500) -> str:
     """An exception as one bounded line for a coordination record ("Type: message"): a record holds at
     most dist.RECORD_BYTES, and an error must reach every rank however long its message is."""
-    text = f"{type(e).__name__}: {e}"
+    return bounded_text(f"{type(e).__name__}: {e}", limit)
+
+
+def bounded_text(text: str, limit: int = 1500) -> str:
+    """`text` cut so that it takes at most `limit` bytes as JSON in a coordination record (measured
+    encoded: an escaped character can take 6 bytes, so cutting characters alone is not enough)."""
     if len(json.dumps(text)) <= limit:
         return text
-    while len(json.dumps(text)) > limit - 20:  # measured as encoded: escapes can take 6 bytes a character
+    while len(json.dumps(text)) > limit - 20:
         text = text[:max(0, min(len(text) - 1, (limit - 20) * len(text) // len(json.dumps(text))))]
     return text + " ...(truncated)"
 

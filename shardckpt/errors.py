@@ -99,12 +99,12 @@ class UnsupportedValueError(CheckpointError):
 
 def error_record(e: BaseException, rank: int) -> dict:
     """A failure on `rank` as a small JSON record for a collective, so every rank can raise it (error_from)."""
-    from .commit import error_text
+    from .commit import bounded_text, error_text
     if isinstance(e, CheckpointError):
-        cls, msg, at = type(e).__name__, e.message, e.rank
+        cls, msg, at = type(e).__name__, bounded_text(e.message, 1200), e.rank
     else:
         cls, msg, at = "CheckpointError", error_text(e, 1200), None
-    return {"cls": cls, "message": msg[:1200], "by": rank, "rank": rank if at is None else at,
+    return {"cls": cls, "message": msg, "by": rank, "rank": rank if at is None else at,
             "key": getattr(e, "key", None), "file": getattr(e, "file", None)}
 
 

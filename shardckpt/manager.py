@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from . import api, dist as sdist, restoring, tiers
 from .async_save import AsyncSaveHandle, async_save
+from .commit import error_text
 from .errors import CheckpointExistsError, CoordinationError, StorageError
 from .events import EventBus, report_commit
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
@@ -196,7 +197,7 @@ class CheckpointManager:
             try:
                 self.storage.write_file(probe, b"")
             except Exception as e:
-                problem = f"{type(e).__name__}: {e}"[:1500]
+                problem = error_text(e)
             else:
                 try:
                     self.storage.delete(probe)

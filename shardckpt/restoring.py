@@ -12,6 +12,7 @@ import logging
 import time
 
 from .async_save import warm_up
+from .commit import bounded_text
 from .errors import (CheckpointError, ChecksumError, CorruptDataError, FormatError, IncompleteCheckpointError,
                      StorageError)
 from .layout import step_dir
@@ -108,7 +109,7 @@ def _check_and_load(mgr, step: int, state) -> str | None:
 
 def _agree_problem(mgr, problem: str | None, fatal: bool) -> str | None:
     """The first rank's problem, on every rank; raises everywhere if it is the caller's mistake."""
-    records = mgr.comm.gather_json({"p": problem[:1500] if problem else None, "fatal": fatal})
+    records = mgr.comm.gather_json({"p": bounded_text(problem) if problem else None, "fatal": fatal})
     verdict = None
     if mgr.comm.is_coordinator:
         verdict = next(({"p": r["p"], "fatal": r["fatal"]} for r in records if r["p"]), None)

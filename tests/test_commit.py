@@ -95,6 +95,9 @@ def test_error_text_fits_a_coordination_record():
         text = commit.error_text(RuntimeError(msg))
         assert len(json.dumps({"rank": 1, "ok": False, "error": text})) < RECORD_BYTES // 2
         assert text.startswith("RuntimeError: ") and text.endswith("(truncated)")
+        # a typed error's record (the exchange and the restore agreement send these) fits too
+        from shardckpt.errors import SaveError, error_record
+        assert len(json.dumps(error_record(SaveError(msg, key="k"), 1))) < RECORD_BYTES // 2
 
 
 # --------------------------------------------------------------- strict loads with keys= and key_map= (defect 3)
