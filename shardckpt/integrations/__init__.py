@@ -2,6 +2,7 @@
 only when imported itself (the core never imports these):
 
   shardckpt.integrations.lightning     ShardckptCheckpointIO, AsyncShardckptCheckpointIO (pytorch-lightning 2)
+  shardckpt.integrations.lightning_sharded  ShardckptModelParallelStrategy (Lightning's FSDP2 / TP, every rank)
   shardckpt.integrations.tensorboard   TensorBoardCallback (CheckpointManager callbacks=)
   shardckpt.integrations.mlflow        MLflowCallback (CheckpointManager callbacks=)
 

@@ -15,9 +15,12 @@ Who calls what, and when (Lightning's Strategy drives it):
   load_checkpoint    every rank, at resume (ckpt_path=); each reads the full checkpoint.
   remove_checkpoint  global rank 0 (ModelCheckpoint's top-k and save_last): the manifest first, so an
                      interrupted removal never leaves something that looks committed.
-Sharded strategies (FSDP with state_dict_type="sharded", ModelParallelStrategy) do not call a CheckpointIO
-at all: they call torch.distributed.checkpoint on every rank themselves. For those use shardckpt's DCP
-drop-in (shardckpt.dcp.Writer / Reader) in a strategy subclass, or save the full state (README).
+Sharded strategies (ModelParallelStrategy, FSDP with state_dict_type="sharded") do not call a CheckpointIO
+for their checkpoints: they call torch.distributed.checkpoint on every rank themselves. For
+ModelParallelStrategy (FSDP2 / tensor parallel) use integrations.lightning_sharded's
+ShardckptModelParallelStrategy, which saves each rank's shards through shardckpt with the helpers here
+(prepare, load_rest, remove_checkpoint). Lightning's FSDPStrategy (FSDP1) has no such subclass (torch's
+FSDP1 refuses CPU-only machines, so it could not be tested here); use state_dict_type="full" with this plugin.
 
 Values: tensors are stored as tensors; Lightning's containers (AttributeDict, OrderedDict, torch.Size) are
 stored as the closed JSON value types (FORMAT.md 3.3) with their type recorded in the manifest's
@@ -149,35 +152,56 @@ class ShardckptCheckpointIO(CheckpointIO):
         if frame_size is not None:
             self._kw["frame_size"] = frame_size
 
-    def _prepare(self, checkpoint: dict, storage_options) -> tuple[dict, dict]:
+    def prepare(self, checkpoint: dict, storage_options, *, process_group) -> tuple[dict, dict]:
+        """Lightning's checkpoint dict as a shardckpt state (to_plain) and the keyword arguments of
+        shardckpt.save / async_save for it (codec, the manifest's metadata, overwrite=True). Called by
+        save_checkpoint here on rank 0 (process_group: rank 0 alone) and by the sharded strategies
+        (integrations.lightning_sharded) on every rank (process_group None: the whole job)."""
         plain, containers = to_plain(checkpoint)
         meta = {"lightning": {"containers": containers}}
         for k in ("epoch", "global_step"):
             if isinstance(checkpoint.get(k), int):
                 meta[k if k == "epoch" else "step"] = checkpoint[k]
-        kw = dict(self._kw, metadata=meta, overwrite=True, process_group=_solo_group(),
+        kw = dict(self._kw, metadata=meta, overwrite=True, process_group=process_group,
                   storage_options=storage_options if storage_options is not None else self.storage_options)
         return plain, kw
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         """Global rank 0: save and commit `checkpoint` at `path` (replacing a checkpoint there atomically)."""
-        plain, kw = self._prepare(checkpoint, storage_options)
+        plain, kw = self.prepare(checkpoint, storage_options, process_group=_solo_group())
         api.save(plain, os.fspath(path), **kw)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         """Every rank: the whole checkpoint, Lightning's containers rebuilt. `map_location`: None (CPU), a
         device or a device string; weights_only is accepted and moot (nothing is ever unpickled)."""
-        path = os.fspath(path)
-        manifest = api.read_manifest(path, storage_options=self.storage_options)
         device = "cpu" if map_location is None else map_location
         if not isinstance(device, (str, torch.device)):
             raise TypeError("map_location must be None, a torch.device or a device string")
-        tree = api.load_full(path, storage_options=self.storage_options, device=device)
-        return from_plain(tree, manifest.user_metadata.get("lightning", {}).get("containers"))
+        return self.load_rest(path, device=device)
+
+    def load_rest(self, path, *, without: tuple[str, ...] = (), device="cpu") -> dict:
+        """The checkpoint at `path` as full tensors and plain values, Lightning's containers rebuilt, less
+        the top-level keys in `without` (a sharded strategy loads those into the live model and optimizers
+        itself). Called by load_checkpoint on every rank, and by the sharded strategies' load_checkpoint."""
+        path = os.fspath(path)
+        manifest = api.read_manifest(path, storage_options=self.storage_options)
+        keep = (lambda k: k.split(".", 1)[0] not in without) if without else None
+        tree = api.load_full(path, keys=keep, storage_options=self.storage_options, device=device)
+        containers = manifest.user_metadata.get("lightning", {}).get("containers")
+        if isinstance(containers, list) and without:
+            containers = [c for c in containers if not (isinstance(c, list) and c and isinstance(c[0], list)
+                                                        and c[0] and c[0][0] in without)]
+        return from_plain(tree, containers)
+
+    def is_checkpoint(self, path) -> bool:
+        """Whether `path` holds a committed shardckpt checkpoint (not a torch.save file or a DCP directory).
+        Called by the sharded strategies' load_checkpoint to choose their route."""
+        return storage_for(os.fspath(path), self.storage_options).exists(MANIFEST_NAME)
 
     def remove_checkpoint(self, path) -> None:
         """Global rank 0: delete a checkpoint, its manifest first (ModelCheckpoint's top-k, save_last). A
-        plain file there (a torch.save checkpoint) is deleted as a file."""
+        plain file there (a torch.save checkpoint) is deleted as a file. The sharded strategies use this
+        one too (Strategy.remove_checkpoint calls its checkpoint_io on global rank 0)."""
         path = os.fspath(path).rstrip("/")
         parent = storage_for(posixpath.dirname(path) or ".", self.storage_options)
         name = posixpath.basename(path)
@@ -211,7 +235,7 @@ class AsyncShardckptCheckpointIO(ShardckptCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         self._settle()
-        plain, kw = self._prepare(checkpoint, storage_options)
+        plain, kw = self.prepare(checkpoint, storage_options, process_group=_solo_group())
         path = os.fspath(path)
         self._deferred = [p for p in self._deferred if p != path]
         self._pending = async_save(plain, path, **kw)
