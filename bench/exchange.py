@@ -34,6 +34,19 @@ from bench.compare import RESULTS, _rows, gpt_shapes, local_state  # noqa: E402
 SCENARIOS = ("ddp", "hsdp", "finetune")
 
 
+def open_store(store: str, prefix: str, local_dir: str) -> tuple[object, dict]:
+    """The store a bench's ranks use: ("s3") a Ceph radosgw started here (stop it with s3_server.stop) and
+    a fresh bucket named after `prefix`, or ("local") the directory local_dir. Returns (server or None, the
+    ranks' args: url, opts, region)."""
+    if store != "s3":
+        return None, {"url": local_dir, "opts": {}}
+    import s3_server
+    server = s3_server.start()
+    os.environ["AWS_DEFAULT_REGION"] = server.region
+    return server, {"url": server.url(f"{prefix}-{int(time.time())}"), "opts": server.storage_options,
+                    "region": server.region}
+
+
 def _plain_state(shapes, dtype, seed=0):
     """bench.compare's state as full plain tensors (the same values as its sharded form)."""
     def make(name, shape, scale, square=False, kind=0):
@@ -232,18 +245,10 @@ def main(argv=None):
     res: dict = {"args": vars(a)}
     if not a.plan_only:
         from harness import run_ranks
-        server = None
-        if a.store == "s3":
-            import s3_server
-            server = s3_server.start()
-            os.environ["AWS_DEFAULT_REGION"] = server.region
-            args = {"url": server.url(f"xbench-{int(time.time())}"), "opts": server.storage_options,
-                    "region": server.region}
-        else:
-            import shutil
-            shutil.rmtree(a.dir, ignore_errors=True)
-            os.makedirs(a.dir)
-            args = {"url": a.dir, "opts": {}}
+        import shutil
+        shutil.rmtree(a.dir, ignore_errors=True)
+        os.makedirs(a.dir)
+        server, args = open_store(a.store, "xbench", a.dir)
         args.update(params=a.params, dtype=a.dtype, store=a.store, repeat=a.repeat)
         try:
             for sc in a.only.split(","):

@@ -160,9 +160,20 @@ def async_save(state_dict, path, *, process_group=None, codec: str = "auto", met
     Returns:
         An AsyncSaveHandle (done(), wait(), exception(), stall_s).
     """
-    t0 = time.perf_counter()
     if frame_size <= 0 or frame_size % 8:
         raise ValueError("frame_size must be a positive multiple of 8")
+    return start(state_dict, path, api._write_and_commit, process_group=process_group, codec=codec,
+                 metadata=metadata, frame_size=frame_size, storage_options=storage_options, timeout_s=timeout_s,
+                 max_in_flight=max_in_flight, base=base, content_hash=content_hash, overwrite=overwrite)
+
+
+def start(state_dict, path, job, *, process_group=None, timeout_s: float | None = None, max_in_flight: int = 1,
+          **prepare) -> AsyncSaveHandle:
+    """async_save's body, with the background part given: plan and snapshot here (api._prepare with
+    stage=True and `prepare`'s arguments: codec, frame_size, metadata, storage_options, ...), then job(prepared) on the group's background thread, with
+    prepared.comm the background group; its return value (a Manifest) is what handle.wait() returns.
+    Called by async_save (job = api._write_and_commit) and shardckpt.tiers (a local save, replicated)."""
+    t0 = time.perf_counter()
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be >= 1")
     saver = _saver_for(process_group, timeout_s)
@@ -170,13 +181,24 @@ def async_save(state_dict, path, *, process_group=None, codec: str = "auto", met
     while len(saver.pools) < max_in_flight:
         saver.pools.append(HostBufferPool())
     pool = _free_pool(saver)
-    prepared = api._prepare(state_dict, path, process_group=process_group, codec=codec, frame_size=frame_size,
-                            metadata=metadata, storage_options=storage_options, timeout_s=timeout_s,
-                            stage=True, pool=pool, base=base, content_hash=content_hash, overwrite=overwrite)
+    prepared = api._prepare(state_dict, path, process_group=process_group, timeout_s=timeout_s, stage=True,
+                            pool=pool, **prepare)
     prepared = replace(prepared, comm=saver.background)
-    future = saver.executor.submit(api._write_and_commit, prepared)
+    future = saver.executor.submit(job, prepared)
     handle = AsyncSaveHandle(prepared.storage.url, future, time.perf_counter() - t0)
     handle._pool = pool
+    saver.in_flight.append(handle)
+    return handle
+
+
+def after_saves(url: str, job, *, process_group=None, timeout_s: float | None = None) -> AsyncSaveHandle:
+    """Queue job(background comm) on the group's background thread, behind the async saves already queued
+    (so it sees them committed, and every rank runs it at the same place in the same sequence of background
+    collectives). Call on every rank, in the same order as the group's async saves. The handle counts as a
+    save in flight (the next async save waits for it, and raises its unobserved failure); its stall_s is 0.
+    Called by shardckpt.tiers for the promotion of a local step to the durable tier."""
+    saver = _saver_for(process_group, timeout_s)
+    handle = AsyncSaveHandle(url, saver.executor.submit(job, saver.background), 0.0)
     saver.in_flight.append(handle)
     return handle
 

@@ -11,13 +11,15 @@ the order the events happened. So a callback never runs on the training thread, 
 one that raises is logged and skipped: a save never fails because of a callback. An async save's
 "committed" event is queued by the background thread that committed it, at commit time.
 
-Events (CheckpointEvent.kind):
+Events (CheckpointEvent.kind); save events carry `tier`: "durable" (under the manager's root) or "local"
+(its node-local tier, shardckpt.tiers). A step saved locally and promoted has save_started, snapshot_done
+and committed with tier "local", then committed with tier "durable" (durable_s: to the promotion's commit).
   save_started   a save of `step` began (metrics are the ones passed to the save)
   snapshot_done  the state is snapshotted; stall_s is how long the training thread was blocked
-  committed      durable: durable_s from save start to commit, raw_bytes and stored_bytes, path
+  committed      committed: durable_s from save start to commit, raw_bytes and stored_bytes, path
   skipped        save_best_only found no improvement (nothing written); value is the monitored metric
   deleted        retention deleted `step`
-  restored       restore loaded `step` from `tier` ("root") in `seconds`
+  restored       restore loaded `step` from `tier` ("durable" or "local") in `seconds`
   failed         a save or restore raised; error says what
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ class CheckpointEvent:
     raw_bytes: int | None = None       # committed: tensor bytes of the state
     stored_bytes: int | None = None    # committed: bytes this save wrote (compressed; references excluded)
     seconds: float | None = None       # restored: seconds the restore took
-    tier: str | None = None            # restored: where it came from ("root")
+    tier: str | None = None            # "durable" (the manager's root) or "local" (its node-local tier):
+    #                                    where a save went or a restore came from
     value: float | None = None         # skipped: the monitored metric that did not improve
     error: str | None = None           # failed: the error's type and message
 
@@ -58,11 +61,13 @@ class CheckpointEvent:
 
     def save_scalars(self) -> dict[str, float]:
         """What trackers log per committed save (stall_s, durable_s, stored_gb, compression_ratio), the
-        ones that are known."""
+        ones that are known; a local-tier commit's names start with "local/" (local/stall_s, ...), so its
+        values and the durable promotion's, at the same step, stay two series."""
         scalars = {"stall_s": self.stall_s, "durable_s": self.durable_s,
                    "stored_gb": None if self.stored_bytes is None else self.stored_bytes / 1e9,
                    "compression_ratio": self.compression_ratio}
-        return {k: float(v) for k, v in scalars.items() if v is not None}
+        pre = "local/" if self.tier == "local" else ""
+        return {pre + k: float(v) for k, v in scalars.items() if v is not None}
 
 
 class CheckpointCallback:
@@ -150,16 +155,16 @@ class EventBus:
 
 
 def report_commit(bus: EventBus, step: int, url: str, metrics: dict, t0: float, stall_s: float, manifest,
-                  err: BaseException | None) -> None:
+                  err: BaseException | None, tier: str = "durable") -> None:
     """Coordinator: queue the committed (or failed) event of a save begun at time.monotonic() t0; for
     async saves called on the background thread that committed it (AsyncSaveHandle.add_done_callback).
     Only queues: never blocks, never raises."""
     if err is not None:
-        bus.emit("failed", step, path=url, error=f"{type(err).__name__}: {err}"[:2000])
+        bus.emit("failed", step, path=url, error=f"{type(err).__name__}: {err}"[:2000], tier=tier)
         return
     try:
         raw, stored = manifest.raw_bytes, manifest.stored_bytes
     except Exception:
         raw = stored = None
     bus.emit("committed", step, path=url, metrics=metrics, stall_s=stall_s, durable_s=time.monotonic() - t0,
-             raw_bytes=raw, stored_bytes=stored)
+             raw_bytes=raw, stored_bytes=stored, tier=tier)

@@ -175,7 +175,7 @@ class CheckpointManager:
         self.preempted = False
         self._signalled: int | None = None
         self._calls = 0
-        self._pending: tuple[int, AsyncSaveHandle] | None = None
+        self._pending: list[tuple[int, AsyncSaveHandle, str]] = []  # (step, handle, "durable" | "local")
         self._last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._bad_steps: set[int] = set()
@@ -321,12 +321,12 @@ class CheckpointManager:
             kw.update(self._incremental_kw(step))
             meta["incremental"] = {"since_full": self._since_full}  # read back after a restart
         t0 = time.monotonic()
-        self.events.emit("save_started", step, path=path.url, metrics=meta["metrics"])
+        self.events.emit("save_started", step, path=path.url, metrics=meta["metrics"], tier="durable")
         try:
             if self.async_save:
                 handle = async_save(state, path, **kw)
-                self._pending = (step, handle)
-                self.events.emit("snapshot_done", step, path=path.url, stall_s=handle.stall_s)
+                self._pending.append((step, handle, "durable"))
+                self.events.emit("snapshot_done", step, path=path.url, stall_s=handle.stall_s, tier="durable")
                 if self.events.enabled:  # queued by the background thread that commits it
                     stall = handle.stall_s
                     handle.add_done_callback(lambda m, err: report_commit(self.events, step, path.url,
@@ -334,11 +334,11 @@ class CheckpointManager:
             else:
                 manifest = api.save(state, path, **kw)
                 stall = time.monotonic() - t0
-                self.events.emit("snapshot_done", step, path=path.url, stall_s=stall)
+                self.events.emit("snapshot_done", step, path=path.url, stall_s=stall, tier="durable")
                 report_commit(self.events, step, path.url, meta["metrics"], t0, stall, manifest, None)
                 self._after_commit(step)
         except Exception as e:
-            self.events.emit("failed", step, path=path.url, error=f"{type(e).__name__}: {e}"[:2000])
+            self.events.emit("failed", step, path=path.url, error=f"{type(e).__name__}: {e}"[:2000], tier="durable")
             raise
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
@@ -387,15 +387,16 @@ class CheckpointManager:
         return {"base": self._path(prev)}
 
     def _reap(self, block: bool) -> None:
-        """Finish a pending async save: raise its error, or run retention after its commit."""
-        if self._pending is None:
-            return
-        step, handle = self._pending
-        if not block and not handle.done():
-            return
-        self._pending = None
-        handle.wait()  # its committed / failed event was queued by the thread that committed it
-        self._after_commit(step)
+        """Finish the pending async saves (durable saves, local saves and promotions, in order): raise the
+        first one's error, or run durable retention after a durable commit."""
+        while self._pending:
+            step, handle, tier = self._pending[0]
+            if not block and not handle.done():
+                return
+            self._pending.pop(0)
+            handle.wait()  # its committed / failed event was queued by the thread that committed it
+            if tier == "durable":
+                self._after_commit(step)
 
     def wait(self) -> None:
         """Block until the pending save committed (all ranks); raise its error if it failed."""
@@ -450,7 +451,7 @@ class CheckpointManager:
         log.info("deleted checkpoint step %d", step)
 
     def _gc(self) -> None:
-        exclude = [self._pending[0]] if self._pending else []
+        exclude = [s for s, _, tier in self._pending if tier == "durable"]
         try:
             removed = gc_uncommitted(self.storage, dry_run=False, grace_s=self.gc_grace_s, exclude=exclude)
         except Exception as e:
@@ -468,9 +469,12 @@ class CheckpointManager:
         (shardckpt.restoring does the work.)"""
         self._reap(block=True)
         if self.tier is not None and step == "latest":  # the local tier when it holds a step >= the durable latest
+            t0 = time.monotonic()
             got = self.tier.restore(state, self.storage, load_durable=False)
             if got is not None:
                 self.restored_tier, self._last_saved_step = ("local", got), got
+                self.events.emit("restored", got, path=self.tier.storage.child(step_dir(got)).url, tier="local",
+                                 seconds=time.monotonic() - t0)
                 return got
         got = restoring.restore(self, state, step)
         self.restored_tier = None if got is None else ("durable", got)

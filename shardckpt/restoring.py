@@ -53,7 +53,7 @@ def restore(mgr, state, step: str | int = "latest") -> int | None:
                 log.warning("restored step %d instead (fell back past %d bad step(s))", nxt, tried - 1)
             mgr._last_saved_step = nxt
             _resume_policy(mgr, nxt)
-            mgr.events.emit("restored", nxt, path=mgr._path(nxt).url, tier="root", seconds=time.monotonic() - t0)
+            mgr.events.emit("restored", nxt, path=mgr._path(nxt).url, tier="durable", seconds=time.monotonic() - t0)
             _warm_up(mgr, state)
             return nxt
         mgr._bad_steps.add(nxt)

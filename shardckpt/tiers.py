@@ -3,17 +3,21 @@ other nodes, restored (onto any world size and layout) from whichever nodes surv
 "Local tier").
 
 Who calls what, and when (every rank of the group, collectively):
-  LocalTier.save(step, state)  a local save: an ordinary save into local_root/step-<N>/ on this node's disk
-      (api._prepare / _write_and_commit), with replication between the write and the commit round: every
-      rank sends its data and index files to its peers (the same local rank on the nodes `jump`, 2*jump, ...
-      further on; one all_to_all of the stored bytes) and writes the files it receives under the same
-      names in its own node's dir. Only then does commit.finish run (a rank dying while replicating fails
-      the save on every rank, nothing is committed). The coordinator commits manifest.json in its node's
-      dir; its bytes are broadcast and local rank 0 of every other node commits the same bytes in its own
-      (commit.commit_manifest). Then each node's local rank 0 applies retention and gc to its own dir.
-  LocalTier.promote(step, durable_root)  the durable save of a step the local tier already holds: every rank
-      uploads its own local files unchanged (no second snapshot, no second encode) and the coordinator
-      commits the same manifest bytes there (commit.finish).
+  LocalTier.save(step, state) / save_async(step, state)  a local save: an ordinary save into
+      local_root/step-<N>/ on this node's disk (api._prepare, then _commit: api._write_and_commit), with
+      replication between the write and the commit round: every rank streams its data and index files to
+      its peers (the same local rank on the nodes `jump`, 2*jump, ... further on; shardckpt.replicas, in
+      bounded rounds over all_to_all) and writes the files it receives under the same names in its own
+      node's dir. Only then does commit.finish run (a rank dying while writing or replicating fails the
+      save on every rank, nothing is committed). The coordinator commits manifest.json in its node's dir;
+      its bytes are broadcast and local rank 0 of every other node commits the same bytes in its own
+      (replicas.mirror). Then each node's local rank 0 applies retention and gc to its own dir. save_async
+      returns after the snapshot (the stall of an async save) and runs all of that on the group's
+      background thread (async_save.start), which CheckpointManager(async_save=True) uses.
+  LocalTier.promote(step, durable_root) / promote_async  the durable save of a step the local tier already
+      holds: every rank uploads its own local files unchanged (no second snapshot, no second encode) and
+      the coordinator commits the same manifest bytes there (commit.finish); promote_async queues it on
+      the background thread behind the local save (async_save.after_saves).
   LocalTier.restore(state, durable_root)  every rank lists the committed steps its node's dir holds and which
       rank files of each; the newest step that the surviving dirs hold completely, and not older than the
       durable tier's latest, is restored through the exchange (exchange.run with `holders`: each file is
@@ -26,64 +30,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
-from dataclasses import dataclass
-
-import torch
+import time
 
 from . import api, commit, dist as sdist
-from ._faults import fault_point
 from .commit import error_text
-from .errors import CheckpointError, error_from, error_record
+from .errors import CheckpointError, CheckpointExistsError, error_from, error_record
 from .format import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step
 from .layout import STEP_DIR, committed_steps, step_dir
-from .storage import Storage, storage_for
+from .replicas import Nodes, copy_file, mirror, node_map, replicate
+from .storage import storage_for
 
 log = logging.getLogger("shardckpt")
-
-
-@dataclass(frozen=True)
-class Nodes:
-    """Which node each rank of the group runs on (dense node numbers, from the launcher's GROUP_RANK)."""
-    node_of: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        return max(self.node_of) + 1
-
-    def members(self, node: int) -> list[int]:
-        return [r for r, n in enumerate(self.node_of) if n == node]
-
-    def local_rank(self, rank: int) -> int:
-        return self.members(self.node_of[rank]).index(rank)
-
-    def peers(self, rank: int, replicas: int, jump: int) -> list[int]:
-        """The ranks holding copies of `rank`'s files: the same local rank on the nodes jump, 2*jump, ...
-        further on (fewer when there are fewer other nodes; a node with fewer ranks wraps around)."""
-        n, node = self.count, self.node_of[rank]
-        out = []
-        for i in range(1, replicas + 1):
-            other = (node + i * jump) % n
-            if other == node or any(self.node_of[p] == other for p in out):
-                break
-            members = self.members(other)
-            out.append(members[self.local_rank(rank) % len(members)])
-        return out
-
-
-def node_map(comm) -> Nodes:
-    """Every rank's node, gathered (GROUP_RANK as torchrun sets it; else rank // LOCAL_WORLD_SIZE; else one
-    node). All ranks of comm call it."""
-    env = os.environ
-    if "GROUP_RANK" in env:
-        node = int(env["GROUP_RANK"])
-    else:
-        node = int(env.get("RANK", comm.rank)) // max(1, int(env.get("LOCAL_WORLD_SIZE", comm.world_size) or 1))
-    ids = [int(b) for b in comm.all_gather_bytes(str(node).encode())]
-    dense = {n: i for i, n in enumerate(sorted(set(ids)))}
-    return Nodes(tuple(dense[n] for n in ids))
 
 
 class LocalTier:
@@ -102,89 +61,54 @@ class LocalTier:
         self.process_group, self.timeout_s, self.codec = process_group, timeout_s, codec
         self.gc_grace_s = gc_grace_s
         self.restored: tuple[str, int] | None = None  # ("local" | "durable", step) of the last restore
+        self._node_map: Nodes | None = None
+        self.corrupt_copies: list[str] = []  # the local copies the last restore found corrupt and skipped
 
     def _comm(self):
         return sdist.comm_for(self.process_group, self.timeout_s)
 
     # -------------------------------------------------------------------------------------- save
 
+    def _nodes(self, comm) -> Nodes:
+        """Every rank's node (collective the first time; nodes do not change during a job)."""
+        if self._node_map is None:
+            self._node_map = node_map(comm)
+        return self._node_map
+
     def save(self, step: int, state, metadata: dict | None = None):
-        """Save `state` as local step `step` (every rank; replaces a local step of that number left by an
-        earlier attempt). Returns the committed Manifest. Raises SaveError on every rank if any failed."""
+        """Save `state` as local step `step` (every rank, blocking; replaces a local step of that number left
+        by an earlier attempt). Returns the committed Manifest. Raises SaveError on every rank if any
+        failed."""
         comm = self._comm()
-        nodes = node_map(comm)
-        path = self.storage.child(step_dir(step))
-        p = api._prepare(state, path, process_group=self.process_group, codec=self.codec,
-                         frame_size=api.DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
-                         timeout_s=self.timeout_s, stage=False, pool=None, overwrite=True)
-        manifest = api._write_and_commit(p, after_write=lambda s: self._replicate(p, nodes, s))
-        self._mirror(comm, nodes, path, p.save_id)
-        if nodes.local_rank(comm.rank) == 0:
+        self._nodes(comm)
+        p = api._prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
+                         timeout_s=self.timeout_s, stage=False, pool=None, **self._prepare_kw(metadata))
+        return self._commit(p, step)
+
+    def save_async(self, step: int, state, metadata: dict | None = None):
+        """Like save, but return once `state` is snapshotted (shardckpt.async_save's staging pools and
+        background thread): the write, the replication to peers, the commit on every node and the local
+        retention run in the background. Returns an AsyncSaveHandle (wait() gives the Manifest or raises
+        the save's error on every rank)."""
+        from .async_save import start
+        self._nodes(self._comm())
+        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit(p, step),
+                     process_group=self.process_group, timeout_s=self.timeout_s, **self._prepare_kw(metadata))
+
+    def _prepare_kw(self, metadata: dict | None) -> dict:
+        return dict(codec=self.codec, frame_size=api.DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
+                    overwrite=True)
+
+    def _commit(self, p, step: int):
+        """Every rank, on the save's comm (the caller's thread for save, the background one for save_async):
+        write, replicate to peers, commit, mirror the manifest on every node, retention per node."""
+        nodes = self._node_map
+        manifest = api._write_and_commit(p, after_write=lambda s: replicate(
+            p.comm, p.storage, p.save_id, nodes, self.replicas, self.jump, s))
+        mirror(p.comm, nodes, p.storage, p.save_id)
+        if nodes.local_rank(p.comm.rank) == 0:
             self._retain(step)
         return manifest
-
-    def _replicate(self, p, nodes: Nodes, summary: dict) -> dict:
-        """Every rank, between write and commit: send this rank's files to its peers, write the peers' files
-        received. Returns the summary for the commit round (failed if this rank's part failed)."""
-        comm, storage, sid = p.comm, p.storage, p.save_id
-        if comm.group is None or nodes.count == 1 or self.replicas == 0:
-            return summary
-        payload, sizes = b"", None
-        if summary["ok"] and "data_size" in summary:
-            try:
-                data, index = storage.read_file(data_file_name(sid, comm.rank)), \
-                    storage.read_file(index_file_name(sid, comm.rank))
-                payload, sizes = data + index, [len(data), len(index)]
-            except Exception as e:  # reported at the commit round, every rank still takes part below
-                summary = {"rank": comm.rank, "ok": False, "error": f"reading back for replication: {error_text(e)}"}
-        rec = {"ok": summary["ok"], "sizes": sizes}
-        recs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(rec).encode())]
-        if not all(r["ok"] for r in recs):
-            return summary  # the failed rank's summary fails the commit round; nothing to replicate
-        fault_point("replicate", comm.rank)
-        world = comm.world_size
-        peers = [nodes.peers(r, self.replicas, self.jump) for r in range(world)]
-        send_sizes = [len(payload) if r in peers[comm.rank] else 0 for r in range(world)]
-        recv_sizes = [sum(recs[r]["sizes"]) if comm.rank in peers[r] and recs[r]["sizes"] else 0
-                      for r in range(world)]
-        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-        send = torch.cat([buf] * sum(1 for s in send_sizes if s)) if any(send_sizes) else torch.empty(0, dtype=torch.uint8)
-        got = comm.all_to_all(send, send_sizes, recv_sizes).numpy()
-        try:
-            pos = 0
-            for src in range(world):
-                if not recv_sizes[src]:
-                    continue
-                d, i = recs[src]["sizes"]
-                storage.write_file(data_file_name(sid, src), got[pos:pos + d])
-                storage.write_file(index_file_name(sid, src), got[pos + d:pos + d + i])
-                pos += d + i
-            if pos:
-                storage.sync_dir(f"data/{sid}")
-        except Exception as e:
-            summary = {"rank": comm.rank, "ok": False, "error": f"writing a peer's replica: {error_text(e)}"}
-        return summary
-
-    def _mirror(self, comm, nodes: Nodes, path: Storage, save_id: str) -> None:
-        """After the commit: the coordinator's manifest bytes committed by local rank 0 of every other node."""
-        if comm.group is None or nodes.count == 1:
-            return
-        data = None
-        if comm.is_coordinator:
-            try:
-                data = path.read_file(MANIFEST_NAME)
-            except Exception as e:  # the step is committed on the coordinator's node; the others go without
-                log.warning("shardckpt: could not read back %s/%s to mirror it: %s", path.url, MANIFEST_NAME,
-                            error_text(e))
-        n = comm.broadcast_json(len(data) if data is not None else None)
-        if n is None:
-            return
-        data = comm.broadcast_bytes(data, n)
-        if nodes.local_rank(comm.rank) == 0 and nodes.node_of[comm.rank] != nodes.node_of[0]:
-            outcome = commit.commit_manifest(path, data, save_id, replace=True)
-            if not outcome.committed:  # this node's copy does not count at restore; the others still do
-                log.warning("shardckpt: node %d could not commit local step %s: %s", nodes.node_of[comm.rank],
-                            path.url, outcome.message)
 
     def _retain(self, step: int) -> None:
         """Local rank 0 of each node, after a local commit: keep_last per node's dir, then gc leftovers."""
@@ -199,29 +123,53 @@ class LocalTier:
 
     # -------------------------------------------------------------------------------------- promote
 
-    def promote(self, step: int, durable_root, storage_options: dict | None = None) -> None:
+    def promote(self, step: int, durable_root, storage_options: dict | None = None, *, exist_ok: bool = False,
+                comm=None):
         """Every rank: make local step `step` a durable checkpoint at durable_root/step-<N> by uploading this
-        rank's own local files unchanged and committing the same manifest bytes (same save_id, same names).
-        Raises SaveError on every rank if any upload failed (the uploaded files are then removed)."""
-        comm = self._comm()
+        rank's own local files unchanged (replicas.copy_file, piece by piece) and committing the same
+        manifest bytes (same save_id, same names). `comm`: the background group's when run behind an async
+        local save (promote_async). Returns the committed Manifest (None on the other ranks, and when the
+        durable step is committed already and exist_ok; else that raises CheckpointExistsError, before
+        anything is uploaded). Raises SaveError on every rank if any upload failed (the uploaded
+        files are then removed)."""
+        comm = comm or self._comm()
         src = self.storage.child(step_dir(step))
         dst = storage_for(durable_root, storage_options).child(step_dir(step))
         data, summary, sid = None, {"rank": comm.rank, "ok": True, "elements": 0}, None
+        exists = False
         if comm.is_coordinator:  # the coordinator's node committed first; other nodes' copies may still be landing
             try:
+                exists = dst.exists(MANIFEST_NAME)
                 data = src.read_file(MANIFEST_NAME)
                 sid = parse_manifest(data, file=f"{src.url}/{MANIFEST_NAME}").save_id
             except Exception as e:
                 summary = {"rank": 0, "ok": False, "error": f"local step {src.url}: {error_text(e)}"}
-        sid = comm.broadcast_json(sid) or ""
+        sid, exists = comm.broadcast_json([sid, exists])
+        if exists:  # before any upload: same-named files may belong to the committed step (a retried promotion)
+            if exist_ok:
+                log.warning("step %d is already committed under %s; not promoting it again", step, dst.url)
+                return None
+            raise CheckpointExistsError("a committed checkpoint already exists here", file=dst.url)
+        sid = sid or ""
         try:
             if sid and src.exists(data_file_name(sid, comm.rank)):  # a rank that owned no data has no files
                 for name in (data_file_name(sid, comm.rank), index_file_name(sid, comm.rank)):
-                    dst.write_file(name, src.read_file(name))
+                    copy_file(src, dst, name)
                 dst.sync_dir(f"data/{sid}")
         except Exception as e:
             summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
-        commit.finish(comm, dst, sid, summary, total_elements=0, build=lambda files: data)
+        committed = commit.finish(comm, dst, sid, summary, total_elements=0, build=lambda files: data)
+        return None if committed is None else parse_manifest(committed, file=f"{dst.url}/{MANIFEST_NAME}")
+
+    def promote_async(self, step: int, durable_root, storage_options: dict | None = None, *,
+                      exist_ok: bool = False):
+        """promote on the group's background thread, behind the async local save of `step` (every rank,
+        after save_async). Returns an AsyncSaveHandle whose wait() gives the Manifest (coordinator) or None."""
+        from .async_save import after_saves
+        url = storage_for(durable_root, storage_options).child(step_dir(step)).url
+        return after_saves(url, lambda comm: self.promote(step, durable_root, storage_options, exist_ok=exist_ok,
+                                                          comm=comm),
+                           process_group=self.process_group, timeout_s=self.timeout_s)
 
     # -------------------------------------------------------------------------------------- restore
 
@@ -266,20 +214,58 @@ class LocalTier:
         pick = choose_local(recs, durable)
         if pick is not None:
             step, holders = pick
-            try:
-                self._load_local(state, comm, step, holders)
-                return self._done("local", step, comm)
-            except CheckpointError as e:
-                if durable is None:
-                    raise
-                log.warning("shardckpt: restoring local step %d failed (%s); restoring durable step %d instead",
-                            step, error_text(e, 300), durable)
+            while True:
+                try:
+                    self._load_local(state, comm, step, holders)
+                    return self._done("local", step, comm)
+                except CheckpointError as e:
+                    error = e
+                good = self._good_copies(comm, step, holders, error)
+                if good is None:
+                    break
+                holders = good  # every file still has an intact copy: restore from those
+            if durable is None:
+                raise error
+            log.warning("shardckpt: restoring local step %d failed (%s); restoring durable step %d instead",
+                        step, error_text(error, 300), durable)
         if durable is None or not load_durable:
             self.restored = None
             return None
         load_training_state(state, storage_for(durable_root, storage_options).child(step_dir(durable)),
                             process_group=self.process_group)
         return self._done("durable", durable, comm)
+
+    def _good_copies(self, comm, step: int, holders: dict[int, list[int]], error: CheckpointError):
+        """Every rank, after a local restore of `step` failed with `error`: each node's ranks check every
+        frame of the copies their node holds (verify.verify_checkpoint, the node's files split among them)
+        and the corrupt ones are dropped. Returns the holders left when that dropped some and every file
+        still has an intact copy (restore then uses those, saying so), else None."""
+        from .verify import verify_checkpoint
+        nodes = self._nodes(comm)
+        members = nodes.members(nodes.node_of[comm.rank])
+        path = self.storage.child(step_dir(step))
+        try:
+            man = parse_manifest(path.read_file(MANIFEST_NAME), file=path.url)
+            index_of = {name: i for i, f in enumerate(man.files) for name in (f.data, f.index)}
+            report = verify_checkpoint(path, full=True, progress=False, rank=members.index(comm.rank),
+                                       world_size=len(members))
+            bad = sorted({(index_of[p.file], man.files[index_of[p.file]].rank) for p in report.problems
+                          if p.kind != "missing_file" and p.file in index_of})
+        except Exception:  # this node's copy of the step cannot be read at all: none of its files count
+            bad = [(i, None) for i in sorted(holders)]
+        recs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(bad).encode())]
+        bad_on: dict[int, dict[int, int | None]] = {n: {} for n in range(nodes.count)}
+        for r, b in enumerate(recs):
+            bad_on[nodes.node_of[r]].update({i: saver for i, saver in b})
+        left = {i: [r for r in hs if i not in bad_on[nodes.node_of[r]]] for i, hs in holders.items()}
+        if left == holders or not all(left.values()):
+            return None
+        dropped = sorted(f"rank {saver}'s files on node {n}" for n, b in bad_on.items() for i, saver in b.items()
+                         if any(nodes.node_of[r] == n for r in holders.get(i, ())))
+        log.warning("shardckpt: local step %d: %s; the copies %s are corrupt, restoring from the other copies",
+                    step, error_text(error, 300), ", ".join(dropped))
+        self.corrupt_copies = dropped
+        return left
 
     def _done(self, tier: str, step: int, comm) -> int:
         self.restored = (tier, step)
@@ -292,7 +278,7 @@ class LocalTier:
         local steps newer than it belong to an abandoned run (incomplete, or not chosen); each node's local
         rank 0 retires them, so a later restore never prefers them to what this run saves next."""
         comm = comm or self._comm()
-        if node_map(comm).local_rank(comm.rank) == 0:
+        if self._nodes(comm).local_rank(comm.rank) == 0:
             try:
                 for newer in [s for s in committed_steps(self.storage) if s > step]:
                     retire_step(self.storage, step_dir(newer))
@@ -338,20 +324,50 @@ class LocalTier:
 
 def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:
     """CheckpointManager.maybe_save, every rank, on a step of its local tier (local_every_steps): a local
-    save, then, when the durable tier is due too, its promotion (the same encoded files and manifest, no
-    second snapshot) and the durable retention. Returns True (saved)."""
-    from .errors import CheckpointExistsError
+    save (in the background when the manager's async_save), then, when the durable tier is due too, its
+    promotion (the same encoded files and manifest, no second snapshot), queued behind it; the manager
+    applies durable retention once the promotion committed (_reap). Events: save_started, snapshot_done and
+    committed with tier "local", then committed (durable_s: from the snapshot's start to durable) with tier
+    "durable". Returns True (saved)."""
+    from .events import report_commit
     from .policy import json_metrics
-    mgr._reap(block=True)  # a pending async durable save runs collectives on the same group
-    mgr.tier.save(step, state, metadata={"step": int(step), "metrics": json_metrics(metrics)})
-    if durable:
-        try:
-            mgr.tier.promote(step, mgr.storage)
-        except CheckpointExistsError:
-            log.warning("step %d is already committed under %s; not promoting it again", step, mgr.root)
-            return True
-        mgr._after_commit(step)
-        mgr._last_saved_step = step
+    mgr._reap(block=False)
+    meta = {"step": int(step), "metrics": json_metrics(metrics)}
+    local_url, durable_url = mgr.tier.storage.child(step_dir(step)).url, mgr._path(step).url
+    bus, t0 = mgr.events, time.monotonic()
+
+    def report(url, tier, stall):
+        def done(manifest, err):
+            if manifest is not None or err is not None:  # None, None: the durable step existed already
+                report_commit(bus, step, url, meta["metrics"], t0, stall, manifest, err, tier=tier)
+        return done
+
+    bus.emit("save_started", step, path=local_url, metrics=meta["metrics"], tier="local")
+    try:
+        if mgr.async_save:
+            handle = mgr.tier.save_async(step, state, meta)
+            stall = handle.stall_s
+        else:
+            manifest = mgr.tier.save(step, state, meta)
+            stall = time.monotonic() - t0
+        bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
+        if mgr.async_save:
+            handle.add_done_callback(report(local_url, "local", stall))
+            mgr._pending.append((step, handle, "local"))
+        else:
+            report(local_url, "local", stall)(manifest, None)
+        if durable:
+            if mgr.async_save:
+                handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True)
+                handle.add_done_callback(report(durable_url, "durable", stall))
+                mgr._pending.append((step, handle, "durable"))
+            else:
+                report(durable_url, "durable", stall)(mgr.tier.promote(step, mgr.storage, exist_ok=True), None)
+                mgr._after_commit(step)
+            mgr._last_saved_step, mgr._last_save_time = step, time.monotonic()
+    except Exception as e:
+        bus.emit("failed", step, path=local_url, error=f"{type(e).__name__}: {e}"[:2000], tier="local")
+        raise
     return True
 
 

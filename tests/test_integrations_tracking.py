@@ -38,6 +38,31 @@ def test_tensorboard_scalars_per_save(tmp_path):
     assert [e.step for e in acc.Scalars("checkpoint/restore_s")] == [restored] == [30]
 
 
+def test_tensorboard_keeps_local_tier_saves_apart(tmp_path):
+    """With a node-local tier (every 5 steps, durable every 10 by promotion), local commits are their own
+    series (checkpoint/local/...) and the promotion is the durable one; the restore comes from the local
+    tier."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from shardckpt.integrations.tensorboard import TensorBoardCallback
+    m = CheckpointManager(tmp_path / "ckpt", save_every_steps=10, local_root=str(tmp_path / "local"),
+                          local_every_steps=5, callbacks=[TensorBoardCallback(str(tmp_path / "tb"))],
+                          preemption_signals=())
+    state = {"w": torch.zeros(256, 64)}
+    for s in (5, 10, 15):
+        state["w"].fill_(s)
+        assert m.maybe_save(s, state)
+    restored = {"w": torch.empty(256, 64)}
+    assert m.restore(restored) == 15 and m.restored_tier == ("local", 15) and torch.equal(restored["w"], state["w"])
+    m.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("checkpoint/local/stall_s")] == [5, 10, 15]
+    assert [e.step for e in acc.Scalars("checkpoint/durable_s")] == [10]  # the promotion of local step 10
+    local10 = next(e.value for e in acc.Scalars("checkpoint/local/durable_s") if e.step == 10)
+    assert acc.Scalars("checkpoint/durable_s")[0].value >= local10  # to durable: after the local commit
+    assert [e.step for e in acc.Scalars("checkpoint/restore_s")] == [15]
+
+
 def test_mlflow_metrics_and_checkpoint_tags(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file store needs the opt-in
     import mlflow

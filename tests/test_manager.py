@@ -306,7 +306,7 @@ def test_async_commit_event_comes_from_the_background_save_and_retention_reports
     assert kinds.index(("committed", 1)) < kinds.index(("save_started", 2))
     assert ("deleted", 1) in kinds and kinds.index(("committed", 2)) < kinds.index(("deleted", 1))
     restored = [e for e in rec.events if e.kind == "restored"]
-    assert r == 2 and restored[0].step == 2 and restored[0].tier == "root" and restored[0].seconds > 0
+    assert r == 2 and restored[0].step == 2 and restored[0].tier == "durable" and restored[0].seconds > 0
 
 
 def test_policy_options_are_checked():

@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 
 from harness import run_ranks
+from shardckpt.errors import CheckpointExistsError
 from shardckpt.format import data_file_name, index_file_name
 from scenarios import distributed_state, full_of, full_state, make_mesh, zeros_like_state
 
@@ -35,6 +37,11 @@ def _train(rank, world, local_base, durable):
         tier.save(step, distributed_state(_state(step), mesh, 0), metadata={"step": step})
         if step % 10 == 0:
             tier.promote(step, durable)
+            try:  # a second promotion of a committed step is refused before it uploads anything
+                tier.promote(step, durable)
+                raise AssertionError("promoted twice")
+            except CheckpointExistsError:
+                pass
     kept = committed_steps(tier.root) if os.environ["LOCAL_RANK"] == "0" else None  # after its retention
     return kept, _manager(world, mesh, local_base + "-mgr", durable + "-mgr")
 
@@ -69,7 +76,7 @@ def _restore(rank, world, cases, durable):
         step = tier.restore(state, durable)
         want = _state(step)
         exact = all(torch.equal(full_of(state[k]), want[k]) for k in want)
-        out.append((tier.restored, exact))
+        out.append((tier.restored, exact) + ((tier.corrupt_copies,) if tier.corrupt_copies else ()))
     return out
 
 
@@ -87,13 +94,13 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
                   for f in fs) == \
         sorted(name for r in range(4) for name in (data_file_name(sid, r), index_file_name(sid, r)))
 
-    def case(name, keep_nodes, corrupt=None):
+    def case(name, keep_nodes, corrupt=()):
         base = str(tmp_path / name)
         os.makedirs(base)
         for n in keep_nodes:
             shutil.copytree(os.path.join(local, f"node{n}"), os.path.join(base, f"node{n}"))
-        if corrupt:
-            path = os.path.join(base, "node0", "step-0000000012", corrupt)
+        for name in corrupt:  # node 0's copy of these files
+            path = os.path.join(base, "node0", "step-0000000012", name)
             with open(path, "r+b") as f:
                 f.seek(100)
                 b = f.read(1)
@@ -101,12 +108,16 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
                 f.write(bytes([b[0] ^ 0xFF]))
         return base
 
-    lost1, none, bad = case("lost1", [0]), case("none", []), case("bad", [0], corrupt=data_file_name(sid, 2))
-    got = run_ranks(4, _restore, [lost1, none, bad], durable, nodes=2)
+    lost1, none = case("lost1", [0]), case("none", [])
+    bad = case("bad", [0], corrupt=[data_file_name(sid, 2)])
+    other = case("other", [0, 1], corrupt=[data_file_name(sid, r) for r in range(4)])
+    got = run_ranks(4, _restore, [lost1, none, bad, other], durable, nodes=2)
     for per_rank in got:
         assert per_rank[0] == (("local", 12), True)    # node 1 lost: its files come from node 0's replicas
-        assert per_rank[1] == (("durable", 10), True)  # no local dir left
+        assert per_rank[1] == (("durable", 10), True)  # no local dir left (and promoting twice kept step 10)
         assert per_rank[2] == (("durable", 10), True)  # the only copy of rank 2's file is corrupt
+        # node 0's copy of every file is corrupt: node 1 holds each one too (its own or a replica)
+        assert per_rank[3] == (("local", 12), True, [f"rank {r}'s files on node 0" for r in range(4)]), per_rank[3]
     assert not os.path.exists(os.path.join(bad, "node0", "step-0000000012", "manifest.json"))  # abandoned
     got = run_ranks(2, _restore, [case("two", [0])], durable, nodes=1)
     assert all(r == [(("local", 12), True)] for r in got)  # resharded onto the surviving node
@@ -128,12 +139,14 @@ def _save_steps(rank, world, local_base, steps):
     return True
 
 
-def test_rank_killed_while_replicating_leaves_the_previous_local_step(tmp_path):
+@pytest.mark.parametrize("fault,dead", [("before_commit:1:kill:3", 1), ("replicate:3:kill:3", 3)],
+                         ids=["killed-writing", "killed-replicating"])
+def test_rank_killed_during_a_local_save_leaves_the_previous_local_step(tmp_path, fault, dead):
     from faultkit import launch
     local = str(tmp_path / "local")
-    fates = launch(4, _save_steps, local, [1, 2, 3], env={"SHARDCKPT_FAULT": "replicate:3:kill:3",
-                                                           "SHARDCKPT_TIMEOUT": "5"}, timeout=60)
-    assert fates[3][0] == "dead" and all(fates[r][0] == "error" for r in range(3)), fates
+    fates = launch(4, _save_steps, local, [1, 2, 3], env={"SHARDCKPT_FAULT": fault, "SHARDCKPT_TIMEOUT": "5"},
+                   timeout=60)
+    assert fates[dead][0] == "dead" and all(fates[r][0] == "error" for r in range(4) if r != dead), fates
     assert not os.path.exists(os.path.join(local, "node0", "step-0000000003", "manifest.json"))
     got = run_ranks(4, _restore, [local], None, nodes=2)
     assert all(r == [(("local", 2), True)] for r in got)
@@ -167,3 +180,52 @@ def test_torchrun_two_nodes_resume_from_local_tier_after_losing_a_node(tmp_path)
     shutil.rmtree(tmp_path / "local1")  # node 1 lost; its rank's files survive as replicas on node 0
     outs = _torchrun_two_nodes(tmp_path, "second", 8)
     assert any("resumed from step 6 (local tier" in o for o in outs), outs
+
+
+def _background(rank, world, local_base, durable):
+    """An async manager, local every step and durable every 3, replicating in 4 KiB rounds: the events it
+    reports, then (node 1's dir wiped) a restore from node 0's files and replicas."""
+    import shardckpt
+    from shardckpt import replicas
+    from shardckpt.events import CheckpointCallback
+    replicas.ROUND_BYTES = 4096  # every rank's files take many rounds
+
+    class Record(CheckpointCallback):
+        def __init__(self):
+            self.events = []
+
+        def on_event(self, e):
+            self.events.append((e.kind, e.step, e.tier, e.durable_s))
+
+    mesh, rec = make_mesh(world, 1), Record()
+    kw = dict(save_every_steps=3, keep_last=2, local_root=_node_dir(local_base), local_every_steps=1,
+              local_keep_last=2, async_save=True)
+    with shardckpt.CheckpointManager(durable, callbacks=[rec], **kw) as mgr:
+        for step in range(1, 5):
+            mgr.maybe_save(step, distributed_state(_state(step), mesh, 0))
+    torch.distributed.barrier()
+    if os.environ["GROUP_RANK"] == "1" and os.environ["LOCAL_RANK"] == "0":
+        shutil.rmtree(_node_dir(local_base))  # node 1 lost
+    torch.distributed.barrier()
+    with shardckpt.CheckpointManager(durable, callbacks=[rec], **kw) as mgr:
+        state = zeros_like_state(distributed_state(_state(0), mesh, 1))
+        step = mgr.restore(state)
+        exact = all(torch.equal(full_of(state[k]), v) for k, v in _state(4).items())
+    return rec.events, step, mgr.restored_tier, exact
+
+
+def test_async_local_saves_replicate_in_rounds_and_report_both_tiers(tmp_path):
+    local, durable = str(tmp_path / "local"), str(tmp_path / "durable")
+    got = run_ranks(4, _background, local, durable, nodes=2)
+    assert all(r[1:] == (4, ("local", 4), True) for r in got), [r[1:] for r in got]
+    events = got[0][0]  # the coordinator's; the other ranks deliver none
+    assert all(not r[0] for r in got[1:])
+    step3 = [e[:3] for e in events if e[1] == 3]
+    assert step3 == [("save_started", 3, "local"), ("snapshot_done", 3, "local"), ("committed", 3, "local"),
+                     ("committed", 3, "durable")], step3
+    local3, durable3 = [e[3] for e in events if e[:3] in (("committed", 3, "local"), ("committed", 3, "durable"))]
+    assert 0 < local3 <= durable3  # time to durable counts from the same snapshot
+    assert [e[:3] for e in events if e[0] == "committed" and e[2] == "durable"] == [("committed", 3, "durable")]
+    assert ("restored", 4, "local", None) in events
+    from shardckpt.layout import committed_steps
+    assert committed_steps(durable) == [3]

@@ -7,7 +7,8 @@ in the MLflow UI links to its checkpoints.
         mgr = CheckpointManager(root, ..., callbacks=[MLflowCallback()])
 
 Per committed save, at its step: metrics checkpoint/stall_s, checkpoint/durable_s, checkpoint/stored_gb,
-checkpoint/compression_ratio; tags shardckpt.checkpoint_uri and shardckpt.checkpoint_step (the latest),
+checkpoint/compression_ratio (checkpoint/local/... for saves of the node-local tier, which get no tags);
+tags shardckpt.checkpoint_uri and shardckpt.checkpoint_step (the latest),
 and shardckpt.checkpoint.<step> = URI for every save (a tag per checkpoint, removed again when retention
 deletes that step). A restore logs checkpoint/restore_s and tags shardckpt.restored_from.
 
@@ -44,6 +45,8 @@ class MLflowCallback(CheckpointCallback):
     def on_committed(self, e: CheckpointEvent) -> None:
         for name, v in e.save_scalars().items():
             self.client.log_metric(self.run_id, self.prefix + name, v, step=e.step)
+        if e.tier == "local":  # a node-local path is no link to a checkpoint: tags name durable ones only
+            return
         for key, value in (("shardckpt.checkpoint_uri", e.path), ("shardckpt.checkpoint_step", str(e.step)),
                            (f"shardckpt.checkpoint.{e.step}", e.path)):
             self.client.set_tag(self.run_id, key, value)
