@@ -142,6 +142,11 @@ def _one(root: str) -> None:
     trainer.validate(ShardedRegressor(), _data()[1], ckpt_path=os.path.join(root, "ref", "last.ckpt"))
     model = _gathered_model(trainer)
     out["validate_diffs"] = _differences(model, {k: v for k, v in ref_state.items() if k.startswith("model.")})
+    os.makedirs(os.path.join(root, "not-ours.ckpt"))  # no manifest (a stock DCP directory would pickle meta.pt)
+    try:
+        trainer.validate(ShardedRegressor(), _data()[1], ckpt_path=os.path.join(root, "not-ours.ckpt"))
+    except shardckpt.IncompleteCheckpointError as e:
+        out["not_ours"] = str(e)
     url = "memory://shardckpt-lightning-sharded/run"
     trainer, ckpt = _fit(url, 3, 1)
     fs = fsspec.filesystem("memory")
@@ -197,6 +202,7 @@ def test_resume_on_one_process_reshards_bit_exact_and_fsspec_dirpath(two_process
     assert out["epoch"] == EPOCHS and out["global_step"] == two["global_step"][1]  # the loops' state came back
     assert out["validate_diffs"] == [], out["validate_diffs"]
     assert out["tp_diffs"] == [], out["tp_diffs"]
+    assert "not-ours.ckpt" in out.get("not_ours", ""), out.get("not_ours")  # refused typed, nothing unpickled
     assert out["url_last_committed"]
     assert len(out["url_names"]) == 3 and "last.ckpt" in out["url_names"], out["url_names"]
     assert out["url_best_k"] == sorted(n for n in out["url_names"] if n != "last.ckpt")

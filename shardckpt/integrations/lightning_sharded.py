@@ -24,8 +24,9 @@ Who calls what, and when (Lightning's Trainer drives it):
                      model's and optimizers' sharded state dicts in place, whatever layout and world size
                      saved them, and set_model_state_dict / set_optimizer_state_dict apply them; the rest of
                      the dict is returned to Lightning (loops, callbacks, schedulers), as the stock strategy
-                     does. A path without a shardckpt manifest (a stock DCP directory or torch.save file)
-                     goes to the stock load_checkpoint.
+                     does. A path without a committed shardckpt manifest (a stock DCP directory with its
+                     pickled meta.pt, a torch.save file) raises IncompleteCheckpointError naming it: nothing
+                     is unpickled.
   remove_checkpoint  global rank 0 (ModelCheckpoint's top-k and save_last), through the strategy's
                      checkpoint_io, a ShardckptCheckpointIO: the manifest first.
 
@@ -45,6 +46,7 @@ except ImportError:  # the unified `lightning` package
     from lightning.pytorch.strategies import ModelParallelStrategy
 
 from .. import api
+from ..errors import IncompleteCheckpointError
 from .lightning import ShardckptCheckpointIO
 
 # Lightning's keys whose values the strategy loads into the live objects instead of returning them
@@ -94,8 +96,10 @@ class ShardckptModelParallelStrategy(ModelParallelStrategy):
                                                              set_optimizer_state_dict)
         path = os.fspath(self.broadcast(os.fspath(checkpoint_path)))
         io = self._io()
-        if not io.is_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=weights_only)
+        if not io.is_checkpoint(path):  # Lightning's own loader would unpickle its meta.pt: never here
+            raise IncompleteCheckpointError(
+                "no committed shardckpt checkpoint here (a stock DCP directory or torch.save file? load it with "
+                "Lightning's own ModelParallelStrategy, or convert it: `shardckpt import SRC DST`)", file=path)
         assert self.model is not None and self.lightning_module is not None
         strict = self.lightning_module.strict_loading
         # the live state dicts are the targets: shardckpt.load reshards into their DTensors in place (an
