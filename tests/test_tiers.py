@@ -152,6 +152,31 @@ def test_rank_killed_during_a_local_save_leaves_the_previous_local_step(tmp_path
     assert all(r == [(("local", 2), True)] for r in got)
 
 
+def _manager_steps(rank, world, local_base, steps):
+    os.environ["GROUP_RANK"] = str(rank // 2)
+    import shardckpt
+    mesh = make_mesh(world, 1)
+    with shardckpt.CheckpointManager(local_base + "-durable", save_every_steps=100, local_root=_node_dir(local_base),
+                                     local_every_steps=1, async_save=True, preemption_signals=()) as mgr:
+        for step in steps:
+            mgr.maybe_save(step, distributed_state(_state(step), mesh, 0))
+    return True
+
+
+def test_rank_killed_while_replicating_in_the_background_leaves_the_previous_local_step(tmp_path):
+    """The manager's default: the local save of step 3 replicates on the background thread when rank 3 dies;
+    the others raise at their next call (here close), nothing of step 3 commits, step 2 restores."""
+    from faultkit import launch
+    local = str(tmp_path / "local")
+    fates = launch(4, _manager_steps, local, [1, 2, 3], env={"SHARDCKPT_FAULT": "replicate:3:kill:3",
+                                                              "SHARDCKPT_TIMEOUT": "5"}, timeout=60)
+    assert fates[3][0] == "dead" and all(fates[r][0] == "error" for r in range(3)), fates
+    assert all("CoordinationError" in fates[r][1] or "SaveError" in fates[r][1] for r in range(3)), fates
+    assert not os.path.exists(os.path.join(local, "node0", "step-0000000003", "manifest.json"))
+    got = run_ranks(4, _restore, [local], None, nodes=2)
+    assert all(r == [(("local", 2), True)] for r in got)
+
+
 def _torchrun_two_nodes(tmp_path, run_id: str, steps: int) -> list[str]:
     """launch/train.py on 2 nodes x 1 rank (torchrun --nnodes 2, c10d rendezvous on loopback), each node its
     own --local-root. Returns both nodes' output."""
