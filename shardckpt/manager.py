@@ -394,7 +394,16 @@ class CheckpointManager:
             if not block and not handle.done():
                 return
             self._pending.pop(0)
-            handle.wait()  # its committed / failed event was queued by the thread that committed it
+            try:
+                handle.wait()  # its committed / failed event was queued by the thread that committed it
+            except BaseException:
+                for later in [e for e in self._pending if e[0] == step]:  # a failed local save's promotion
+                    self._pending.remove(later)                           # fails with it: one error, not two
+                    try:
+                        later[1].wait()
+                    except BaseException:
+                        pass
+                raise
             if tier == "durable":
                 self._after_commit(step)
 

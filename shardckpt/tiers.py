@@ -17,7 +17,9 @@ Who calls what, and when (every rank of the group, collectively):
   LocalTier.promote(step, durable_root) / promote_async  the durable save of a step the local tier already
       holds: every rank uploads its own local files unchanged (no second snapshot, no second encode) and
       the coordinator commits the same manifest bytes there (commit.finish); promote_async queues it on
-      the background thread behind the local save (async_save.after_saves).
+      the background thread behind the local save (async_save.after_saves). When the local save was told
+      (upload_to=) that a promotion follows, each rank's upload starts on the tier's uploader thread as soon
+      as its files are written, while replication and the local commit run; promote then waits for it.
   LocalTier.restore(state, durable_root)  every rank lists the committed steps its node's dir holds and which
       rank files of each; the newest step that the surviving dirs hold completely, and not older than the
       durable tier's latest, is restored through the exchange (exchange.run with `holders`: each file is
@@ -32,10 +34,11 @@ import json
 import logging
 import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import api, commit, dist as sdist
-from .commit import error_text
-from .errors import CheckpointError, CheckpointExistsError, error_from, error_record
+from .commit import error_text, remove_rank_files
+from .errors import CheckpointError, CheckpointExistsError, SaveError, error_from, error_record
 from .format import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step
 from .layout import STEP_DIR, committed_steps, step_dir
@@ -63,6 +66,8 @@ class LocalTier:
         self.restored: tuple[str, int] | None = None  # ("local" | "durable", step) of the last restore
         self._node_map: Nodes | None = None
         self.corrupt_copies: list[str] = []  # the local copies the last restore found corrupt and skipped
+        self._uploads: dict[int, tuple[str, Future]] = {}  # step -> (save_id, upload of this rank's files)
+        self._uploader: ThreadPoolExecutor | None = None
 
     def _comm(self):
         return sdist.comm_for(self.process_group, self.timeout_s)
@@ -75,40 +80,55 @@ class LocalTier:
             self._node_map = node_map(comm)
         return self._node_map
 
-    def save(self, step: int, state, metadata: dict | None = None):
+    def save(self, step: int, state, metadata: dict | None = None, *, upload_to=None):
         """Save `state` as local step `step` (every rank, blocking; replaces a local step of that number left
-        by an earlier attempt). Returns the committed Manifest. Raises SaveError on every rank if any
-        failed."""
+        by an earlier attempt). `upload_to`: the durable root a promote of this step will follow to; this
+        rank's files start uploading there as soon as they are written, while replication runs (promote
+        then waits for that upload instead of starting one). Returns the committed Manifest. Raises
+        SaveError on every rank if any failed."""
         comm = self._comm()
         self._nodes(comm)
         p = api._prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
                          timeout_s=self.timeout_s, stage=False, pool=None, **self._prepare_kw(metadata))
-        return self._commit(p, step)
+        return self._commit(p, step, upload_to)
 
-    def save_async(self, step: int, state, metadata: dict | None = None):
+    def save_async(self, step: int, state, metadata: dict | None = None, *, upload_to=None):
         """Like save, but return once `state` is snapshotted (shardckpt.async_save's staging pools and
         background thread): the write, the replication to peers, the commit on every node and the local
         retention run in the background. Returns an AsyncSaveHandle (wait() gives the Manifest or raises
         the save's error on every rank)."""
         from .async_save import start
         self._nodes(self._comm())
-        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit(p, step),
+        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit(p, step, upload_to),
                      process_group=self.process_group, timeout_s=self.timeout_s, **self._prepare_kw(metadata))
 
     def _prepare_kw(self, metadata: dict | None) -> dict:
         return dict(codec=self.codec, frame_size=api.DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
                     overwrite=True)
 
-    def _commit(self, p, step: int):
+    def _commit(self, p, step: int, upload_to=None):
         """Every rank, on the save's comm (the caller's thread for save, the background one for save_async):
-        write, replicate to peers, commit, mirror the manifest on every node, retention per node."""
+        write, replicate to peers (and upload this rank's files to `upload_to` meanwhile, on the tier's
+        uploader thread), commit, mirror the manifest on every node, retention per node."""
         nodes = self._node_map
-        manifest = api._write_and_commit(p, after_write=lambda s: replicate(
-            p.comm, p.storage, p.save_id, nodes, self.replicas, self.jump, s))
+
+        def after_write(summary: dict) -> dict:
+            if upload_to is not None and summary["ok"] and "data_size" in summary:
+                self._upload_early(step, p.storage, storage_for(upload_to).child(step_dir(step)), p.save_id,
+                                   p.comm.rank)
+            return replicate(p.comm, p.storage, p.save_id, nodes, self.replicas, self.jump, summary)
+        manifest = api._write_and_commit(p, after_write=after_write)
         mirror(p.comm, nodes, p.storage, p.save_id)
         if nodes.local_rank(p.comm.rank) == 0:
             self._retain(step)
         return manifest
+
+    def _upload_early(self, step: int, src, dst, save_id: str, rank: int) -> None:
+        """This rank, once its local files of `step` are written: start uploading them to the durable step
+        dir `dst` on the uploader thread (no collectives); promote(step) waits for it."""
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-upload")
+        self._uploads[step] = (save_id, self._uploader.submit(_upload_own, src, dst, save_id, rank))
 
     def _retain(self, step: int) -> None:
         """Local rank 0 of each node, after a local commit: keep_last per node's dir, then gc leftovers."""
@@ -124,17 +144,24 @@ class LocalTier:
     # -------------------------------------------------------------------------------------- promote
 
     def promote(self, step: int, durable_root, storage_options: dict | None = None, *, exist_ok: bool = False,
-                comm=None):
+                comm=None, after=None):
         """Every rank: make local step `step` a durable checkpoint at durable_root/step-<N> by uploading this
         rank's own local files unchanged (replicas.copy_file, piece by piece) and committing the same
         manifest bytes (same save_id, same names). `comm`: the background group's when run behind an async
-        local save (promote_async). Returns the committed Manifest (None on the other ranks, and when the
-        durable step is committed already and exist_ok; else that raises CheckpointExistsError, before
-        anything is uploaded). Raises SaveError on every rank if any upload failed (the uploaded
-        files are then removed)."""
+        local save (promote_async). The files a save(upload_to=) of this step began uploading are waited
+        for instead of uploaded again. `after`: the handle of the async local save of this step; if it
+        failed, nothing is promoted (SaveError on every rank, no collective). Returns the committed Manifest
+        (None on the other ranks, and when the durable step is committed already and exist_ok; else that
+        raises CheckpointExistsError, before anything is uploaded). Raises SaveError on every rank if any
+        upload failed (the uploaded files are then removed)."""
         comm = comm or self._comm()
         src = self.storage.child(step_dir(step))
         dst = storage_for(durable_root, storage_options).child(step_dir(step))
+        early = self._uploads.pop(step, None)
+        if after is not None and after.exception() is not None:  # every rank saw the local save fail
+            _drop_upload(early, dst, comm.rank)
+            raise SaveError(f"local step {step} did not commit ({error_text(after.exception(), 300)}); "
+                            f"not promoted", file=dst.url, rank=comm.rank)
         data, summary, sid = None, {"rank": comm.rank, "ok": True, "elements": 0}, None
         exists = False
         if comm.is_coordinator:  # the coordinator's node committed first; other nodes' copies may still be landing
@@ -145,6 +172,9 @@ class LocalTier:
             except Exception as e:
                 summary = {"rank": 0, "ok": False, "error": f"local step {src.url}: {error_text(e)}"}
         sid, exists = comm.broadcast_json([sid, exists])
+        if early is not None and (exists or early[0] != sid):  # files of a save that is not the one promoted
+            _drop_upload(early, dst, comm.rank)
+            early = None
         if exists:  # before any upload: same-named files may belong to the committed step (a retried promotion)
             if exist_ok:
                 log.warning("step %d is already committed under %s; not promoting it again", step, dst.url)
@@ -152,23 +182,24 @@ class LocalTier:
             raise CheckpointExistsError("a committed checkpoint already exists here", file=dst.url)
         sid = sid or ""
         try:
-            if sid and src.exists(data_file_name(sid, comm.rank)):  # a rank that owned no data has no files
-                for name in (data_file_name(sid, comm.rank), index_file_name(sid, comm.rank)):
-                    copy_file(src, dst, name)
-                dst.sync_dir(f"data/{sid}")
+            if early is not None:
+                early[1].result()
+            elif sid and src.exists(data_file_name(sid, comm.rank)):  # a rank that owned no data has no files
+                _upload_own(src, dst, sid, comm.rank)
         except Exception as e:
             summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
         committed = commit.finish(comm, dst, sid, summary, total_elements=0, build=lambda files: data)
         return None if committed is None else parse_manifest(committed, file=f"{dst.url}/{MANIFEST_NAME}")
 
     def promote_async(self, step: int, durable_root, storage_options: dict | None = None, *,
-                      exist_ok: bool = False):
+                      exist_ok: bool = False, after=None):
         """promote on the group's background thread, behind the async local save of `step` (every rank,
-        after save_async). Returns an AsyncSaveHandle whose wait() gives the Manifest (coordinator) or None."""
+        after save_async; `after`: that save's handle). Returns an AsyncSaveHandle whose wait() gives the
+        Manifest (coordinator) or None."""
         from .async_save import after_saves
         url = storage_for(durable_root, storage_options).child(step_dir(step)).url
         return after_saves(url, lambda comm: self.promote(step, durable_root, storage_options, exist_ok=exist_ok,
-                                                          comm=comm),
+                                                          comm=comm, after=after),
                            process_group=self.process_group, timeout_s=self.timeout_s)
 
     # -------------------------------------------------------------------------------------- restore
@@ -322,6 +353,26 @@ class LocalTier:
         load_training_state_from(state, path, comm, (manifest, index_data), holders=holders)
 
 
+def _upload_own(src, dst, save_id: str, rank: int) -> None:
+    """This rank's data and index files of one local step uploaded unchanged to the durable step dir."""
+    for name in (data_file_name(save_id, rank), index_file_name(save_id, rank)):
+        copy_file(src, dst, name)
+    dst.sync_dir(f"data/{save_id}")
+
+
+def _drop_upload(early, dst, rank: int) -> None:
+    """An early upload that will not be committed: wait for it, then delete what it wrote. Its save_id is a
+    fresh local save's, so no committed manifest can refer to those files."""
+    if early is None:
+        return
+    save_id, future = early
+    try:
+        future.result()
+    except Exception:
+        pass
+    remove_rank_files(dst, save_id, rank)
+
+
 def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:
     """CheckpointManager.maybe_save, every rank, on a step of its local tier (local_every_steps): a local
     save (in the background when the manager's async_save), then, when the durable tier is due too, its
@@ -345,10 +396,10 @@ def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> boo
     bus.emit("save_started", step, path=local_url, metrics=meta["metrics"], tier="local")
     try:
         if mgr.async_save:
-            handle = mgr.tier.save_async(step, state, meta)
+            handle = mgr.tier.save_async(step, state, meta, upload_to=mgr.storage if durable else None)
             stall = handle.stall_s
         else:
-            manifest = mgr.tier.save(step, state, meta)
+            manifest = mgr.tier.save(step, state, meta, upload_to=mgr.storage if durable else None)
             stall = time.monotonic() - t0
         bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
         if mgr.async_save:
@@ -358,7 +409,7 @@ def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> boo
             report(local_url, "local", stall)(manifest, None)
         if durable:
             if mgr.async_save:
-                handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True)
+                handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True, after=handle)
                 handle.add_done_callback(report(durable_url, "durable", stall))
                 mgr._pending.append((step, handle, "durable"))
             else:

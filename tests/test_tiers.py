@@ -156,7 +156,7 @@ def _manager_steps(rank, world, local_base, steps):
     os.environ["GROUP_RANK"] = str(rank // 2)
     import shardckpt
     mesh = make_mesh(world, 1)
-    with shardckpt.CheckpointManager(local_base + "-durable", save_every_steps=100, local_root=_node_dir(local_base),
+    with shardckpt.CheckpointManager(local_base + "-durable", save_every_steps=3, local_root=_node_dir(local_base),
                                      local_every_steps=1, async_save=True, preemption_signals=()) as mgr:
         for step in steps:
             mgr.maybe_save(step, distributed_state(_state(step), mesh, 0))
@@ -165,14 +165,20 @@ def _manager_steps(rank, world, local_base, steps):
 
 def test_rank_killed_while_replicating_in_the_background_leaves_the_previous_local_step(tmp_path):
     """The manager's default: the local save of step 3 replicates on the background thread when rank 3 dies;
-    the others raise at their next call (here close), nothing of step 3 commits, step 2 restores."""
+    the others raise at their next call (here close) the local save's error alone (its promotion, queued
+    behind it, is dropped with it), nothing of step 3 commits in either tier, the survivors' files uploaded
+    early for the promotion are removed, and step 2 restores."""
     from faultkit import launch
     local = str(tmp_path / "local")
     fates = launch(4, _manager_steps, local, [1, 2, 3], env={"SHARDCKPT_FAULT": "replicate:3:kill:3",
                                                               "SHARDCKPT_TIMEOUT": "5"}, timeout=60)
     assert fates[3][0] == "dead" and all(fates[r][0] == "error" for r in range(3)), fates
-    assert all("CoordinationError" in fates[r][1] or "SaveError" in fates[r][1] for r in range(3)), fates
+    assert all("CoordinationError" in fates[r][1] and "not promoted" not in fates[r][1] for r in range(3)), fates
     assert not os.path.exists(os.path.join(local, "node0", "step-0000000003", "manifest.json"))
+    durable3 = os.path.join(local + "-durable", "step-0000000003")
+    assert not os.path.exists(os.path.join(durable3, "manifest.json"))
+    left = [f for _, _, fs in os.walk(durable3) for f in fs]
+    assert not [f for f in left if f.startswith(("r00000.", "r00001.", "r00002."))], left
     got = run_ranks(4, _restore, [local], None, nodes=2)
     assert all(r == [(("local", 2), True)] for r in got)
 
@@ -210,10 +216,17 @@ def test_torchrun_two_nodes_resume_from_local_tier_after_losing_a_node(tmp_path)
 def _background(rank, world, local_base, durable):
     """An async manager, local every step and durable every 3, replicating in 4 KiB rounds: the events it
     reports, then (node 1's dir wiped) a restore from node 0's files and replicas."""
+    import threading
     import shardckpt
-    from shardckpt import replicas
+    from shardckpt import replicas, tiers
     from shardckpt.events import CheckpointCallback
     replicas.ROUND_BYTES = 4096  # every rank's files take many rounds
+    uploads, copy_file = [], tiers.copy_file
+
+    def counted(src, dst, name):  # where promotions upload from: the uploader thread, during replication
+        uploads.append((threading.current_thread().name.split("_")[0], name))
+        return copy_file(src, dst, name)
+    tiers.copy_file = counted
 
     class Record(CheckpointCallback):
         def __init__(self):
@@ -236,13 +249,17 @@ def _background(rank, world, local_base, durable):
         state = zeros_like_state(distributed_state(_state(0), mesh, 1))
         step = mgr.restore(state)
         exact = all(torch.equal(full_of(state[k]), v) for k, v in _state(4).items())
-    return rec.events, step, mgr.restored_tier, exact
+    return rec.events, step, mgr.restored_tier, exact, uploads
 
 
 def test_async_local_saves_replicate_in_rounds_and_report_both_tiers(tmp_path):
     local, durable = str(tmp_path / "local"), str(tmp_path / "durable")
     got = run_ranks(4, _background, local, durable, nodes=2)
-    assert all(r[1:] == (4, ("local", 4), True) for r in got), [r[1:] for r in got]
+    assert all(r[1:4] == (4, ("local", 4), True) for r in got), [r[1:4] for r in got]
+    for rank, r in enumerate(got):  # step 3's promotion: each file uploaded once, begun while replicating
+        sid = r[4][0][1].split("/")[1]
+        assert sorted(r[4]) == [("shardckpt-upload", data_file_name(sid, rank)),
+                                ("shardckpt-upload", index_file_name(sid, rank))], r[4]
     events = got[0][0]  # the coordinator's; the other ranks deliver none
     assert all(not r[0] for r in got[1:])
     step3 = [e[:3] for e in events if e[1] == 3]
