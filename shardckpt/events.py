@@ -18,7 +18,7 @@ and committed with tier "local", then committed with tier "durable" (durable_s: 
   snapshot_done  the state is snapshotted; stall_s is how long the training thread was blocked
   committed      committed: durable_s from save start to commit, raw_bytes and stored_bytes, path
   skipped        save_best_only found no improvement (nothing written); value is the monitored metric
-  deleted        retention deleted `step`
+  deleted        retention deleted `step` (tier "local": from the coordinator's node-local dir)
   restored       restore loaded `step` from `tier` ("durable" or "local") in `seconds`
   failed         a save or restore raised; error says what
 """

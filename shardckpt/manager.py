@@ -170,6 +170,8 @@ class CheckpointManager:
         self.tier = None if local_root is None else tiers.LocalTier(  # the node-local tier (shardckpt.tiers)
             local_root, keep_last=local_keep_last, replicas=local_replicas, jump=local_jump,
             process_group=process_group, timeout_s=timeout_s, codec=codec, gc_grace_s=gc_grace_s)
+        if self.tier is not None and self.events.enabled:  # the coordinator's node: its local deletions
+            self.tier.on_retired = lambda step, url: self.events.emit("deleted", step, path=url, tier="local")
         self.local_every_steps = local_every_steps
         self.restored_tier: tuple[str, int] | None = None  # ("local" | "durable", step) of the last restore
         self.preempted = False
@@ -440,7 +442,7 @@ class CheckpointManager:
         try:
             for s in self.to_delete():
                 self._delete_step(s)
-                self.events.emit("deleted", s, path=self._path(s).url)
+                self.events.emit("deleted", s, path=self._path(s).url, tier="durable")
             self._gc()
         except Exception as e:
             log.warning("checkpoint retention under %s failed: %s: %s", self.root, type(e).__name__, e)

@@ -68,6 +68,9 @@ class LocalTier:
         self.corrupt_copies: list[str] = []  # the local copies the last restore found corrupt and skipped
         self._uploads: dict[int, tuple[str, Future]] = {}  # step -> (save_id, upload of this rank's files)
         self._uploader: ThreadPoolExecutor | None = None
+        # on_retired(step, url): called after local retention deleted a step on this node (CheckpointManager
+        # queues its "deleted" event); on the thread that ran the save
+        self.on_retired = None
 
     def _comm(self):
         return sdist.comm_for(self.process_group, self.timeout_s)
@@ -137,6 +140,8 @@ class LocalTier:
             if self.keep_last:
                 for old in steps[:-self.keep_last]:
                     retire_step(self.storage, step_dir(old))
+                    if self.on_retired is not None:
+                        self.on_retired(old, self.storage.child(step_dir(old)).url)
             gc_uncommitted(self.storage, dry_run=False, grace_s=self.gc_grace_s, exclude=[step])
         except Exception as e:  # retention never fails a save that committed
             log.warning("shardckpt: local retention under %s failed: %s", self.storage.url, error_text(e))

@@ -269,5 +269,7 @@ def test_async_local_saves_replicate_in_rounds_and_report_both_tiers(tmp_path):
     assert 0 < local3 <= durable3  # time to durable counts from the same snapshot
     assert [e[:3] for e in events if e[0] == "committed" and e[2] == "durable"] == [("committed", 3, "durable")]
     assert ("restored", 4, "local", None) in events
+    deleted = [e[:3] for e in events if e[0] == "deleted"]  # local_keep_last=2 on node 0; durable keep_last=2
+    assert deleted == [("deleted", 1, "local"), ("deleted", 2, "local")], deleted
     from shardckpt.layout import committed_steps
     assert committed_steps(durable) == [3]
