@@ -2,6 +2,8 @@
 produce are read back with TensorBoard's EventAccumulator and MLflow's client on a local file store."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from shardckpt import CheckpointManager
@@ -86,3 +88,33 @@ def test_mlflow_metrics_and_checkpoint_tags(tmp_path, monkeypatch):
     assert "shardckpt.checkpoint.10" not in tags
     assert tags["shardckpt.checkpoint.20"].endswith("step-0000000020") and m.steps() == [20, 30]
     assert tags["shardckpt.restored_from"].endswith("step-0000000030")
+
+
+def test_mlflow_tags_name_durable_checkpoints_only(tmp_path, monkeypatch):
+    """Local-tier saves log checkpoint/local/... metrics and no tags; local retention deleting step 10's
+    local copy leaves the tag of the durable step 10."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from shardckpt.integrations.mlflow import MLflowCallback
+    uri = (tmp_path / "mlruns").as_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            m = CheckpointManager(tmp_path / "ckpt", save_every_steps=10, local_root=str(tmp_path / "local"),
+                                  local_every_steps=5, local_keep_last=1, callbacks=[MLflowCallback()],
+                                  preemption_signals=())
+            state = {"w": torch.zeros(64, 64)}
+            for s in (5, 10, 15):
+                state["w"].fill_(s)
+                m.maybe_save(s, state)
+            m.close()
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "checkpoint/local/stall_s")] == [5, 10, 15]
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "checkpoint/durable_s")] == [10]
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["shardckpt.checkpoint.10"].endswith("step-0000000010") and tags["shardckpt.checkpoint_step"] == "10"
+    assert "shardckpt.checkpoint.5" not in tags and "shardckpt.checkpoint.15" not in tags
+    assert sorted(os.listdir(tmp_path / "local")) == ["step-0000000015"]  # local step 10 was deleted

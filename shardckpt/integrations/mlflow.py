@@ -52,6 +52,8 @@ class MLflowCallback(CheckpointCallback):
             self.client.set_tag(self.run_id, key, value)
 
     def on_deleted(self, e: CheckpointEvent) -> None:
+        if e.tier == "local":  # the durable checkpoint of that step, if any, is still there
+            return
         try:
             self.client.delete_tag(self.run_id, f"shardckpt.checkpoint.{e.step}")
         except Exception:  # the tag may be gone already (a restarted job's older steps)
