@@ -2,15 +2,19 @@
 training an FSDP2 (fully_shard over the "data_parallel" mesh) or tensor-parallel LightningModule on CPU with
 gloo, under ModelCheckpoint(monitor="val_loss", save_top_k=2, save_last=True).
 
-Two launches, each running several scenarios (a process start costs seconds of `import torch`):
-  two  2 processes: an uninterrupted 4-epoch run; a 2-epoch run resumed to 4 epochs with ckpt_path= (its
-       gathered weights and optimizer state equal the uninterrupted run's, bit for bit); the kept
-       checkpoints are shardckpt checkpoints with one data file per rank and each parameter's shards
-       written by the rank that holds them; top-k retention deleted the others. Then a tensor-parallel
-       run (a 1 x 2 mesh, parallelize_module).
-  one  1 process: resumes from the 2-process FSDP run's last.ckpt and from the tensor-parallel one
-       (resharded 2 -> 1, and TP -> FSDP): weights and optimizer state equal what the 2 processes held;
-       Trainer.validate(ckpt_path=) (no optimizer) loads the weights; a short run with a memory:// dirpath.
+Four launches, each running several scenarios (a process start costs seconds of `import torch`):
+  two          2 processes: an uninterrupted 4-epoch run; a 2-epoch run resumed to 4 epochs with ckpt_path=
+               (its gathered weights and optimizer state equal the uninterrupted run's, bit for bit); the
+               kept checkpoints are shardckpt checkpoints with one data file per rank and each parameter's
+               shards written by the rank that holds them; top-k retention deleted the others. Then a
+               tensor-parallel run (a 1 x 2 mesh, parallelize_module).
+  one          1 process: resumes from the 2-process FSDP run's last.ckpt and from the tensor-parallel one
+               (resharded 2 -> 1, and TP -> FSDP): weights and optimizer state equal what the 2 processes
+               held; Trainer.validate(ckpt_path=) (no optimizer) loads the weights; a short run with a
+               memory:// dirpath; a 2-epoch run whose checkpoint reshard_two resumes.
+  four         4 processes on a 2 x 2 (data x tensor) mesh, FSDP2 on top of TP: the same uninterrupted /
+               resumed comparison and checkpoint facts as `two` (4 data files; _StridedShard rows).
+  reshard_two  2 processes (FSDP2): resume the 1-process checkpoint (1 -> 2) and the 2 x 2 one (4 -> 2).
 Run as a script (`python tests/test_integrations_lightning_sharded.py two DIR`), it is the scenario
 Lightning's launcher relaunches on every local rank."""
 from __future__ import annotations
@@ -50,6 +54,15 @@ class TensorParallelRegressor(Regressor):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         parallelize_module(self.net, self.device_mesh["tensor_parallel"],
                            {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+class TwoDimRegressor(TensorParallelRegressor):
+    """FSDP2 + TP (the 2-D recipe): tensor parallel over "tensor_parallel", then fully_shard over
+    "data_parallel" on top, so net.0.weight's dim 0 is split by both mesh dims (a _StridedShard)."""
+
+    def configure_model(self):
+        super().configure_model()
+        ShardedRegressor.configure_model(self)
 
 
 def _fit(dirpath, epochs, processes, ckpt_path=None, module=ShardedRegressor, tensor_parallel=1):
@@ -123,6 +136,42 @@ def _two(root: str) -> None:
             json.dump(out, f)
 
 
+def _four(root: str) -> None:
+    """4 processes on a 2 x 2 (data x tensor) mesh: uninterrupted vs resumed, and the kept checkpoints."""
+    ref, _ = _fit(os.path.join(root, "four", "ref"), EPOCHS, 4, module=TwoDimRegressor, tensor_parallel=2)
+    ref_state = _gathered(ref)
+    d = os.path.join(root, "four", "run")
+    _fit(d, 2, 4, module=TwoDimRegressor, tensor_parallel=2)
+    trainer, ckpt = _fit(d, EPOCHS, 4, ckpt_path=os.path.join(d, "last.ckpt"), module=TwoDimRegressor,
+                         tensor_parallel=2)
+    diffs = _differences(_gathered(trainer), ref_state)
+    if trainer.is_global_zero:
+        torch.save(ref_state, os.path.join(root, "four_state.pt"))
+        names = sorted(os.listdir(d))
+        out = {"diffs": diffs, "epoch": [trainer.current_epoch, ref.current_epoch],
+               "global_step": [trainer.global_step, ref.global_step], "names": names,
+               "best_k": sorted(os.path.basename(p) for p in ckpt.best_k_models),
+               "facts": {n: _checkpoint_facts(os.path.join(d, n)) for n in names},
+               "head_facts": _checkpoint_facts(os.path.join(d, "last.ckpt"), "state_dict.net.2.weight")}
+        with open(os.path.join(root, "four.json"), "w") as f:
+            json.dump(out, f)
+
+
+def _reshard_two(root: str) -> None:
+    """2 processes (FSDP2) load the 1-process run's checkpoint (1 -> 2) and the 2 x 2 one (4 -> 2)."""
+    out = {}
+    for name, src, epochs, state in (("one", os.path.join(root, "solo", "last.ckpt"), 2, "solo_state.pt"),
+                                     ("four", os.path.join(root, "four", "ref", "last.ckpt"), EPOCHS,
+                                      "four_state.pt")):
+        trainer, _ = _fit(os.path.join(root, f"two-from-{name}"), epochs, 2, ckpt_path=src)
+        out[name] = {"diffs": _differences(_gathered(trainer),
+                                           torch.load(os.path.join(root, state), weights_only=True)),
+                     "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    if trainer.is_global_zero:
+        with open(os.path.join(root, "reshard_two.json"), "w") as f:
+            json.dump(out, f)
+
+
 def _one(root: str) -> None:
     import fsspec
     # 2 -> 1: the 2-process run's last checkpoint, loaded into a job of one process (no epoch left to train)
@@ -147,6 +196,10 @@ def _one(root: str) -> None:
         trainer.validate(ShardedRegressor(), _data()[1], ckpt_path=os.path.join(root, "not-ours.ckpt"))
     except shardckpt.IncompleteCheckpointError as e:
         out["not_ours"] = str(e)
+    # a 1-process run's checkpoint, for the 2-process job to resume (1 -> 2)
+    trainer, _ = _fit(os.path.join(root, "solo"), 2, 1)
+    torch.save(_gathered(trainer), os.path.join(root, "solo_state.pt"))
+    out["solo_global_step"] = trainer.global_step
     url = "memory://shardckpt-lightning-sharded/run"
     trainer, ckpt = _fit(url, 3, 1)
     fs = fsspec.filesystem("memory")
@@ -168,9 +221,24 @@ def _launch(mode: str, root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("sharded")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(root):
     return root, _launch("two", root)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(two_process_run):
+    root, _ = two_process_run
+    return _launch("one", root)
+
+
+@pytest.fixture(scope="module")
+def four_process_run(root):
+    return _launch("four", root)
 
 
 def test_resume_on_two_processes_is_bit_exact(two_process_run):
@@ -195,9 +263,9 @@ def test_kept_checkpoints_are_sharded_shardckpt_checkpoints_with_top_k(two_proce
     assert out["tp_facts"]["data_files"] == ["r00000.bin", "r00001.bin"], out["tp_facts"]
 
 
-def test_resume_on_one_process_reshards_bit_exact_and_fsspec_dirpath(two_process_run):
-    root, two = two_process_run
-    out = _launch("one", root)
+def test_resume_on_one_process_reshards_bit_exact_and_fsspec_dirpath(two_process_run, one_process_run):
+    _, two = two_process_run
+    out = one_process_run
     assert out["diffs"] == [], out["diffs"]
     assert out["epoch"] == EPOCHS and out["global_step"] == two["global_step"][1]  # the loops' state came back
     assert out["validate_diffs"] == [], out["validate_diffs"]
@@ -208,11 +276,40 @@ def test_resume_on_one_process_reshards_bit_exact_and_fsspec_dirpath(two_process
     assert out["url_best_k"] == sorted(n for n in out["url_names"] if n != "last.ckpt")
 
 
+def test_two_by_two_mesh_resume_is_bit_exact_with_one_file_per_rank(four_process_run):
+    out = four_process_run
+    assert out["diffs"] == [], out["diffs"]
+    assert out["epoch"] == [EPOCHS, EPOCHS] and out["global_step"][0] == out["global_step"][1] > 0
+    names = out["names"]
+    assert len(names) == 3 and "last.ckpt" in names, names
+    assert out["best_k"] == sorted(n for n in names if n != "last.ckpt")
+    for n, facts in out["facts"].items():
+        assert facts["world_size"] == 4 and facts["saves"] == 1, (n, facts)
+        assert facts["data_files"] == [f"r{r:05d}.bin" for r in range(4)], (n, facts)
+        # net.0.weight [8, 4]: rows split by tensor rank t (4 each), then by data rank d within them (2 each);
+        # rank 2 d + t holds rows 4 t + 2 d .. +2
+        assert facts["weight_chunks"] == [[0, [0, 0], [2, 4]], [1, [4, 0], [2, 4]], [2, [2, 0], [2, 4]],
+                                          [3, [6, 0], [2, 4]]], (n, facts)
+    # net.2.weight [1, 8]: columns split by tensor rank; data rank 1's dim-0 shards of it (ranks 2, 3) are empty
+    assert out["head_facts"]["weight_chunks"] == [[0, [0, 0], [1, 4]], [1, [0, 4], [1, 4]], [2, [1, 0], [0, 4]],
+                                                  [3, [1, 4], [0, 4]]], out["head_facts"]
+
+
+def test_one_and_four_process_checkpoints_resume_on_two_processes(root, one_process_run, four_process_run):
+    out = _launch("reshard_two", root)
+    assert out["one"]["diffs"] == [] and out["four"]["diffs"] == [], out
+    assert out["one"]["global_step"] == one_process_run["solo_global_step"] > 0, out
+    assert out["four"]["global_step"] == four_process_run["global_step"][1], out
+    assert out["one"]["epoch"] == 2 and out["four"]["epoch"] == EPOCHS, out
+
+
 def test_full_checkpoint_mode_is_refused():
     with pytest.raises(ValueError, match="distributed"):
         ShardckptModelParallelStrategy(save_distributed_checkpoint=False)
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("two", "one"):
+_SCENARIOS = {"two": _two, "one": _one, "four": _four, "reshard_two": _reshard_two}
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in _SCENARIOS:
     torch.set_num_threads(1)
-    {"two": _two, "one": _one}[sys.argv[1]](sys.argv[2])
+    _SCENARIOS[sys.argv[1]](sys.argv[2])
