@@ -113,46 +113,47 @@ def _checkpoint_facts(path, key="state_dict.net.0.weight") -> dict:
                                     for c in chunks[key])}
 
 
-def _two(root: str) -> None:
-    ref, _ = _fit(os.path.join(root, "ref"), EPOCHS, 2)
+def _resume_pair(root: str, processes: int, **kw) -> tuple:
+    """An uninterrupted EPOCHS-epoch run in root/ref and a 2-epoch run in root/run resumed to EPOCHS with
+    ckpt_path=, on `processes` processes (kw: _fit's module, tensor_parallel). Every rank calls it (the
+    gathers are collectives). Returns the uninterrupted run's gathered state, the resumed trainer, and on
+    global rank 0 what the tests check of the pair (None on the other ranks)."""
+    ref, _ = _fit(os.path.join(root, "ref"), EPOCHS, processes, **kw)
     ref_state = _gathered(ref)
     d = os.path.join(root, "run")
-    _fit(d, 2, 2)
-    trainer, ckpt = _fit(d, EPOCHS, 2, ckpt_path=os.path.join(d, "last.ckpt"))
+    _fit(d, 2, processes, **kw)
+    trainer, ckpt = _fit(d, EPOCHS, processes, ckpt_path=os.path.join(d, "last.ckpt"), **kw)
     diffs = _differences(_gathered(trainer), ref_state)
+    if not trainer.is_global_zero:
+        return ref_state, trainer, None
+    names = sorted(os.listdir(d))
+    return ref_state, trainer, {
+        "diffs": diffs, "epoch": [trainer.current_epoch, ref.current_epoch],
+        "global_step": [trainer.global_step, ref.global_step], "names": names,
+        "best_k": sorted(os.path.basename(p) for p in ckpt.best_k_models),
+        "facts": {n: _checkpoint_facts(os.path.join(d, n)) for n in names},
+        "head_facts": _checkpoint_facts(os.path.join(d, "last.ckpt"), "state_dict.net.2.weight")}
+
+
+def _two(root: str) -> None:
+    ref_state, trainer, out = _resume_pair(root, 2)
     # tensor parallel (a 1 x 2 mesh): saved for the one-process job to load into its FSDP layout
     tp, _ = _fit(os.path.join(root, "tp"), 2, 2, module=TensorParallelRegressor, tensor_parallel=2)
     tp_state = _gathered(tp)
     if trainer.is_global_zero:
         torch.save(ref_state, os.path.join(root, "ref_state.pt"))
         torch.save(tp_state, os.path.join(root, "tp_state.pt"))
-        names = sorted(os.listdir(d))
-        out = {"diffs": diffs, "epoch": [trainer.current_epoch, ref.current_epoch],
-               "global_step": [trainer.global_step, ref.global_step], "names": names,
-               "best_k": sorted(os.path.basename(p) for p in ckpt.best_k_models),
-               "facts": {n: _checkpoint_facts(os.path.join(d, n)) for n in names},
-               "tp_facts": _checkpoint_facts(os.path.join(root, "tp", "last.ckpt"), "state_dict.net.2.weight")}
+        out["tp_facts"] = _checkpoint_facts(os.path.join(root, "tp", "last.ckpt"), "state_dict.net.2.weight")
         with open(os.path.join(root, "two.json"), "w") as f:
             json.dump(out, f)
 
 
 def _four(root: str) -> None:
     """4 processes on a 2 x 2 (data x tensor) mesh: uninterrupted vs resumed, and the kept checkpoints."""
-    ref, _ = _fit(os.path.join(root, "four", "ref"), EPOCHS, 4, module=TwoDimRegressor, tensor_parallel=2)
-    ref_state = _gathered(ref)
-    d = os.path.join(root, "four", "run")
-    _fit(d, 2, 4, module=TwoDimRegressor, tensor_parallel=2)
-    trainer, ckpt = _fit(d, EPOCHS, 4, ckpt_path=os.path.join(d, "last.ckpt"), module=TwoDimRegressor,
-                         tensor_parallel=2)
-    diffs = _differences(_gathered(trainer), ref_state)
+    ref_state, trainer, out = _resume_pair(os.path.join(root, "four"), 4, module=TwoDimRegressor,
+                                           tensor_parallel=2)
     if trainer.is_global_zero:
         torch.save(ref_state, os.path.join(root, "four_state.pt"))
-        names = sorted(os.listdir(d))
-        out = {"diffs": diffs, "epoch": [trainer.current_epoch, ref.current_epoch],
-               "global_step": [trainer.global_step, ref.global_step], "names": names,
-               "best_k": sorted(os.path.basename(p) for p in ckpt.best_k_models),
-               "facts": {n: _checkpoint_facts(os.path.join(d, n)) for n in names},
-               "head_facts": _checkpoint_facts(os.path.join(d, "last.ckpt"), "state_dict.net.2.weight")}
         with open(os.path.join(root, "four.json"), "w") as f:
             json.dump(out, f)
 
