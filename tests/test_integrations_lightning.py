@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import shardckpt
-from shardckpt.integrations.lightning import AsyncShardckptCheckpointIO, ShardckptCheckpointIO
+from shardckpt.integrations.lightning import AsyncShardckptCheckpointIO, ShardckptCheckpointIO, last_checkpoint
 
 EPOCHS = 4
 
@@ -107,6 +107,20 @@ def test_fsspec_dirpath(tmp_path):
         assert fs.exists(f"{url}/last.ckpt/manifest.json")
         back = ShardckptCheckpointIO().load_checkpoint(ckpt.best_model_path)
         assert back["global_step"] in (trainer.global_step, trainer.global_step // 2)
+        # resume through last_checkpoint (ckpt_path="last" would miss the URL and start over)
+        assert last_checkpoint(url) == f"{url}/last.ckpt" and last_checkpoint(url + "-none") is None
+
+        class Epochs(pl.Callback):
+            started: list = []
+
+            def on_train_epoch_start(self, trainer, module):
+                self.started.append(trainer.current_epoch)
+        resumed = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             plugins=[ShardckptCheckpointIO()], accelerator="cpu", callbacks=[
+                                 Epochs(), pl.callbacks.ModelCheckpoint(dirpath=url, save_last=True)])
+        train, val = _data()
+        resumed.fit(Regressor(), train, val, ckpt_path=last_checkpoint(url))
+        assert Epochs.started == [2] and resumed.global_step == trainer.global_step * 3 // 2
     finally:
         fsspec.filesystem("memory").rm("/shardckpt-lightning", recursive=True)
 

@@ -1,10 +1,10 @@
 """PyTorch Lightning 2.x: checkpoints through shardckpt instead of torch.save / pickle.
 
-    from shardckpt.integrations.lightning import ShardckptCheckpointIO   # or AsyncShardckptCheckpointIO()
+    from shardckpt.integrations.lightning import ShardckptCheckpointIO, last_checkpoint  # or AsyncShardckptCheckpointIO()
     trainer = Trainer(plugins=[ShardckptCheckpointIO()],
                       callbacks=[ModelCheckpoint(dirpath="s3://bucket/run", monitor="val_loss", save_top_k=2,
                                                  save_last=True)])
-    trainer.fit(model, ckpt_path="last")                                 # resume
+    trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))    # resume (None: a fresh run)
 
 Who calls what, and when (Lightning's Strategy drives it):
   save_checkpoint    global rank 0 only (single device, DDP, FSDP with state_dict_type="full"), with
@@ -117,6 +117,15 @@ def from_plain(tree: dict, containers) -> dict:
         else:
             parent[path[-1]] = rebuilt
     return tree
+
+
+def last_checkpoint(dirpath, storage_options: dict | None = None) -> str | None:
+    """`dirpath`/last.ckpt when it holds a committed shardckpt checkpoint, else None: what to pass as
+    fit(ckpt_path=...) to resume from ModelCheckpoint(save_last=True) under an fsspec URL dirpath, where
+    Lightning's ckpt_path="last" looks the URL up on the local disk, finds nothing and starts from scratch
+    with a warning (Lightning issue #18261). Local dirpaths work either way; None starts a fresh run."""
+    path = os.fspath(dirpath).rstrip("/") + "/last.ckpt"
+    return path if storage_for(path, storage_options).exists(MANIFEST_NAME) else None
 
 
 def _solo_group():

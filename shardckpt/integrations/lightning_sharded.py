@@ -1,11 +1,12 @@
 """PyTorch Lightning 2.x sharded training (FSDP2 / tensor parallel): every rank saves its own shards through
 shardckpt, and a resume reshards onto any number of processes.
 
+    from shardckpt.integrations.lightning import last_checkpoint    # ckpt_path="last" misses URL dirpaths
     from shardckpt.integrations.lightning_sharded import ShardckptModelParallelStrategy
     trainer = Trainer(strategy=ShardckptModelParallelStrategy(), devices=8,
                       callbacks=[ModelCheckpoint(dirpath="s3://bucket/run", monitor="val_loss", save_top_k=2,
                                                  save_last=True)])
-    trainer.fit(model, ckpt_path="last")                    # on 8 processes, or on 4, 16, ...
+    trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))  # on 8 processes, or 4, 16, ...
 
 Lightning's ModelParallelStrategy never calls a CheckpointIO for its distributed checkpoints: its
 save_checkpoint / load_checkpoint call torch.distributed.checkpoint on every rank, and pickle the rest of the
