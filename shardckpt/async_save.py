@@ -93,10 +93,19 @@ class _AsyncSaver:
         self.pools: list[HostBufferPool] = []
         self.in_flight: deque[AsyncSaveHandle] = deque()
 
-    def settle(self, limit: int) -> None:
-        """Wait until at most `limit` saves are running; re-raise the first unobserved failure."""
-        while self.in_flight and (len(self.in_flight) > limit or self.in_flight[0].done()):
-            h = self.in_flight.popleft()
+    def settle(self, limit: int, jobs: bool = False) -> None:
+        """Wait until at most `limit` saves are running (and, with `jobs`, no after_saves job either: a
+        job holds no staging pool, so a new snapshot need not wait for it); re-raise the first unobserved
+        failure."""
+        def running() -> int:
+            return len(self.in_flight) if jobs else sum(1 for h in self.in_flight if h._pool is not None)
+        while self.in_flight:
+            h = self.in_flight[0]
+            # a job is waited for (and its failure raised) only where every rank waits for it alike: when a
+            # save queued behind it must finish, or with `jobs`; a finished one may look running elsewhere
+            if running() <= limit and (h._pool is None or not h.done()):
+                break
+            self.in_flight.popleft()
             err = None
             try:
                 h._future.result()
@@ -194,8 +203,9 @@ def start(state_dict, path, job, *, process_group=None, timeout_s: float | None 
 def after_saves(url: str, job, *, process_group=None, timeout_s: float | None = None) -> AsyncSaveHandle:
     """Queue job(background comm) on the group's background thread, behind the async saves already queued
     (so it sees them committed, and every rank runs it at the same place in the same sequence of background
-    collectives). Call on every rank, in the same order as the group's async saves. The handle counts as a
-    save in flight (the next async save waits for it, and raises its unobserved failure); its stall_s is 0.
+    collectives). Call on every rank, in the same order as the group's async saves. The next async save does
+    not wait for it (it holds no staging pool: the save's snapshot proceeds and its background part queues
+    behind the job), but raises its unobserved failure once it is done; wait_all waits for it. stall_s is 0.
     Called by shardckpt.tiers for the promotion of a local step to the durable tier."""
     saver = _saver_for(process_group, timeout_s)
     handle = AsyncSaveHandle(url, saver.executor.submit(job, saver.background), 0.0)
@@ -237,7 +247,7 @@ def wait_all() -> None:
     with _savers_lock:
         savers = list(_savers.values())
     for s in savers:
-        s.settle(0)
+        s.settle(0, jobs=True)
 
 
 def shutdown() -> None:

@@ -390,22 +390,18 @@ class CheckpointManager:
 
     def _reap(self, block: bool) -> None:
         """Finish the pending async saves (durable saves, local saves and promotions, in order): raise the
-        first one's error, or run durable retention after a durable commit."""
+        first one's error, or run durable retention after a durable commit. Not blocking, a failed save is
+        left pending: a save that failed here may still be running on another rank, so its error is raised
+        where every rank waits for it (the next save, wait, close or restore, or async_save's own settle,
+        after which it is not raised again)."""
         while self._pending:
             step, handle, tier = self._pending[0]
-            if not block and not handle.done():
+            if not block and (not handle.done() or handle.exception() is not None):
                 return
             self._pending.pop(0)
-            try:
-                handle.wait()  # its committed / failed event was queued by the thread that committed it
-            except BaseException:
-                for later in [e for e in self._pending if e[0] == step]:  # a failed local save's promotion
-                    self._pending.remove(later)                           # fails with it: one error, not two
-                    try:
-                        later[1].wait()
-                    except BaseException:
-                        pass
-                raise
+            if handle._observed and handle.exception() is not None:
+                continue  # raised already, by the async_save that waited for it
+            handle.wait()  # its committed / failed event was queued by the thread that committed it
             if tier == "durable":
                 self._after_commit(step)
 

@@ -116,48 +116,54 @@ def replicate(comm, storage: Storage, save_id: str, nodes: Nodes, replicas: int,
     sources = [s for s in range(world) if totals[s] and comm.rank in peers[s]]
     rounds = max(-(-t // ROUND_BYTES) for t in totals)  # the same on every rank: from the gathered sizes
     mine = np.empty(min(ROUND_BYTES, totals[comm.rank]), dtype=np.uint8)
-    writers, error = {}, None
+    writers: dict[int, list] = {s: [] for s in sources}  # source rank -> [data writer, index writer]
+    error, finished = None, False
     try:
-        for s in sources:
-            writers[s] = [storage.open_write(data_file_name(save_id, s)), storage.open_write(index_file_name(save_id, s))]
-    except Exception as e:
-        error = f"creating a peer's replica: {error_text(e)}"
-    for k in range(rounds):
-        lo = k * ROUND_BYTES
-        n = max(0, min(ROUND_BYTES, totals[comm.rank] - lo))
-        if n and error is None:
-            try:
-                for f, off, length, pos in _window(sizes, lo, lo + n):
-                    storage.read_ranges(names[f], [ReadRange(off, length, pos)], mine)
-            except Exception as e:  # the declared bytes are still sent; the commit round fails
-                error = f"reading back for replication: {error_text(e)}"
-        part = torch.from_numpy(mine[:n]) if n else torch.empty(0, dtype=torch.uint8)
-        send_sizes = [n if r in peers[comm.rank] else 0 for r in range(world)]
-        recv_sizes = [max(0, min(ROUND_BYTES, totals[s] - lo)) if s in sources else 0 for s in range(world)]
-        send = torch.cat([part] * sum(1 for x in send_sizes if x)) if n else part
-        got = comm.all_to_all(send, send_sizes, recv_sizes).numpy()
-        pos = 0
-        for s in range(world):
-            if not recv_sizes[s]:
-                continue
-            if error is None:
+        try:
+            for s in sources:
+                for name in (data_file_name(save_id, s), index_file_name(save_id, s)):
+                    writers[s].append(storage.open_write(name))
+        except Exception as e:
+            error = f"creating a peer's replica: {error_text(e)}"
+        for k in range(rounds):
+            lo = k * ROUND_BYTES
+            n = max(0, min(ROUND_BYTES, totals[comm.rank] - lo))
+            if n and error is None:
                 try:
-                    for f, _, length, at in _window(recs[s]["sizes"], lo, lo + recv_sizes[s]):
-                        writers[s][f].write(got[pos + at:pos + at + length].copy())
-                except Exception as e:
-                    error = f"writing the replica of rank {s}'s files: {error_text(e)}"
-            pos += recv_sizes[s]
-    try:
+                    for f, off, length, pos in _window(sizes, lo, lo + n):
+                        storage.read_ranges(names[f], [ReadRange(off, length, pos)], mine)
+                except Exception as e:  # the declared bytes are still sent; the commit round fails
+                    error = f"reading back for replication: {error_text(e)}"
+            part = torch.from_numpy(mine[:n]) if n else torch.empty(0, dtype=torch.uint8)
+            send_sizes = [n if r in peers[comm.rank] else 0 for r in range(world)]
+            recv_sizes = [max(0, min(ROUND_BYTES, totals[s] - lo)) if s in sources else 0 for s in range(world)]
+            send = torch.cat([part] * sum(1 for x in send_sizes if x)) if n else part
+            got = comm.all_to_all(send, send_sizes, recv_sizes).numpy()  # a dead peer raises: aborted below
+            pos = 0
+            for s in range(world):
+                if not recv_sizes[s]:
+                    continue
+                if error is None:
+                    try:
+                        for f, _, length, at in _window(recs[s]["sizes"], lo, lo + recv_sizes[s]):
+                            writers[s][f].write(got[pos + at:pos + at + length].copy())
+                    except Exception as e:
+                        error = f"writing the replica of rank {s}'s files: {error_text(e)}"
+                pos += recv_sizes[s]
         if error is None:
+            try:
+                for w in (w for pair in writers.values() for w in pair):
+                    w.close()
+                if writers:
+                    storage.sync_dir(f"data/{save_id}")
+            except Exception as e:
+                error = f"finishing a peer's replica: {error_text(e)}"
+        finished = error is None
+    finally:
+        if not finished:  # the save does not commit: no replica of it is left behind (abort never raises)
             for w in (w for pair in writers.values() for w in pair):
-                w.close()
-            if writers:
-                storage.sync_dir(f"data/{save_id}")
-    except Exception as e:
-        error = f"finishing a peer's replica: {error_text(e)}"
+                w.abort()
     if error is not None:
-        for w in (w for pair in writers.values() for w in pair):
-            w.abort()
         return _failed(comm, error)
     return summary
 

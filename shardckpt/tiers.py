@@ -23,7 +23,8 @@ Who calls what, and when (every rank of the group, collectively):
   LocalTier.restore(state, durable_root)  every rank lists the committed steps its node's dir holds and which
       rank files of each; the newest step that the surviving dirs hold completely, and not older than the
       durable tier's latest, is restored through the exchange (exchange.run with `holders`: each file is
-      fetched from its holders' own disks and sent to the ranks that need it); else the durable tier's latest.
+      fetched from its holders' own disks and sent to the ranks that need it; shardckpt.local_restore);
+      else the durable tier's latest.
 
 Nothing records which node holds which file: a restore learns it from the listings, so a lost node's dir
 simply does not answer.
@@ -32,16 +33,15 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from . import api, commit, dist as sdist
+from . import api, commit, dist as sdist, local_restore
 from .commit import error_text, remove_rank_files
-from .errors import CheckpointError, CheckpointExistsError, SaveError, error_from, error_record
+from .errors import CheckpointExistsError, SaveError, StorageError
 from .format import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step
-from .layout import STEP_DIR, committed_steps, step_dir
+from .layout import committed_steps, step_dir
 from .replicas import Nodes, copy_file, mirror, node_map, replicate
 from .storage import storage_for
 
@@ -93,7 +93,13 @@ class LocalTier:
         self._nodes(comm)
         p = api._prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
                          timeout_s=self.timeout_s, stage=False, pool=None, **self._prepare_kw(metadata))
-        return self._commit(p, step, upload_to)
+        try:
+            return self._commit(p, step, upload_to)
+        except BaseException:  # no promotion follows a failed save: its early upload goes now
+            if upload_to is not None:
+                _drop_upload(self._uploads.pop(step, None), storage_for(upload_to).child(step_dir(step)),
+                             comm.rank)
+            raise
 
     def save_async(self, step: int, state, metadata: dict | None = None, *, upload_to=None):
         """Like save, but return once `state` is snapshotted (shardckpt.async_save's staging pools and
@@ -117,8 +123,11 @@ class LocalTier:
 
         def after_write(summary: dict) -> dict:
             if upload_to is not None and summary["ok"] and "data_size" in summary:
-                self._upload_early(step, p.storage, storage_for(upload_to).child(step_dir(step)), p.save_id,
-                                   p.comm.rank)
+                try:
+                    self._upload_early(step, p.storage, storage_for(upload_to).child(step_dir(step)), p.save_id,
+                                       p.comm.rank)
+                except Exception as e:  # into the commit round like any write error: every rank goes on
+                    summary = {"rank": p.comm.rank, "ok": False, "error": f"starting the upload: {error_text(e)}"}
             return replicate(p.comm, p.storage, p.save_id, nodes, self.replicas, self.jump, summary)
         manifest = api._write_and_commit(p, after_write=after_write)
         mirror(p.comm, nodes, p.storage, p.save_id)
@@ -155,8 +164,9 @@ class LocalTier:
         manifest bytes (same save_id, same names). `comm`: the background group's when run behind an async
         local save (promote_async). The files a save(upload_to=) of this step began uploading are waited
         for instead of uploaded again. `after`: the handle of the async local save of this step; if it
-        failed, nothing is promoted (SaveError on every rank, no collective). Returns the committed Manifest
-        (None on the other ranks, and when the durable step is committed already and exist_ok; else that
+        failed, nothing is promoted and None is returned (every rank alike, no collective; the local
+        save's error is the one the job sees). Returns the committed Manifest (None on the other ranks, and
+        when the durable step is committed already and exist_ok; else that
         raises CheckpointExistsError, before anything is uploaded). Raises SaveError on every rank if any
         upload failed (the uploaded files are then removed)."""
         comm = comm or self._comm()
@@ -164,19 +174,25 @@ class LocalTier:
         dst = storage_for(durable_root, storage_options).child(step_dir(step))
         early = self._uploads.pop(step, None)
         if after is not None and after.exception() is not None:  # every rank saw the local save fail
-            _drop_upload(early, dst, comm.rank)
-            raise SaveError(f"local step {step} did not commit ({error_text(after.exception(), 300)}); "
-                            f"not promoted", file=dst.url, rank=comm.rank)
+            _drop_upload(early, dst, comm.rank)  # that failure is the error the job sees, not a second one
+            log.warning("local step %d did not commit; not promoting it to %s", step, dst.url)
+            return None
         data, summary, sid = None, {"rank": comm.rank, "ok": True, "elements": 0}, None
-        exists = False
+        exists, listed = False, b""  # listed[r]: whether rank r has files in the manifest (so must upload)
         if comm.is_coordinator:  # the coordinator's node committed first; other nodes' copies may still be landing
             try:
                 exists = dst.exists(MANIFEST_NAME)
                 data = src.read_file(MANIFEST_NAME)
-                sid = parse_manifest(data, file=f"{src.url}/{MANIFEST_NAME}").save_id
+                man = parse_manifest(data, file=f"{src.url}/{MANIFEST_NAME}")
+                sid, ranks = man.save_id, {f.rank for f in man.files}
+                listed = bytes(r in ranks for r in range(comm.world_size))
+                if man.world_size != comm.world_size:
+                    raise SaveError(f"local step saved by {man.world_size} ranks, this group has {comm.world_size}; "
+                                    f"its files cannot be promoted by this group", file=src.url)
             except Exception as e:
                 summary = {"rank": 0, "ok": False, "error": f"local step {src.url}: {error_text(e)}"}
-        sid, exists = comm.broadcast_json([sid, exists])
+        sid, exists, n = comm.broadcast_json([sid, exists, len(listed)])
+        listed = comm.broadcast_bytes(listed, n) if n else b""
         if early is not None and (exists or early[0] != sid):  # files of a save that is not the one promoted
             _drop_upload(early, dst, comm.rank)
             early = None
@@ -189,7 +205,10 @@ class LocalTier:
         try:
             if early is not None:
                 early[1].result()
-            elif sid and src.exists(data_file_name(sid, comm.rank)):  # a rank that owned no data has no files
+            elif listed and listed[comm.rank]:  # a rank that owned no data has no files
+                if not src.exists(data_file_name(sid, comm.rank)):
+                    raise StorageError("this rank's local file of the step is missing (a replaced or wiped node?)",
+                                       file=f"{src.url}/{data_file_name(sid, comm.rank)}", rank=comm.rank)
                 _upload_own(src, dst, sid, comm.rank)
         except Exception as e:
             summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
@@ -209,28 +228,6 @@ class LocalTier:
 
     # -------------------------------------------------------------------------------------- restore
 
-    def _held(self) -> dict:
-        """This node's committed local steps: {step: {"id": save_id, "files": [rank of each manifest file
-        entry], "held": [those whose data (of the manifest's size) and index files this dir holds]}}."""
-        out = {}
-        for name in self.storage.list_dir(""):
-            m = STEP_DIR.match(name)
-            if not m or not self.storage.exists(f"{name}/{MANIFEST_NAME}"):
-                continue
-            try:
-                man = parse_manifest(self.storage.read_file(f"{name}/{MANIFEST_NAME}"), file=name)
-                held = []
-                for f in man.files:
-                    d = f"{name}/{f.data}"
-                    if self.storage.exists(d) and self.storage.size(d) == f.data_size \
-                            and self.storage.exists(f"{name}/{f.index}"):
-                        held.append(f.rank)
-                out[str(int(m.group(1)))] = {"id": man.save_id, "files": [f.rank for f in man.files], "held": held}
-            except Exception as e:  # an unreadable step on this node counts as not held here
-                log.warning("shardckpt: local step %s/%s is unreadable (%s); not restoring from it",
-                            self.storage.url, name, error_text(e, 300))
-        return out
-
     def restore(self, state, durable_root=None, *, storage_options: dict | None = None,
                 load_durable: bool = True) -> int | None:
         """Every rank: restore the newest step that can be assembled, from the local tier (own files plus
@@ -240,23 +237,28 @@ class LocalTier:
         (tier, step) and logs it. Returns the step, or None."""
         from .state import load_training_state
         comm = self._comm()
+        self.corrupt_copies = []
         durable = None
         if comm.is_coordinator and durable_root is not None:
             steps = committed_steps(durable_root, storage_options=storage_options)
             durable = steps[-1] if steps else None
         recs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(
-            {"steps": self._held(), "durable": durable}).encode())]
+            {"steps": local_restore.held(self.storage), "durable": durable}).encode())]
         durable = recs[0]["durable"]
-        pick = choose_local(recs, durable)
+        pick = local_restore.choose_local(recs, durable)
         if pick is not None:
             step, holders = pick
             while True:
                 try:
-                    self._load_local(state, comm, step, holders)
+                    local_restore.load_local(self, state, comm, step, holders)
                     return self._done("local", step, comm)
-                except CheckpointError as e:
+                except Exception as e:  # every rank fails with it (the loaders agree on failures)
                     error = e
-                good = self._good_copies(comm, step, holders, error)
+                # only a bad copy is worth checking every frame for (not a key the state lacks); the ranks
+                # agree, since the failing rank raises its own error and the others a rebuilt one
+                if not comm.any_flag(isinstance(error, local_restore.COPY_ERRORS)):
+                    break
+                good = local_restore.good_copies(self, comm, step, holders, error)
                 if good is None:
                     break
                 holders = good  # every file still has an intact copy: restore from those
@@ -270,38 +272,6 @@ class LocalTier:
         load_training_state(state, storage_for(durable_root, storage_options).child(step_dir(durable)),
                             process_group=self.process_group)
         return self._done("durable", durable, comm)
-
-    def _good_copies(self, comm, step: int, holders: dict[int, list[int]], error: CheckpointError):
-        """Every rank, after a local restore of `step` failed with `error`: each node's ranks check every
-        frame of the copies their node holds (verify.verify_checkpoint, the node's files split among them)
-        and the corrupt ones are dropped. Returns the holders left when that dropped some and every file
-        still has an intact copy (restore then uses those, saying so), else None."""
-        from .verify import verify_checkpoint
-        nodes = self._nodes(comm)
-        members = nodes.members(nodes.node_of[comm.rank])
-        path = self.storage.child(step_dir(step))
-        try:
-            man = parse_manifest(path.read_file(MANIFEST_NAME), file=path.url)
-            index_of = {name: i for i, f in enumerate(man.files) for name in (f.data, f.index)}
-            report = verify_checkpoint(path, full=True, progress=False, rank=members.index(comm.rank),
-                                       world_size=len(members))
-            bad = sorted({(index_of[p.file], man.files[index_of[p.file]].rank) for p in report.problems
-                          if p.kind != "missing_file" and p.file in index_of})
-        except Exception:  # this node's copy of the step cannot be read at all: none of its files count
-            bad = [(i, None) for i in sorted(holders)]
-        recs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(bad).encode())]
-        bad_on: dict[int, dict[int, int | None]] = {n: {} for n in range(nodes.count)}
-        for r, b in enumerate(recs):
-            bad_on[nodes.node_of[r]].update({i: saver for i, saver in b})
-        left = {i: [r for r in hs if i not in bad_on[nodes.node_of[r]]] for i, hs in holders.items()}
-        if left == holders or not all(left.values()):
-            return None
-        dropped = sorted(f"rank {saver}'s files on node {n}" for n, b in bad_on.items() for i, saver in b.items()
-                         if any(nodes.node_of[r] == n for r in holders.get(i, ())))
-        log.warning("shardckpt: local step %d: %s; the copies %s are corrupt, restoring from the other copies",
-                    step, error_text(error, 300), ", ".join(dropped))
-        self.corrupt_copies = dropped
-        return left
 
     def _done(self, tier: str, step: int, comm) -> int:
         self.restored = (tier, step)
@@ -321,42 +291,6 @@ class LocalTier:
             except Exception as e:
                 log.warning("shardckpt: could not retire local steps newer than %d under %s: %s", step,
                             self.storage.url, error_text(e))
-
-    def _load_local(self, state, comm, step: int, holders: dict[int, list[int]]) -> None:
-        """All ranks: the metadata read by holders (manifest by the first, each index by one of its file's
-        holders), all-gathered, then the exchange restricted to holders."""
-        from .state import load_training_state_from
-        path = self.storage.child(step_dir(step))
-        have = [r for rs in holders.values() for r in rs]
-        first = min(have)
-        parts: list[tuple[int, bytes]] = []  # (-1 for the manifest | file index, bytes)
-        record = None
-        try:
-            if comm.rank == first:
-                parts.append((-1, path.read_file(MANIFEST_NAME)))
-            man = parse_manifest(path.read_file(MANIFEST_NAME), file=path.url) if any(
-                comm.rank == hs[i % len(hs)] for i, hs in holders.items()) else None
-            for i, hs in holders.items():
-                if hs[i % len(hs)] == comm.rank:
-                    parts.append((i, path.read_file(man.files[i].index)))
-        except Exception as e:
-            record = error_record(e, comm.rank)
-        head = json.dumps({"error": record} if record else {"parts": [[i, len(b)] for i, b in parts]}).encode()
-        blobs = comm.all_gather_bytes(struct.pack("<I", len(head)) + head + b"".join(b for _, b in parts))
-        got: dict[int, bytes] = {}
-        for b in blobs:
-            (n,) = struct.unpack_from("<I", b)
-            h = json.loads(b[4:4 + n])
-            if "error" in h:
-                raise error_from(h["error"])
-            pos = 4 + n
-            for i, k in h["parts"]:
-                got[i] = b[pos:pos + k]
-                pos += k
-        manifest = parse_manifest(got[-1], file=f"{path.url}/{MANIFEST_NAME}")
-        index_data = [got[i] for i in range(len(manifest.files))]
-        load_training_state_from(state, path, comm, (manifest, index_data), holders=holders)
-
 
 def _upload_own(src, dst, save_id: str, rank: int) -> None:
     """This rank's data and index files of one local step uploaded unchanged to the durable step dir."""
@@ -394,53 +328,42 @@ def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> boo
 
     def report(url, tier, stall):
         def done(manifest, err):
-            if manifest is not None or err is not None:  # None, None: the durable step existed already
+            if bus.enabled and (manifest is not None or err is not None):  # None, None: nothing was committed
                 report_commit(bus, step, url, meta["metrics"], t0, stall, manifest, err, tier=tier)
         return done
 
+    def failed(url, tier, e):
+        bus.emit("failed", step, path=url, error=f"{type(e).__name__}: {e}"[:2000], tier=tier)
+
+    upload_to = mgr.storage if durable else None
     bus.emit("save_started", step, path=local_url, metrics=meta["metrics"], tier="local")
     try:
         if mgr.async_save:
-            handle = mgr.tier.save_async(step, state, meta, upload_to=mgr.storage if durable else None)
-            stall = handle.stall_s
-        else:
-            manifest = mgr.tier.save(step, state, meta, upload_to=mgr.storage if durable else None)
-            stall = time.monotonic() - t0
-        bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
-        if mgr.async_save:
-            handle.add_done_callback(report(local_url, "local", stall))
+            handle = mgr.tier.save_async(step, state, meta, upload_to=upload_to)
             mgr._pending.append((step, handle, "local"))
+            stall = handle.stall_s
+            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
+            handle.add_done_callback(report(local_url, "local", stall))
         else:
+            manifest = mgr.tier.save(step, state, meta, upload_to=upload_to)
+            stall = time.monotonic() - t0
+            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
             report(local_url, "local", stall)(manifest, None)
-        if durable:
-            if mgr.async_save:
-                handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True, after=handle)
-                handle.add_done_callback(report(durable_url, "durable", stall))
-                mgr._pending.append((step, handle, "durable"))
-            else:
-                report(durable_url, "durable", stall)(mgr.tier.promote(step, mgr.storage, exist_ok=True), None)
-                mgr._after_commit(step)
-            mgr._last_saved_step, mgr._last_save_time = step, time.monotonic()
     except Exception as e:
-        bus.emit("failed", step, path=local_url, error=f"{type(e).__name__}: {e}"[:2000], tier="local")
+        failed(local_url, "local", e)
         raise
+    if not durable:
+        return True
+    try:
+        if mgr.async_save:  # a promotion behind a failed local save commits nothing and reports nothing
+            handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True, after=handle)
+            handle.add_done_callback(report(durable_url, "durable", stall))
+            mgr._pending.append((step, handle, "durable"))
+        else:
+            report(durable_url, "durable", stall)(mgr.tier.promote(step, mgr.storage, exist_ok=True), None)
+            mgr._after_commit(step)
+    except Exception as e:
+        failed(durable_url, "durable", e)
+        raise
+    mgr._last_saved_step, mgr._last_save_time = step, time.monotonic()
     return True
-
-
-def choose_local(recs: list[dict], durable: int | None) -> tuple[int, dict[int, list[int]]] | None:
-    """The local step to restore, from every rank's listing (LocalTier._held): the newest one whose manifest
-    every listing that has it agrees on (one save_id), whose every file some rank holds, and that is not
-    older than the durable tier's latest. Returns (step, {manifest file index: holding ranks}) or None.
-    Pure: every rank computes the same answer from the same all-gathered listings."""
-    steps = sorted({int(s) for r in recs for s in r["steps"]}, reverse=True)
-    for step in steps:
-        if durable is not None and step < durable:
-            return None
-        have = [(rank, r["steps"][str(step)]) for rank, r in enumerate(recs) if str(step) in r["steps"]]
-        if len({h["id"] for _, h in have}) != 1:
-            continue  # nodes disagree about what step N is (a replaced attempt): not assembled from here
-        files = have[0][1]["files"]
-        holders = {i: sorted(rank for rank, h in have if fr in h["held"]) for i, fr in enumerate(files)}
-        if files and all(holders.values()):
-            return step, holders
-    return None

@@ -135,6 +135,30 @@ def _multirank(rank, ws, root):
     return out
 
 
+def test_a_queued_job_does_not_stall_the_next_snapshot(tmp_path):
+    """after_saves (a local tier's promotion): the next async_save snapshots while the job runs, its own
+    write queues behind the job, and a failed job is raised where every rank waits (wait_all)."""
+    import threading
+    mod = importlib.import_module("shardckpt.async_save")
+    shardckpt.async_save(_state(), tmp_path / "a").wait()
+    release, order = threading.Event(), []
+
+    def job(comm):
+        release.wait(10)
+        order.append("job")
+        raise RuntimeError("upload refused")
+    mod.after_saves(str(tmp_path / "job"), job)
+    t0 = time.monotonic()
+    h = shardckpt.async_save(_state(1), tmp_path / "b")
+    assert time.monotonic() - t0 < 5 and not h.done()  # snapshotted; the write waits behind the job
+    h.add_done_callback(lambda m, err: order.append("save"))
+    release.set()
+    assert h.wait().world_size == 1 and order == ["job", "save"]
+    with pytest.raises(RuntimeError, match="upload refused"):
+        mod.wait_all()
+    assert _equal(shardckpt.load_full(tmp_path / "b"), _state(1))
+
+
 def test_multirank_background_never_interleaves(tmp_path):
     outs = run_ranks(2, _multirank, str(tmp_path), timeout=120)
     for o in outs:

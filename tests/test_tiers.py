@@ -80,6 +80,18 @@ def _restore(rank, world, cases, durable):
     return out
 
 
+def _promote(rank, world, base, durable):
+    """Promote local step 12 from a tier whose node 1 was lost: ranks 2 and 3 have no files to upload."""
+    from shardckpt.layout import committed_steps
+    from shardckpt.tiers import LocalTier
+    make_mesh(world, 1)
+    try:
+        LocalTier(_node_dir(base)).promote(12, durable)
+        return None, "", committed_steps(durable)
+    except Exception as e:
+        return type(e).__name__, str(e), committed_steps(durable)
+
+
 def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsys):
     local, durable = str(tmp_path / "local"), str(tmp_path / "durable")
     got = run_ranks(4, _train, local, durable, nodes=2)
@@ -122,6 +134,9 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
     got = run_ranks(2, _restore, [case("two", [0])], durable, nodes=1)
     assert all(r == [(("local", 12), True)] for r in got)  # resharded onto the surviving node
 
+    got = run_ranks(4, _promote, lost1, str(tmp_path / "durable-promoted"), nodes=2)
+    assert all(r[0] == "SaveError" and "local file of the step is missing" in r[1] and not r[2] for r in got), got
+
     from shardckpt import cli  # `shardckpt ls` shows both tiers
     assert cli.main(["ls", durable, "--local", os.path.join(local, "node0"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -152,25 +167,27 @@ def test_rank_killed_during_a_local_save_leaves_the_previous_local_step(tmp_path
     assert all(r == [(("local", 2), True)] for r in got)
 
 
-def _manager_steps(rank, world, local_base, steps):
+def _manager_steps(rank, world, local_base, steps, background):
     os.environ["GROUP_RANK"] = str(rank // 2)
     import shardckpt
     mesh = make_mesh(world, 1)
     with shardckpt.CheckpointManager(local_base + "-durable", save_every_steps=3, local_root=_node_dir(local_base),
-                                     local_every_steps=1, async_save=True, preemption_signals=()) as mgr:
+                                     local_every_steps=1, async_save=background, preemption_signals=()) as mgr:
         for step in steps:
             mgr.maybe_save(step, distributed_state(_state(step), mesh, 0))
     return True
 
 
-def test_rank_killed_while_replicating_in_the_background_leaves_the_previous_local_step(tmp_path):
-    """The manager's default: the local save of step 3 replicates on the background thread when rank 3 dies;
-    the others raise at their next call (here close) the local save's error alone (its promotion, queued
-    behind it, is dropped with it), nothing of step 3 commits in either tier, the survivors' files uploaded
-    early for the promotion are removed, and step 2 restores."""
+@pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])
+def test_rank_killed_while_replicating_a_durable_step_leaves_the_previous_local_step(tmp_path, background):
+    """The local save of step 3 (durable too) replicates, on the background thread (the manager's default)
+    or the caller's, when rank 3 dies; the others raise the local save's error alone (in the background
+    case at their next call, here close; the promotion queued behind it is dropped with it), nothing of
+    step 3 commits in either tier, the survivors' files uploaded early for the promotion are removed, and
+    step 2 restores."""
     from faultkit import launch
     local = str(tmp_path / "local")
-    fates = launch(4, _manager_steps, local, [1, 2, 3], env={"SHARDCKPT_FAULT": "replicate:3:kill:3",
+    fates = launch(4, _manager_steps, local, [1, 2, 3], background, env={"SHARDCKPT_FAULT": "replicate:3:kill:3",
                                                               "SHARDCKPT_TIMEOUT": "5"}, timeout=60)
     assert fates[3][0] == "dead" and all(fates[r][0] == "error" for r in range(3)), fates
     assert all("CoordinationError" in fates[r][1] and "not promoted" not in fates[r][1] for r in range(3)), fates
