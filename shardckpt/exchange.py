@@ -38,7 +38,7 @@ from . import _ext
 from .codec import threads
 from .errors import CheckpointError, ChecksumError, IncompleteCheckpointError, error_from, error_record
 from .exchange_plan import ExchangePlan, plan_exchange
-from .format import MANIFEST_NAME, Chunk, Manifest
+from .format import MANIFEST_NAME, Chunk, Manifest, parse_manifest
 from .geometry import frame_span
 from .reader import ReadStats, ReadTask, _decode_task, run_reads
 from .refs import base_storage
@@ -52,12 +52,12 @@ MODES = ("auto", "always", "never")
 def read_metadata(storage: Storage, comm) -> tuple[bytes, list[bytes]]:
     """All ranks: the manifest's bytes and every index file's bytes (manifest order), read by the
     coordinator only and broadcast. A failure to read them raises the same typed error on every rank."""
-    from .api import read_manifest
+    from .loading import manifest_bytes
     blob, head = None, None
     if comm.is_coordinator:
         try:
-            manifest = read_manifest(storage)
-            data = storage.read_file(MANIFEST_NAME)
+            data = manifest_bytes(storage)  # one read: parsed here, the same bytes broadcast
+            manifest = parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}")
 
             def one(entry):
                 try:

@@ -30,14 +30,19 @@ from .tree import decode_value, flatten, rebuild
 def read_manifest(path, *, storage_options: dict | None = None) -> Manifest:
     """The committed manifest at `path`, validated. Raises IncompleteCheckpointError if there is none."""
     storage = storage_for(path, storage_options)
+    return parse_manifest(manifest_bytes(storage), file=f"{storage.url}/{MANIFEST_NAME}")
+
+
+def manifest_bytes(storage: Storage) -> bytes:
+    """The committed manifest's bytes (one read), unparsed: read_manifest's, and what exchange.read_metadata
+    broadcasts. Raises IncompleteCheckpointError if there is none."""
     try:
-        data = storage.read_file(MANIFEST_NAME)
+        return storage.read_file(MANIFEST_NAME)
     except FileNotFoundError:
         partial = bool(storage.list_dir("data"))
         raise IncompleteCheckpointError(
             "no committed checkpoint here" + (" (a save started but never committed)" if partial else ""),
             file=f"{storage.url}/{MANIFEST_NAME}") from None
-    return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}")
 
 
 def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None = None,

@@ -1,9 +1,10 @@
 """CheckpointManager.restore: choose a committed step, verify it, load it, fall back past corrupt ones.
 
 Who calls it: CheckpointManager.restore on every rank, after the pending save was reaped. The coordinator
-picks the order of steps to try and broadcasts each choice; verification work is shared across ranks
-(verify.list_problems) and every rank agrees on the outcome of each try, so all ranks restore the same step
-or all raise. After a restore the manager's policy state (best value, patience count) resumes from that
+picks the order of steps to try and broadcasts each choice; the coordinator reads the step's manifest and
+index files once for the group (loading._read_metadata) and the verify and the load both use those bytes,
+verification work is shared across ranks (verify.list_problems) and every rank agrees on the outcome of
+each try, so all ranks restore the same step or all raise. After a restore the manager's policy state (best value, patience count) resumes from that
 step's manifest and the async-save pools are warmed up in the background.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from .commit import bounded_text
 from .errors import (CheckpointError, ChecksumError, CorruptDataError, FormatError, IncompleteCheckpointError,
                      StorageError)
 from .layout import step_dir
-from .state import load_training_state
+from .loading import _read_metadata
+from .state import load_training_state_from
 from .verify import list_problems
 
 log = logging.getLogger("shardckpt")
@@ -94,13 +96,18 @@ def _warm_up(mgr, state) -> None:
 def _check_and_load(mgr, step: int, state) -> str | None:
     """Verify (work shared across ranks), then load; ranks agree on the outcome. None means restored."""
     path = mgr._path(step)
-    mine = list_problems(path, full=mgr.verify == "full", rank=mgr.comm.rank, world_size=mgr.comm.world_size)
+    try:  # the manifest and the index files, read once for the group, serve the verify and the load
+        metadata = _read_metadata(path, mgr.comm)
+    except CheckpointError as e:  # every rank raises it (the coordinator's read is broadcast)
+        return f"manifest: {type(e).__name__}: {e}"
+    mine = list_problems(path, full=mgr.verify == "full", rank=mgr.comm.rank, world_size=mgr.comm.world_size,
+                         metadata=metadata)
     problem = _agree_problem(mgr, mine[0] if mine else None, fatal=False)
     if problem is not None:
         return problem
     err, fatal = None, False
     try:
-        load_training_state(state, path, process_group=mgr.process_group)
+        load_training_state_from(state, path, mgr.comm, metadata)
     except Exception as e:
         err = f"rank {mgr.comm.rank}: {type(e).__name__}: {e}"
         fatal = not isinstance(e, _CORRUPTION)  # the caller's state does not fit: never fall back

@@ -99,7 +99,8 @@ def _problem(kind: str, e: CheckpointError, **kw) -> Problem:
 
 
 def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None = None, workers: int | None = None,
-                      progress: bool | None = None, rank: int = 0, world_size: int = 1) -> VerifyReport:
+                      progress: bool | None = None, rank: int = 0, world_size: int = 1,
+                      metadata=None) -> VerifyReport:
     """Check a committed checkpoint (the checks in this module's docstring) and report every problem.
 
     Called by `shardckpt verify` (one process, all files) and, through list_problems, by
@@ -110,6 +111,9 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
             stored bytes on `workers` threads; default min(8, CPUs)).
         progress: draw a progress bar on stderr (None: only when it is a terminal).
         rank, world_size: the share of the files this caller checks.
+        metadata: (Manifest, index files' bytes or None) already read for the group (loading._read_metadata,
+            as CheckpointManager.restore does, so a restore reads the manifest and each index once in all);
+            None: read here.
 
     Raises:
         IncompleteCheckpointError: there is no committed checkpoint at `path` (nothing to verify).
@@ -119,19 +123,20 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
     storage = storage_for(path, storage_options)
     report = VerifyReport(storage.url, True)
     try:
-        m = api.read_manifest(storage)
+        m = metadata[0] if metadata is not None else api.read_manifest(storage)
     except (IncompleteCheckpointError, StorageError):
         raise
     except CheckpointError as e:
         report.problems.append(_problem("manifest", e, file=getattr(e, "file", None)))
         report.ok = False
         return report
-    mine = [entry for i, entry in enumerate(m.files) if i % world_size == rank]
+    given = metadata[1] if metadata is not None else None
+    mine = [(i, entry) for i, entry in enumerate(m.files) if i % world_size == rank]
     by_key: dict[str, list[Chunk]] = {k: [] for k in m.tensors}
     bad_files = set()
-    for entry in mine:
+    for i, entry in mine:
         try:
-            chunks = parse_index(storage.read_file(entry.index), entry, m)
+            chunks = parse_index(given[i] if given is not None else storage.read_file(entry.index), entry, m)
         except FileNotFoundError:
             report.problems.append(Problem("missing_file", "index file is missing", file=entry.index,
                                            rank=entry.rank, error="IncompleteCheckpointError"))
@@ -253,7 +258,7 @@ def _verify_frames(storage, m, by_key, bad_files, report: VerifyReport, workers,
 
 
 def list_problems(path, *, full: bool = False, storage_options: dict | None = None, rank: int = 0,
-                  world_size: int = 1) -> list[str]:
+                  world_size: int = 1, metadata=None) -> list[str]:
     """verify_checkpoint's findings as one line each, [] if none; a checkpoint that cannot be read at all
     is one line too. Called by CheckpointManager.restore on every rank (this rank's share of the files;
     the ranks then agree on the first problem) and importable as shardckpt.manager.verify_checkpoint.
@@ -263,7 +268,7 @@ def list_problems(path, *, full: bool = False, storage_options: dict | None = No
     """
     try:
         report = verify_checkpoint(path, full=full, storage_options=storage_options, progress=False, rank=rank,
-                                   world_size=world_size)
+                                   world_size=world_size, metadata=metadata)
     except Exception as e:  # a step that vanished or cannot be read is one the manager falls back past
         return [f"manifest: {type(e).__name__}: {e}"]
     return [p.line() for p in report.problems]

@@ -333,3 +333,38 @@ def _best_only_ranks(rank, ws, root):
 def test_save_best_only_and_early_stopping_agree_on_every_rank(tmp_path):
     for saved, stop, steps in run_ranks(2, _best_only_ranks, str(tmp_path), timeout=120):
         assert saved == [1] and stop and steps == [1]
+
+
+def _count_restore_reads(rank, world, root):
+    """2 ranks: save step 5, then count what restore reads (file name -> times), on this rank."""
+    from shardckpt.storage.local import LocalStorage
+    state = {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64), "step": 5}
+    with CheckpointManager(root, async_save=False, preemption_signals=()) as mgr:
+        mgr.save(5, state)
+    reads: dict = {}
+    real = LocalStorage.read_file
+
+    def counting(self, relpath):
+        name = os.path.basename(relpath)
+        reads[name] = reads.get(name, 0) + 1
+        return real(self, relpath)
+    with CheckpointManager(root, async_save=False, preemption_signals=()) as mgr:
+        back = {"w": torch.zeros(64, 64), "step": 0}
+        LocalStorage.read_file = counting
+        try:
+            assert mgr.restore(back) == 5 and torch.equal(back["w"], state["w"])
+        finally:
+            LocalStorage.read_file = real
+    return reads
+
+
+def test_restore_reads_the_manifest_and_each_index_once_for_the_group(tmp_path):
+    """verify and load share the metadata the coordinator read: the manifest and every index file are read
+    once in all, not once per rank (each read is a GET per rank on an object store)."""
+    per_rank = run_ranks(2, _count_restore_reads, str(tmp_path / "root"), timeout=120)
+    total: dict = {}
+    for r in per_rank:
+        for name, n in r.items():
+            total[name] = total.get(name, 0) + n
+    indexes = [f for _, _, fs in os.walk(tmp_path / "root") for f in fs if f.endswith(".index.json")]
+    assert indexes and total == {"manifest.json": 1, **{f: 1 for f in indexes}}, per_rank
