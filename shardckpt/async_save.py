@@ -179,8 +179,9 @@ def async_save(state_dict, path, *, process_group=None, codec: str = "auto", met
 def start(state_dict, path, job, *, process_group=None, timeout_s: float | None = None, max_in_flight: int = 1,
           **prepare) -> AsyncSaveHandle:
     """async_save's body, with the background part given: plan and snapshot here (api._prepare with
-    stage=True and `prepare`'s arguments: codec, frame_size, metadata, storage_options, ...), then job(prepared) on the group's background thread, with
-    prepared.comm the background group; its return value (a Manifest) is what handle.wait() returns.
+    stage=True and `prepare`'s arguments: codec, frame_size, metadata, storage_options, ...), then
+    job(prepared) on the group's background thread, with prepared.comm the background group; its return
+    value (a Manifest) is what handle.wait() returns.
     Called by async_save (job = api._write_and_commit) and shardckpt.tiers (a local save, replicated)."""
     t0 = time.perf_counter()
     if max_in_flight < 1:

@@ -93,12 +93,12 @@ class LocalTier:
         self._nodes(comm)
         p = api._prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
                          timeout_s=self.timeout_s, stage=False, pool=None, **self._prepare_kw(metadata))
+        dst = _step_storage(upload_to, step)
         try:
-            return self._commit(p, step, upload_to)
+            return self._commit(p, step, dst)
         except BaseException:  # no promotion follows a failed save: its early upload goes now
-            if upload_to is not None:
-                _drop_upload(self._uploads.pop(step, None), storage_for(upload_to).child(step_dir(step)),
-                             comm.rank)
+            if dst is not None:
+                _drop_upload(self._uploads.pop(step, None), dst, comm.rank)
             raise
 
     def save_async(self, step: int, state, metadata: dict | None = None, *, upload_to=None):
@@ -108,24 +108,25 @@ class LocalTier:
         the save's error on every rank)."""
         from .async_save import start
         self._nodes(self._comm())
-        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit(p, step, upload_to),
+        dst = _step_storage(upload_to, step)
+        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit(p, step, dst),
                      process_group=self.process_group, timeout_s=self.timeout_s, **self._prepare_kw(metadata))
 
     def _prepare_kw(self, metadata: dict | None) -> dict:
         return dict(codec=self.codec, frame_size=api.DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
                     overwrite=True)
 
-    def _commit(self, p, step: int, upload_to=None):
+    def _commit(self, p, step: int, upload_dst=None):
         """Every rank, on the save's comm (the caller's thread for save, the background one for save_async):
-        write, replicate to peers (and upload this rank's files to `upload_to` meanwhile, on the tier's
-        uploader thread), commit, mirror the manifest on every node, retention per node."""
+        write, replicate to peers (and upload this rank's files to the durable step dir `upload_dst`
+        meanwhile, on the tier's uploader thread), commit, mirror the manifest on every node, retention per
+        node."""
         nodes = self._node_map
 
         def after_write(summary: dict) -> dict:
-            if upload_to is not None and summary["ok"] and "data_size" in summary:
+            if upload_dst is not None and summary["ok"] and "data_size" in summary:
                 try:
-                    self._upload_early(step, p.storage, storage_for(upload_to).child(step_dir(step)), p.save_id,
-                                       p.comm.rank)
+                    self._upload_early(step, p.storage, upload_dst, p.save_id, p.comm.rank)
                 except Exception as e:  # into the commit round like any write error: every rank goes on
                     summary = {"rank": p.comm.rank, "ok": False, "error": f"starting the upload: {error_text(e)}"}
             return replicate(p.comm, p.storage, p.save_id, nodes, self.replicas, self.jump, summary)
@@ -166,12 +167,12 @@ class LocalTier:
         for instead of uploaded again. `after`: the handle of the async local save of this step; if it
         failed, nothing is promoted and None is returned (every rank alike, no collective; the local
         save's error is the one the job sees). Returns the committed Manifest (None on the other ranks, and
-        when the durable step is committed already and exist_ok; else that
-        raises CheckpointExistsError, before anything is uploaded). Raises SaveError on every rank if any
-        upload failed (the uploaded files are then removed)."""
+        when the durable step is committed already and exist_ok; else that raises CheckpointExistsError,
+        before anything is uploaded). Raises SaveError on every rank if any upload failed (the uploaded
+        files are then removed)."""
         comm = comm or self._comm()
         src = self.storage.child(step_dir(step))
-        dst = storage_for(durable_root, storage_options).child(step_dir(step))
+        dst = _step_storage(durable_root, step, storage_options)
         early = self._uploads.pop(step, None)
         if after is not None and after.exception() is not None:  # every rank saw the local save fail
             _drop_upload(early, dst, comm.rank)  # that failure is the error the job sees, not a second one
@@ -221,7 +222,7 @@ class LocalTier:
         after save_async; `after`: that save's handle). Returns an AsyncSaveHandle whose wait() gives the
         Manifest (coordinator) or None."""
         from .async_save import after_saves
-        url = storage_for(durable_root, storage_options).child(step_dir(step)).url
+        url = _step_storage(durable_root, step, storage_options).url
         return after_saves(url, lambda comm: self.promote(step, durable_root, storage_options, exist_ok=exist_ok,
                                                           comm=comm, after=after),
                            process_group=self.process_group, timeout_s=self.timeout_s)
@@ -269,7 +270,7 @@ class LocalTier:
         if durable is None or not load_durable:
             self.restored = None
             return None
-        load_training_state(state, storage_for(durable_root, storage_options).child(step_dir(durable)),
+        load_training_state(state, _step_storage(durable_root, durable, storage_options),
                             process_group=self.process_group)
         return self._done("durable", durable, comm)
 
@@ -291,6 +292,12 @@ class LocalTier:
             except Exception as e:
                 log.warning("shardckpt: could not retire local steps newer than %d under %s: %s", step,
                             self.storage.url, error_text(e))
+
+def _step_storage(root, step: int, storage_options: dict | None = None):
+    """root/step-<N> of a durable root as a Storage (None for no root): where a promotion of `step` commits
+    and a durable restore of it reads."""
+    return None if root is None else storage_for(root, storage_options).child(step_dir(step))
+
 
 def _upload_own(src, dst, save_id: str, rank: int) -> None:
     """This rank's data and index files of one local step uploaded unchanged to the durable step dir."""
