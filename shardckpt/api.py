@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, commit, dist as sdist
+from . import _ext, commit, deleter, dist as sdist
 from ._faults import fault_point
 from .commit import error_text
 from .errors import (CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError)
@@ -55,6 +55,7 @@ class _Prepared:
     error: str | None = None          # a failure of that early part, reported at the commit round
     committed: bytes | None = None    # coordinator: the manifest it committed
     replace: bool = False             # coordinator: overwrite=True and a committed checkpoint is at the path
+    pinned: Storage | None = None     # coordinator: the parent dir where this save pinned its base (deleter.pin)
 
 
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
@@ -62,11 +63,14 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
              overwrite: bool = False) -> _Prepared:
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
-    error, base_chunks = None, None
+    error, base_chunks, pinned = None, None, None
+    save_id = uuid.uuid4().hex if comm.is_coordinator else None
     try:
         if base is not None:
             from .refs import load_base
             base_chunks = load_base(storage, base, comm.rank, storage_options)
+            if comm.is_coordinator:
+                pinned = _pin_base(storage, base_chunks, save_id)
         flat = flatten(state_dict)
         infos, items = [], []
         for key, t in flat.tensors.items():
@@ -90,7 +94,7 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
     records = comm.gather_json(record)
     verdict = None
     if comm.is_coordinator:
-        verdict = {"ok": True, "save_id": uuid.uuid4().hex}
+        verdict = {"ok": True, "save_id": save_id}
         bad = next((r for r in records if r["error"]), None)
         if bad:
             verdict = {"ok": False, "kind": "error", "rank": bad["rank"], "message": bad["error"]}
@@ -106,6 +110,8 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
                                       f"than rank 0"}
     verdict = comm.broadcast_json(verdict)
     if not verdict["ok"]:
+        if pinned is not None:
+            deleter.unpin(pinned, save_id)
         if isinstance(error, CheckpointError) and verdict["rank"] == comm.rank:
             raise error
         cls = {"exists": CheckpointExistsError, "plan": PlanMismatchError}.get(verdict["kind"], SaveError)
@@ -115,7 +121,7 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
     total = sum(math.prod(i.shape) for i in infos)
     p = _Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta,
                   hashed=content_hash or base is not None, base=base_chunks,
-                  replace=bool(comm.is_coordinator and records[0].get("exists")))
+                  replace=bool(comm.is_coordinator and records[0].get("exists")), pinned=pinned)
     # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
     # (and strided views, GPU tensors) snapshot through the staging pool.
     direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
@@ -130,6 +136,28 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
             p.writer = None
         p.error, p.items, p.sources = error_text(e), [], []
     return p
+
+
+def _pin_base(storage: Storage, base, save_id: str) -> Storage:
+    """Coordinator of a save with base=, before anything relies on the base: pin what this save may refer
+    to (the base's data and the data the base refers to: references resolve to the holder) so that no
+    retention or gc frees it while the save is in flight, then check that the base is still the committed
+    checkpoint that was read. A retention that deleted the base's manifest before the pin was visible makes
+    this check fail (deleting the manifest is its first step), so the save never relies on freed data.
+    Raises SaveError. Returns the parent directory's Storage (where the pin is)."""
+    from .refs import base_storage, parent_storage
+    parent = parent_storage(storage)
+    needs = {(base.dir, base.manifest.save_id)} | {(b.dir, b.save_id) for b in base.manifest.bases}
+    deleter.pin(parent, save_id, needs)
+    try:
+        again = read_manifest(base_storage(storage, base.dir)).save_id
+    except Exception as e:
+        again = f"unreadable ({error_text(e, 300)})"
+    if again != base.manifest.save_id:
+        deleter.unpin(parent, save_id)
+        raise SaveError(f"base {base.dir} was deleted or replaced while this save started (its manifest is now "
+                        f"{again}); nothing was written", file=storage.url)
+    return parent
 
 
 def _stream_overflow(p: _Prepared, items: list[WriteItem], pool: HostBufferPool) -> list[WriteItem]:
@@ -169,8 +197,19 @@ def _write_and_commit(p: _Prepared, after_write=None) -> Manifest:
         summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
     if after_write is not None:
         summary = after_write(summary)
-    committed = commit.finish(comm, storage, p.save_id, summary, total_elements=p.total_elements,
-                              build=lambda files: _build_manifest(p, files), replace=p.replace)
+    try:
+        committed = commit.finish(comm, storage, p.save_id, summary, total_elements=p.total_elements,
+                                  build=lambda files: _build_manifest(p, files), replace=p.replace)
+    except SaveError as e:  # an unknown outcome keeps the pin: a manifest that lands later needs the base
+        if p.pinned is not None and not e.outcome_unknown:
+            deleter.unpin(p.pinned, p.save_id)
+        raise
+    except BaseException:
+        if p.pinned is not None:
+            deleter.unpin(p.pinned, p.save_id)
+        raise
+    if p.pinned is not None:  # committed: the manifest itself now names what it refers to
+        deleter.unpin(p.pinned, p.save_id)
     if committed is not None:
         return parse_manifest(committed, file=f"{storage.url}/{MANIFEST_NAME}")
     return _CommittedManifest(storage)
@@ -184,9 +223,21 @@ def _build_manifest(p: _Prepared, files: list[dict]) -> bytes:
     if p.hashed:  # the manifest's table of the checkpoints this save refers to (FORMAT.md §7)
         used = {tuple(b) for f in files for b in f.pop("bases", None) or ()}
         bases = [{"dir": d, "save_id": s} for d, s in sorted(used)]
+        _check_bases_present(p.storage, used)
     return build_manifest(save_id=p.save_id, created=time.time(), world_size=p.comm.world_size,
                           frame_size=p.frame_size, tree=p.tree, tensors=tensors, values=p.values, files=files,
                           user_metadata=p.user_metadata, backend=_ext.BACKEND, bases=bases)
+
+
+def _check_bases_present(storage: Storage, used: set) -> None:
+    """Coordinator, just before the commit of a save that refers to other checkpoints: each referenced data
+    directory must still hold files (a deleter that honours no pin, another tool, a person, may have removed
+    it while the save ran); else the save fails and nothing refers to the missing data. Raises SaveError."""
+    from .refs import base_storage
+    for d, sid in sorted(used):
+        if not base_storage(storage, d).list_dir(f"data/{sid}"):
+            raise SaveError(f"the data this save refers to in {d}/data/{sid} is gone (deleted while the save ran)",
+                            file=storage.url)
 
 
 class _CommittedManifest(Manifest):

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from . import deleter
 from .errors import CheckpointError, CheckpointExistsError, SaveError
 from .format import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
 from .storage import Storage
@@ -123,56 +124,61 @@ def _old_save_id(storage: Storage) -> str | None:
 def commit_manifest(storage: Storage, manifest: bytes, save_id: str, *, has_files: bool = True,
                     replace: bool = False, cleanup: bool = False) -> CommitOutcome:
     """Coordinator only, once per save, the last step: make the data directory durable and write the
-    manifest (create-only, or with `replace` atomically replacing a committed one, whose data is deleted
-    only once the new manifest is durable). Never raises for a storage failure: the outcome says whether
-    the save committed, read back from storage when anything went wrong. With `cleanup`, a save that
-    certainly did not commit has its data directory removed here (for callers without a per-rank cleanup)."""
-    from ._faults import fault_point
+    manifest (create-only, or with `replace` atomically replacing a committed one, whose data the deleter
+    frees only once the new manifest is durable and no committed sibling refers to it). Never raises for a
+    storage failure: the outcome says whether the save committed, read back from storage when anything
+    went wrong. A write that failed and whose manifest is not there on reading back is certainly
+    uncommitted only where a failed write cannot land later (Storage.settles_on_error: local files,
+    memory://); on an object store a timed-out PUT may still land, so the outcome is unknown and every file
+    is kept. With `cleanup`, a save that certainly did not commit has its data directory removed here (for
+    callers without a per-rank cleanup)."""
     old = _old_save_id(storage) if replace else None
     try:
         if has_files:
             storage.sync_dir(f"data/{save_id}")
+    except Exception as e:  # before the manifest write: nothing can have committed
+        outcome = CommitOutcome(False, message=f"commit failed: {error_text(e)}")
+    else:
+        outcome = _write_manifest(storage, manifest, save_id, replace)
+    if outcome.committed and old is not None and old != save_id:
+        try:  # the superseded checkpoint's data, unless a committed sibling still refers to it
+            deleter.free_replaced(storage, old)
+        except Exception as e:
+            log.warning("shardckpt: could not delete the replaced checkpoint's data data/%s under %s: %s",
+                        old, storage.url, error_text(e))
+    if cleanup and not outcome.committed and outcome.certain:
+        deleter.drop_uncommitted(storage, save_id)
+    return outcome
+
+
+def _write_manifest(storage: Storage, manifest: bytes, save_id: str, replace: bool) -> CommitOutcome:
+    """The commit point itself, and what it means when it raised (read back; see commit_manifest)."""
+    from ._faults import fault_point
+    try:
         fault_point("manifest", 0)
         if replace:
             storage.replace(MANIFEST_NAME, manifest)
         else:
             storage.commit(MANIFEST_NAME, manifest)
-        outcome = CommitOutcome(True)
+        return CommitOutcome(True)
     except CheckpointExistsError as e:
         outcome = read_back(storage, save_id)
-        if not outcome.committed:
-            outcome = CommitOutcome(False, certain=outcome.certain, exists=True, message=str(e))
+        if outcome.committed:
+            return outcome
+        return CommitOutcome(False, certain=outcome.certain, exists=True, message=str(e))
     except Exception as e:
         outcome = read_back(storage, save_id)
         if outcome.committed:
             log.warning("shardckpt: the commit of %s reported %s after the manifest was in place; the manifest "
                         "read back is this save's, so the checkpoint is committed", storage.url, error_text(e))
-        elif outcome.certain and not outcome.exists:
-            outcome = CommitOutcome(False, message=f"commit failed: {error_text(e)}")
-        else:
-            outcome = CommitOutcome(False, certain=outcome.certain, exists=outcome.exists,
-                                    message=f"commit failed: {error_text(e)}; {outcome.message}")
-    if outcome.committed and old is not None and old != save_id:
-        try:  # the superseded checkpoint's data: no committed manifest refers to it any more
-            storage.delete_tree(f"data/{old}")
-        except Exception as e:
-            log.warning("shardckpt: could not delete the replaced checkpoint's data data/%s under %s: %s",
-                        old, storage.url, error_text(e))
-    if cleanup and not outcome.committed and outcome.certain:
-        try:
-            storage.delete_tree(f"data/{save_id}")
-        except Exception:
-            pass
-    return outcome
-
-
-def remove_rank_files(storage: Storage, save_id: str, rank: int) -> None:
-    """Every rank, after a save that certainly did not commit: drop this rank's data and index files."""
-    for name in (data_file_name(save_id, rank), index_file_name(save_id, rank)):
-        try:
-            storage.delete(name)
-        except Exception:
-            pass
+            return outcome
+        if outcome.certain and not outcome.exists:
+            if storage.settles_on_error:
+                return CommitOutcome(False, message=f"commit failed: {error_text(e)}")
+            return CommitOutcome(False, certain=False, message=f"commit failed: {error_text(e)}; the manifest is "
+                                 f"not there now, but a write that failed on this store may still land later")
+        return CommitOutcome(False, certain=outcome.certain, exists=outcome.exists,
+                             message=f"commit failed: {error_text(e)}; {outcome.message}")
 
 
 def raise_for(outcome: CommitOutcome, storage: Storage) -> None:
@@ -185,9 +191,11 @@ def raise_for(outcome: CommitOutcome, storage: Storage) -> None:
     if outcome.certain:
         raise SaveError(f"save failed, nothing was committed: {outcome.message}", file=storage.url,
                         rank=outcome.rank)
-    raise SaveError(f"save failed and whether it committed is unknown; its files were kept (shardckpt gc "
+    err = SaveError(f"save failed and whether it committed is unknown; its files were kept (shardckpt gc "
                     f"removes them once they are known to be uncommitted): {outcome.message}",
                     file=storage.url, rank=outcome.rank)
+    err.outcome_unknown = True
+    raise err
 
 
 def finish(comm, storage: Storage, save_id: str, summary: dict, *, total_elements: int,
@@ -218,7 +226,7 @@ def finish(comm, storage: Storage, save_id: str, summary: dict, *, total_element
     outcome = CommitOutcome.from_json(comm.broadcast_json(None if outcome is None else outcome.to_json()))
     if not outcome.committed:
         if outcome.certain:
-            remove_rank_files(storage, save_id, comm.rank)
+            deleter.drop_uncommitted(storage, save_id, comm.rank)
         raise_for(outcome, storage)
     return committed
 

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _ext, commit
+from . import _ext, commit, deleter
 from .api import read_chunks, read_manifest
 from .codec import choose
 from .errors import CheckpointExistsError, FormatError, SaveError, UnsupportedValueError
@@ -203,10 +203,7 @@ class Writer(StorageWriter):
                 tree_items.append([fqn, {"t": "value", "key": fqn}])
         problem = commit.check_written(written, total, "DCP's metadata holds")
         if problem:
-            try:  # nothing refers to this save's data: no manifest was written
-                storage.delete_tree(f"data/{save_id}")
-            except Exception:
-                pass  # a leftover for shardckpt gc
+            deleter.drop_uncommitted(storage, save_id)  # no manifest was written: nothing refers to it
             raise SaveError(f"{problem}; nothing committed", file=storage.url)
         record = {"format": DCP_FORMAT, "format_version": DCP_FORMAT_VERSION, "dcp_version": metadata.version,
                   "values": value_kinds, "planner_data": _encode_optional(metadata.planner_data),

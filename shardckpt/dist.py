@@ -66,6 +66,24 @@ class Comm:
                                     rank=self.global_rank) from e
         return _decode(buf)
 
+    def from_coordinator(self, fn):
+        """All ranks: the coordinator runs fn() (I/O only it does: listing steps, reading a manifest) and
+        its small JSON result reaches every rank; if fn raises, every rank raises at once (the coordinator
+        its own error, the others the typed error rebuilt from its record) instead of the others waiting
+        at the next collective until the timeout. One broadcast."""
+        from .errors import error_from, error_record
+        record, error = None, None
+        if self.is_coordinator:
+            try:
+                record = {"ok": fn()}
+            except Exception as e:
+                error, record = e, {"error": error_record(e, self.rank)}
+        record = self.broadcast_json(record)
+        if "error" in record:
+            if error is not None:
+                raise error
+            raise error_from(record["error"])
+        return record["ok"]
 
     # ---- bulk collectives of a read-once restore (shardckpt.exchange); the group's timeout applies to each
 

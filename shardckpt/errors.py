@@ -74,7 +74,10 @@ class PlanMismatchError(CheckpointError):
 
 
 class SaveError(CheckpointError):
-    """A save failed on some rank; nothing was committed. `rank` names the first failing rank."""
+    """A save failed on some rank; nothing was committed, unless `outcome_unknown`: the manifest write
+    failed in a way that may still land (an object store's timed-out PUT), so its files were kept.
+    `rank` names the first failing rank."""
+    outcome_unknown = False
 
 
 class CoordinationError(CheckpointError):

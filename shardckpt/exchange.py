@@ -200,18 +200,28 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
     needs = [[tuple(r) for r in parsed[b]["runs"]] for b in blobs]
     plan = plan_exchange(needs, files.offsets, holders=holders)
     out = ExchangeStats()
-    if mode != "always" and holders is None and not plan.worth_exchanging:
-        run_reads(storage, manifest, tasks, stats)  # (almost) nothing is needed twice: read directly
-        out.bytes_fetched = plan.fetched_bytes(comm.rank)
-        return out
-    out.exchanged = True
     local_error = None
-    try:  # returns or raises on every rank after the same round: its collectives stay in step
-        _rounds(storage, plan, files, mine, comm, out, stats)
-    except _Aborted as e:
-        local_error = e.cause
-    except _PeerFailed as e:
-        local_error = e
+    if mode != "always" and holders is None and not plan.worth_exchanging:
+        try:  # (almost) nothing is needed twice: read directly, then agree like the exchange does
+            run_reads(storage, manifest, tasks, stats)
+        except Exception as e:
+            local_error = e
+        out.bytes_fetched = plan.fetched_bytes(comm.rank)
+    else:
+        out.exchanged = True
+        try:  # returns or raises on every rank after the same round: its collectives stay in step
+            _rounds(storage, plan, files, mine, comm, out, stats)
+        except _Aborted as e:
+            local_error = e.cause
+        except _PeerFailed as e:
+            local_error = e
+    _agree(comm, local_error)
+    return out
+
+
+def _agree(comm, local_error: BaseException | None) -> None:
+    """Every rank, after its reads (direct or exchanged): the first failure, on every rank (one gather and
+    one broadcast): the failing rank raises its own error, the others the same typed error naming it."""
     records = comm.gather_json(None if local_error is None or isinstance(local_error, _PeerFailed)
                                else error_record(local_error, comm.rank))
     verdict = next((r for r in records if r), None) if comm.is_coordinator else None
@@ -220,7 +230,6 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
         if local_error is not None and verdict["by"] == comm.rank and not isinstance(local_error, _PeerFailed):
             raise local_error
         raise error_from(verdict)
-    return out
 
 
 class _PeerFailed(Exception):

@@ -28,6 +28,7 @@ import torch
 
 from . import config
 from .api import _key_filter, _map_key, read_chunks, read_manifest
+from .deleter import remove_export_files
 from .errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
 from .format import Manifest
 from .geometry import row_batches
@@ -187,8 +188,7 @@ def _clear_destination(dst: Storage, overwrite: bool) -> list[str]:
         raise CheckpointExistsError(f"the destination holds an earlier export ({', '.join(ours[:4])}"
                                     f"{', ...' if len(ours) > 4 else ''}); pass overwrite=True (--overwrite) to "
                                     f"replace it", file=dst.url)
-    for f in sorted(ours, key=lambda f: f != INDEX_NAME):
-        dst.delete(f)
+    remove_export_files(dst, sorted(ours, key=lambda f: f != INDEX_NAME))
     return ours
 
 

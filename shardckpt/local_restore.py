@@ -24,6 +24,18 @@ log = logging.getLogger("shardckpt")
 
 # what a damaged local copy raises when restored (a corrupt frame, a short or missing file, a bad index)
 COPY_ERRORS = (ChecksumError, CorruptDataError, FormatError, StorageError, OSError)
+SET_ASIDE = ".set-aside"  # markers step-<N>.<save_id> of an abandoned timeline's steps (tiers.set_aside_newer)
+
+
+def set_aside(storage) -> set[tuple[int, str]]:
+    """(step, save_id) of the local steps set aside in this node's dir: restores ignore them."""
+    out = set()
+    for name in storage.list_dir(SET_ASIDE):
+        step, _, sid = name.partition(".")
+        m = STEP_DIR.match(step)
+        if m and sid:
+            out.add((int(m.group(1)), sid))
+    return out
 
 
 def held(storage) -> dict:
@@ -31,12 +43,21 @@ def held(storage) -> dict:
     [rank of each manifest file entry], "held": [those whose data (of the manifest's size) and index files
     this dir holds]}}."""
     out = {}
-    for name in storage.list_dir(""):
+    try:
+        aside = set_aside(storage)
+        names = storage.list_dir("")
+    except Exception as e:  # this node's dir cannot be listed: it holds nothing a restore can use
+        log.warning("shardckpt: local dir %s cannot be listed (%s); not restoring from it", storage.url,
+                    error_text(e, 300))
+        return out
+    for name in names:
         m = STEP_DIR.match(name)
         if not m or not storage.exists(f"{name}/{MANIFEST_NAME}"):
             continue
         try:
             man = parse_manifest(storage.read_file(f"{name}/{MANIFEST_NAME}"), file=name)
+            if (int(m.group(1)), man.save_id) in aside:
+                continue  # an abandoned timeline's step: never restored
             held = []
             for f in man.files:
                 d = f"{name}/{f.data}"

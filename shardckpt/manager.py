@@ -18,7 +18,7 @@ sets `should_stop` on every rank once that many monitored saves in a row did not
 Layout: `root/step-<10-digit step>/` per checkpoint (a normal shardckpt checkpoint); the manifest's
 user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set,
 {"policy": {"best", "wait"}} with save_best_only or early stopping). A step
-exists once its manifest.json is committed (shardckpt.layout); shardckpt.gc collects what crashed saves left.
+exists once its manifest.json is committed (shardckpt.layout); shardckpt.deleter's gc collects what crashed saves left.
 
 Who does what:
   all ranks     maybe_save / save / restore / wait / close, in the same order (they run collectives on
@@ -49,7 +49,7 @@ from .commit import error_text
 from .errors import CheckpointExistsError, CoordinationError, StorageError
 from .events import EventBus, report_commit
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
-from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
+from .deleter import DEFAULT_GC_GRACE_S, gc_uncommitted, retire  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
 from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
 from .policy import Decision, Monitor, json_metrics, metric_value, rank_steps, steps_to_delete
 from .storage import Storage, storage_for
@@ -230,7 +230,13 @@ class CheckpointManager:
         return s[-1] if s else None
 
     def best_step(self) -> int | None:
-        ranked = self._ranked_by_metric(self.steps())
+        """The best committed step by the monitored metric (None without monitor= or metrics). Raises
+        StorageError (or the manifest's error) when a step's metric cannot be read: a best step is never
+        chosen from part of the evidence."""
+        ranked, unknown = self._ranking(self.steps())
+        if unknown:
+            raise StorageError(f"the metrics of steps {unknown[:5]} cannot be read; the best step is unknown",
+                               file=self.root)
         return ranked[0] if ranked else None
 
     def metadata(self, step: int) -> dict:
@@ -238,16 +244,31 @@ class CheckpointManager:
         return api.read_manifest(self._path(step)).user_metadata
 
     def _metric(self, step: int) -> float | None:
-        try:
-            return metric_value(self.metadata(step).get("metrics", {}), self.monitor)
-        except Exception:
-            return None
+        """The monitored metric of a committed step; None when it has none. Raises when its manifest
+        cannot be read (a missing metric and an unreadable one are different evidence)."""
+        return metric_value(self.metadata(step).get("metrics", {}), self.monitor)
+
+    def _ranking(self, steps: list[int]) -> tuple[list[int], list[int]]:
+        """(steps with the monitored metric, best first (ties: the newer step first); steps whose manifest
+        could not be read, so whose rank is unknown)."""
+        if not self.monitor:
+            return [], []
+        scored, unknown = [], []
+        for s in steps:
+            try:
+                m = self._metric(s)
+            except Exception as e:
+                log.warning("checkpoint step %d under %s: its metric %r cannot be read (%s); retention keeps it",
+                            s, self.root, self.monitor, error_text(e, 300))
+                unknown.append(s)
+                continue
+            if m is not None:
+                scored.append((m, s))
+        return rank_steps(scored, self.mode), unknown
 
     def _ranked_by_metric(self, steps: list[int]) -> list[int]:
-        """Steps with the monitored metric, best first (ties: the newer step first)."""
-        if not self.monitor:
-            return []
-        return rank_steps([(m, s) for s in steps if (m := self._metric(s)) is not None], self.mode)
+        """Steps with a readable monitored metric, best first (restore("best") tries them in this order)."""
+        return self._ranking(steps)[0]
 
     def _path(self, step: int) -> Storage:
         return self.storage.child(step_dir(step))
@@ -307,10 +328,10 @@ class CheckpointManager:
         policy = self._decide(step, metrics, _always) if self._monitor else None
         if policy is not None and not policy[0].save:
             return False
-        if self.comm.is_coordinator and step in self._bad_steps:
-            log.warning("replacing step %d, found corrupt at restore", step)
-            self._delete_step(step)
-            self._bad_steps.discard(step)
+        replace = step in self._bad_steps  # found unreadable at restore: the new save replaces it atomically
+        if replace and self.comm.is_coordinator:
+            log.warning("replacing step %d, found unreadable or corrupt at restore", step)
+        self._bad_steps.discard(step)
         meta = {"step": int(step), "metrics": json_metrics(metrics)}
         if self.monitor:  # so `shardckpt ls` marks the same best step without being told the metric
             meta["monitor"] = {"metric": self.monitor, "mode": self.mode}
@@ -318,7 +339,7 @@ class CheckpointManager:
             self._monitor.apply(policy[1], policy[0])
             meta["policy"] = self._monitor.state()
         path = self._path(step)
-        kw = dict(process_group=self.process_group, metadata=meta, **self._save_kw)
+        kw = dict(process_group=self.process_group, metadata=meta, overwrite=replace, **self._save_kw)
         if self.incremental:
             kw.update(self._incremental_kw(step))
             meta["incremental"] = {"since_full": self._since_full}  # read back after a restart
@@ -349,16 +370,15 @@ class CheckpointManager:
     def _decide(self, step: int, metrics: dict | None, always: bool) -> tuple[Decision, float | None]:
         """All ranks: the coordinator's policy decision for this save and its metric value, broadcast (one
         small record); sets should_stop. Preemption and forced saves are always written."""
-        record = None
-        if self.comm.is_coordinator:
+        def decide() -> dict:
             mon = self._monitor
             if not mon.known:  # a fresh manager on an existing root: the best committed value counts
                 best = self.best_step()
                 mon.load(None, None if best is None else self._metric(best))
             value = metric_value(metrics, self.monitor)
             d = mon.decide(value)
-            record = {"save": d.save or always, "improved": d.improved, "stop": d.stop, "value": value}
-        record = self.comm.broadcast_json(record)
+            return {"save": d.save or always, "improved": d.improved, "stop": d.stop, "value": value}
+        record = self.comm.from_coordinator(decide)  # an unreadable root raises on every rank at once
         d = Decision(record["save"], record["improved"], record["stop"])
         if d.stop and not self.should_stop and self.comm.is_coordinator:
             log.warning("early stopping: %d monitored saves without improving %s by more than %g (best %s); "
@@ -375,13 +395,15 @@ class CheckpointManager:
         restored, committed: the previous save was reaped), or a full write with content hashes every
         full_every saves (counted in the manifests' user_metadata["incremental"], so restarts keep it)."""
         prev = self._last_saved_step
-        committed = prev is not None and prev != step and prev not in self._bad_steps \
-            and self._path(prev).exists(MANIFEST_NAME)
+
+        def base_state() -> list:  # coordinator: [prev committed?, since_full recorded in it]
+            if prev is None or prev == step or prev in self._bad_steps or not self._path(prev).exists(MANIFEST_NAME):
+                return [False, None]
+            since = self.metadata(prev).get("incremental", {}) if self._since_full is None else {}
+            return [True, since.get("since_full") if isinstance(since, dict) else None]
+        committed, since = self.comm.from_coordinator(base_state)  # an error raises on every rank at once
         if committed and self._since_full is None:  # after restore(): continue the restored step's count
-            since = self.metadata(prev).get("incremental", {})
-            self._since_full = since.get("since_full") if isinstance(since, dict) else None
-            if type(self._since_full) is not int:
-                self._since_full = None
+            self._since_full = since if type(since) is int else None
         if not committed or self._since_full is None or self._since_full + 1 >= self.full_every:
             self._since_full = 0
             return {"content_hash": True}
@@ -448,13 +470,14 @@ class CheckpointManager:
         if self.keep_last is None and not self.keep_best:
             return []
         steps = self.steps()
-        return steps_to_delete(steps, self._ranked_by_metric(steps) if self.keep_best else [],
-                               keep_last=self.keep_last, keep_best=self.keep_best,
-                               keep_every_steps=self.keep_every_steps)
+        ranked, unknown = self._ranking(steps) if self.keep_best else ([], [])
+        # a step whose metric cannot be read might be among the best: keep it (nothing goes on a guess)
+        return [s for s in steps_to_delete(steps, ranked, keep_last=self.keep_last, keep_best=self.keep_best,
+                                           keep_every_steps=self.keep_every_steps) if s not in unknown]
 
     def _delete_step(self, step: int) -> None:
-        # manifest first, then the data no kept step's references need (gc.retire_step)
-        retire_step(self.storage, step_dir(step))
+        # manifest first, then the data nothing needs any more (shardckpt.deleter, the one deleter)
+        retire(self.storage, step_dir(step), self.gc_grace_s)
         log.info("deleted checkpoint step %d", step)
 
     def _gc(self) -> None:
@@ -486,5 +509,5 @@ class CheckpointManager:
         got = restoring.restore(self, state, step)
         self.restored_tier = None if got is None else ("durable", got)
         if self.tier is not None and got is not None:
-            self.tier.retire_newer(got)
+            self.tier.set_aside_newer(got)
         return got

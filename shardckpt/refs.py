@@ -37,20 +37,24 @@ def _parent_and_name(storage: Storage) -> tuple[str, str]:
     return parent, name
 
 
+def parent_storage(storage: Storage) -> Storage:
+    """The Storage of the directory holding the checkpoint `storage` (where its siblings, their references
+    and the pins of in-flight saves are: shardckpt.deleter), built without I/O, same filesystem and options."""
+    from .storage.local import LocalStorage
+    if isinstance(storage, LocalStorage):
+        return LocalStorage(os.path.dirname(storage.root), storage.direct_io)
+    from .storage.fsspec import FsspecStorage
+    if isinstance(storage, FsspecStorage):
+        return FsspecStorage(_parent_and_name(storage)[0], storage.storage_options, part_size=storage.part_size,
+                             upload_concurrency=storage.upload_concurrency, _fs=storage.fs,
+                             _root=storage.root.rstrip("/").rpartition("/")[0] or "/")
+    return storage_for(_parent_and_name(storage)[0])
+
+
 def base_storage(storage: Storage, dir_name: str) -> Storage:
     """The Storage of the sibling checkpoint directory `dir_name` (already checked against BASE_DIR), built
     from `storage` without I/O and with the same filesystem and options."""
-    from .storage.local import LocalStorage
-    if isinstance(storage, LocalStorage):
-        return LocalStorage(os.path.join(os.path.dirname(storage.root), dir_name), storage.direct_io)
-    from .storage.fsspec import FsspecStorage
-    if isinstance(storage, FsspecStorage):
-        parent_url, _ = _parent_and_name(storage)
-        root = storage.root.rstrip("/").rpartition("/")[0]
-        return FsspecStorage(f"{parent_url}/{dir_name}", storage.storage_options, part_size=storage.part_size,
-                             upload_concurrency=storage.upload_concurrency, _fs=storage.fs,
-                             _root=f"{root}/{dir_name}" if root else dir_name)
-    return storage_for(f"{_parent_and_name(storage)[0]}/{dir_name}")
+    return parent_storage(storage).child(dir_name)
 
 
 def chunk_storage(storage: Storage, chunk: Chunk) -> Storage:

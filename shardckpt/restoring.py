@@ -35,9 +35,11 @@ def restore(mgr, state, step: str | int = "latest") -> int | None:
     t0 = time.monotonic()
     comm = mgr.comm
     order: list[int] = []
-    if comm.is_coordinator:
+
+    def choose() -> None:  # coordinator: the steps to try, in order (a listing error raises on every rank)
         steps = mgr.steps()
-        order = steps[::-1] if step == "latest" else mgr._ranked_by_metric(steps) if step == "best" else [step]
+        order[:] = steps[::-1] if step == "latest" else mgr._ranked_by_metric(steps) if step == "best" else [step]
+    comm.from_coordinator(choose)
     tried = 0
     while True:
         nxt = order[tried] if comm.is_coordinator and tried < len(order) else None
@@ -72,15 +74,11 @@ def _resume_policy(mgr, step: int) -> None:
     """All ranks: the policy state resumes from the restored step's metadata (the coordinator reads it)."""
     if mgr._monitor is None:
         return
-    saved = None
-    if mgr.comm.is_coordinator:
-        try:
-            saved = mgr.metadata(step).get("policy")
-        except Exception:
-            saved = None
+    def read() -> dict:  # coordinator; an error raises on every rank at once
+        saved = mgr.metadata(step).get("policy")
         best = mgr.best_step() if not isinstance(saved, dict) else None
-        saved = {"state": saved, "fallback": None if best is None else mgr._metric(best)}
-    saved = mgr.comm.broadcast_json(saved)
+        return {"state": saved, "fallback": None if best is None else mgr._metric(best)}
+    saved = mgr.comm.from_coordinator(read)
     mgr._monitor.load(saved["state"], saved["fallback"])
     mgr.should_stop = mgr._monitor.stopped
 

@@ -37,10 +37,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import api, commit, dist as sdist, local_restore
-from .commit import error_text, remove_rank_files
+from .commit import error_text
 from .errors import CheckpointExistsError, SaveError, StorageError
 from .format import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
-from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step
+from .deleter import DEFAULT_GC_GRACE_S, drop_uncommitted, gc_uncommitted, retire
 from .layout import committed_steps, step_dir
 from .replicas import Nodes, copy_file, mirror, node_map, replicate
 from .storage import storage_for
@@ -71,6 +71,7 @@ class LocalTier:
         # on_retired(step, url): called after local retention deleted a step on this node (CheckpointManager
         # queues its "deleted" event); on the thread that ran the save
         self.on_retired = None
+        self._abandoned: set[tuple[int, str]] = set()  # (step, save_id) set aside by this process's restore
 
     def _comm(self):
         return sdist.comm_for(self.process_group, self.timeout_s)
@@ -144,12 +145,15 @@ class LocalTier:
         self._uploads[step] = (save_id, self._uploader.submit(_upload_own, src, dst, save_id, rank))
 
     def _retain(self, step: int) -> None:
-        """Local rank 0 of each node, after a local commit: keep_last per node's dir, then gc leftovers."""
+        """Local rank 0 of each node, after a local commit: the steps of an abandoned timeline (set aside
+        by a restore) go now that this run committed a step of its own, then keep_last per node's dir, then
+        gc leftovers."""
         try:
+            self._drop_set_aside()
             steps = committed_steps(self.storage)
             if self.keep_last:
                 for old in steps[:-self.keep_last]:
-                    retire_step(self.storage, step_dir(old))
+                    retire(self.storage, step_dir(old), self.gc_grace_s)
                     if self.on_retired is not None:
                         self.on_retired(old, self.storage.child(step_dir(old)).url)
             gc_uncommitted(self.storage, dry_run=False, grace_s=self.gc_grace_s, exclude=[step])
@@ -239,13 +243,13 @@ class LocalTier:
         from .state import load_training_state
         comm = self._comm()
         self.corrupt_copies = []
-        durable = None
-        if comm.is_coordinator and durable_root is not None:
-            steps = committed_steps(durable_root, storage_options=storage_options)
-            durable = steps[-1] if steps else None
+
+        def durable_latest():  # coordinator; a listing error raises on every rank at once
+            steps = [] if durable_root is None else committed_steps(durable_root, storage_options=storage_options)
+            return steps[-1] if steps else None
+        durable = comm.from_coordinator(durable_latest)
         recs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(
-            {"steps": local_restore.held(self.storage), "durable": durable}).encode())]
-        durable = recs[0]["durable"]
+            {"steps": local_restore.held(self.storage)}).encode())]
         pick = local_restore.choose_local(recs, durable)
         if pick is not None:
             step, holders = pick
@@ -277,21 +281,45 @@ class LocalTier:
     def _done(self, tier: str, step: int, comm) -> int:
         self.restored = (tier, step)
         log.info("shardckpt: restored step %d from the %s tier", step, tier)
-        self.retire_newer(step, comm)
+        self.set_aside_newer(step, comm)
         return step
 
-    def retire_newer(self, step: int, comm=None) -> None:
+    def set_aside_newer(self, step: int, comm=None) -> None:
         """Every rank, after a restore of `step` (restore; CheckpointManager.restore after a durable one):
-        local steps newer than it belong to an abandoned run (incomplete, or not chosen); each node's local
-        rank 0 retires them, so a later restore never prefers them to what this run saves next."""
+        local steps newer than it belong to an abandoned timeline (incomplete, unreadable for now, or not
+        chosen). Each node's local rank 0 sets them aside: a marker `.set-aside/step-<N>.<save_id>` makes
+        every later restore ignore them, and they are deleted only once this run has committed a local step
+        of its own (_retain), never because of the restore: the error that made it fall back may have been
+        transient. A replaced step (same number, new save_id) is not affected by an old marker."""
         comm = comm or self._comm()
-        if self._nodes(comm).local_rank(comm.rank) == 0:
+        if self._nodes(comm).local_rank(comm.rank) != 0:
+            return
+        try:
+            for newer in [s for s in committed_steps(self.storage) if s > step]:
+                sid = parse_manifest(self.storage.read_file(f"{step_dir(newer)}/{MANIFEST_NAME}"),
+                                     file=step_dir(newer)).save_id
+                self._abandoned.add((newer, sid))
+                self.storage.write_file(f"{local_restore.SET_ASIDE}/{step_dir(newer)}.{sid}", b"")
+        except Exception as e:  # a step not marked here is still dropped by this run's next commit
+            log.warning("shardckpt: could not set aside local steps newer than %d under %s: %s", step,
+                        self.storage.url, error_text(e))
+
+    def _drop_set_aside(self) -> None:
+        """Local rank 0, after this run committed a local step: delete the set-aside steps (the markers'
+        and this process's own record), each only while the step still holds the abandoned save_id."""
+        marked = local_restore.set_aside(self.storage) | self._abandoned
+        for newer, sid in sorted(marked):
             try:
-                for newer in [s for s in committed_steps(self.storage) if s > step]:
-                    retire_step(self.storage, step_dir(newer))
-            except Exception as e:
-                log.warning("shardckpt: could not retire local steps newer than %d under %s: %s", step,
-                            self.storage.url, error_text(e))
+                current = parse_manifest(self.storage.read_file(f"{step_dir(newer)}/{MANIFEST_NAME}"),
+                                         file=step_dir(newer)).save_id
+            except FileNotFoundError:
+                current = None
+            if current == sid:
+                retire(self.storage, step_dir(newer), self.gc_grace_s)
+                if self.on_retired is not None:
+                    self.on_retired(newer, self.storage.child(step_dir(newer)).url)
+            self.storage.delete(f"{local_restore.SET_ASIDE}/{step_dir(newer)}.{sid}")
+            self._abandoned.discard((newer, sid))
 
 def _step_storage(root, step: int, storage_options: dict | None = None):
     """root/step-<N> of a durable root as a Storage (None for no root): where a promotion of `step` commits
@@ -316,7 +344,7 @@ def _drop_upload(early, dst, rank: int) -> None:
         future.result()
     except Exception:
         pass
-    remove_rank_files(dst, save_id, rank)
+    drop_uncommitted(dst, save_id, rank)
 
 
 def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import CheckpointManager, gc as sgc
+from shardckpt import CheckpointManager, deleter as sgc
 from shardckpt.errors import ChecksumError, CorruptDataError, FormatError, SaveError, UnsupportedVersionError
 from shardckpt.verify import verify_checkpoint
 
@@ -155,6 +155,11 @@ def test_missing_or_corrupt_referenced_data_is_a_typed_error(tmp_path):
     assert [p.kind for p in report.problems] and all(p.kind == "reference" for p in report.problems)
 
 
+def _entries(root) -> list[str]:
+    """A root's checkpoint directories (the deleter's .shardckpt-pins directory of in-flight saves aside)."""
+    return sorted(n for n in os.listdir(root) if not n.startswith("."))
+
+
 def test_keep_last_1_retires_old_steps_and_frees_data_once_unreferenced(tmp_path):
     st = _state()
     with CheckpointManager(tmp_path, incremental=True, full_every=3, keep_last=1, async_save=False,
@@ -166,7 +171,7 @@ def test_keep_last_1_retires_old_steps_and_frees_data_once_unreferenced(tmp_path
             assert _same(shardckpt.load_full(tmp_path / f"step-{step:010d}"), st)
             assert verify_checkpoint(tmp_path / f"step-{step:010d}").ok
     # full writes at steps 1, 4, 7: step 7 refers to nothing, so every older directory is gone
-    assert sorted(os.listdir(tmp_path)) == ["step-0000000007"]
+    assert _entries(tmp_path) == ["step-0000000007"]
 
 
 def test_retention_keeps_data_a_kept_step_refers_to(tmp_path):
@@ -176,7 +181,7 @@ def test_retention_keeps_data_a_kept_step_refers_to(tmp_path):
         for step in (1, 2, 3):
             _train(st, step)
             mgr.save(step, st)
-    names = sorted(os.listdir(tmp_path))
+    names = _entries(tmp_path)
     assert names == ["step-0000000001", "step-0000000003"]  # step 1: data only, no manifest
     assert not (tmp_path / "step-0000000001" / "manifest.json").exists()
     assert sgc.gc_uncommitted(tmp_path, dry_run=False, grace_s=0) == []  # referenced: not a leftover

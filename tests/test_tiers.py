@@ -123,14 +123,20 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
     lost1, none = case("lost1", [0]), case("none", [])
     bad = case("bad", [0], corrupt=[data_file_name(sid, 2)])
     other = case("other", [0, 1], corrupt=[data_file_name(sid, r) for r in range(4)])
-    got = run_ranks(4, _restore, [lost1, none, bad, other], durable, nodes=2)
+    got = run_ranks(4, _restore, [lost1, none, bad, other, bad], durable, nodes=2)
     for per_rank in got:
         assert per_rank[0] == (("local", 12), True)    # node 1 lost: its files come from node 0's replicas
         assert per_rank[1] == (("durable", 10), True)  # no local dir left (and promoting twice kept step 10)
         assert per_rank[2] == (("durable", 10), True)  # the only copy of rank 2's file is corrupt
         # node 0's copy of every file is corrupt: node 1 holds each one too (its own or a replica)
         assert per_rank[3] == (("local", 12), True, [f"rank {r}'s files on node 0" for r in range(4)]), per_rank[3]
-    assert not os.path.exists(os.path.join(bad, "node0", "step-0000000012", "manifest.json"))  # abandoned
+        assert per_rank[4] == (("durable", 10), True)  # the set-aside step 12 is not tried again
+    # the abandoned step is set aside, not deleted (its error might have been transient): still on disk,
+    # ignored by later restores, deleted once the new timeline commits a local step
+    assert os.path.exists(os.path.join(bad, "node0", "step-0000000012", "manifest.json"))
+    assert sorted(n.partition(".")[0] for n in os.listdir(os.path.join(bad, "node0", ".set-aside"))) == \
+        ["step-0000000011", "step-0000000012"]
+    assert os.path.exists(os.path.join(bad, "node0", ".set-aside", f"step-0000000012.{sid}"))
     got = run_ranks(2, _restore, [case("two", [0])], durable, nodes=1)
     assert all(r == [(("local", 12), True)] for r in got)  # resharded onto the surviving node
 

@@ -48,6 +48,7 @@ from lightning_fabric.utilities.data import AttributeDict as FabricAttributeDict
 
 from .. import api
 from ..async_save import AsyncSaveHandle, async_save
+from ..deleter import retire
 from ..errors import UnsupportedValueError
 from ..format import MANIFEST_NAME
 from ..storage import storage_for
@@ -208,14 +209,15 @@ class ShardckptCheckpointIO(CheckpointIO):
         return storage_for(os.fspath(path), self.storage_options).exists(MANIFEST_NAME)
 
     def remove_checkpoint(self, path) -> None:
-        """Global rank 0: delete a checkpoint, its manifest first (ModelCheckpoint's top-k, save_last). A
+        """Global rank 0: delete a checkpoint through shardckpt.deleter.retire: its manifest first, then the
+        data no committed sibling refers to (ModelCheckpoint's top-k, save_last). A
         plain file there (a torch.save checkpoint) is deleted as a file. The sharded strategies use this
         one too (Strategy.remove_checkpoint calls its checkpoint_io on global rank 0)."""
         path = os.fspath(path).rstrip("/")
         parent = storage_for(posixpath.dirname(path) or ".", self.storage_options)
         name = posixpath.basename(path)
         if parent.exists(f"{name}/{MANIFEST_NAME}") or parent.list_dir(name):
-            storage_for(path, self.storage_options).delete_tree("")
+            retire(parent, name)  # the one deleter: data a committed sibling refers to (base=) stays
         else:
             parent.delete(name)
 

@@ -87,6 +87,10 @@ class Storage(abc.ABC):
     # starts its ranges on such boundaries in page-aligned buffers lets a local backend read them with
     # O_DIRECT. 1: no preference.
     read_align: int = 1
+    # Whether a write that raised is settled when it returns: reading the file back then tells for certain
+    # whether it landed (local files). False where a failed or timed-out request may still land later
+    # (object stores): commit.commit_manifest then treats "not there" as an unknown outcome and keeps files.
+    settles_on_error: bool = False
 
     @abc.abstractmethod
     def child(self, relpath: str) -> "Storage":

@@ -67,6 +67,12 @@ class FsspecStorage(Storage):
     def __repr__(self) -> str:
         return f"FsspecStorage({self.url!r})"
 
+    @property
+    def settles_on_error(self) -> bool:
+        """Storage.settles_on_error: in-process filesystems (file://, memory://) have nothing in flight
+        after a call returned; a remote store's timed-out request may still land."""
+        return self._kind in ("local", "memory")
+
     # paths ------------------------------------------------------------------------------------------------
     def _path(self, relpath: str) -> str:
         relpath = relpath.strip("/")

@@ -206,6 +206,8 @@ class LocalStorage(Storage):
     """Storage on a local or shared POSIX filesystem (NFS, Lustre, GPFS). Data files larger than
     DIRECT_STAGE are written with O_DIRECT unless direct_io is False (default: SHARDCKPT_DIRECT_IO)."""
 
+    settles_on_error = True  # a POSIX call that returned has no request still in flight
+
     def __init__(self, root: str, direct_io: bool | None = None):
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
