@@ -202,6 +202,26 @@ def check_after_fault(path: str, seed: int, prev_path: str, prev_seed: int, *, r
     return out
 
 
+def committed_problems(root: str, allowed) -> list[str]:
+    """The data-safety invariant (FORMAT.md §9; test_safety_model.py checks it after every operation), after
+    a kill: every directory under `root` holding a committed manifest loads bit-exact as one of the states
+    `allowed(name)` returns. Returns what broke it, one line per checkpoint ([] when it holds)."""
+    import shardckpt
+    problems = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(".") or not os.path.exists(os.path.join(path, "manifest.json")):
+            continue
+        try:
+            got = shardckpt.load_full(path)
+        except Exception as e:  # noqa: BLE001 - any failure of a committed checkpoint breaks the invariant
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if not any(same_state(got, want) for want in allowed(name)):
+            problems.append(f"{name}: loads, but not as any state saved there")
+    return problems
+
+
 def run_kill_trial(root: str, phase: str, seed: int, prev_path: str, prev_seed: int, *, timeout_s: float = 5.0,
                    mode: str = "sync") -> dict:
     """One SIGKILL trial: 2 ranks save trial_state(seed) to root/<phase>-<seed>, the planned victim dies at the
@@ -212,7 +232,11 @@ def run_kill_trial(root: str, phase: str, seed: int, prev_path: str, prev_seed: 
                    timeout=timeout_s * 4 + 30)
     verdict = check_after_fault(path, seed, prev_path, prev_seed)
     survivors = {r: f for r, f in fates.items() if r != plan["victim"]}
-    return {"plan": plan, "fates": fates, "verdict": verdict,
+
+    def allowed(name: str) -> list[dict]:  # <mode>-<phase>-<seed>: the killed save's state, or the re-save's
+        s = int(name.rsplit("-", 1)[1])
+        return [trial_state(s), trial_state(s + 1)]
+    return {"plan": plan, "fates": fates, "verdict": verdict, "invariant": committed_problems(root, allowed),
             "victim_died": fates[plan["victim"]][0] == "dead",
             "survivors_typed": all(f[0] == "ok" and f[1][0] in ("saved", "CoordinationError", "SaveError")
                                    for f in survivors.values())}
@@ -362,7 +386,10 @@ def run_manager_trial(root: str, phase: str, seed: int, *, timeout_s: float = 5.
     resave_ok = m.restore(back) == nxt and same_state(back, trial_state(seed + 2))
     m.close()
     survivors = {r: f for r, f in fates.items() if r != plan["victim"]}
+    saved = {"step-0000000001": [trial_state(seed)], "step-0000000002": [trial_state(seed + 1), trial_state(seed + 2)],
+             "step-0000000003": [trial_state(seed + 2)]}
     return {"plan": plan, "fates": fates, "restored": restored, "restore_ok": ok_restore, "resave_ok": resave_ok,
+            "invariant": committed_problems(mroot, lambda name: saved.get(name, [])),
             "victim_died": fates[plan["victim"]][0] == "dead",
             "survivors_typed": all(f[0] == "ok" and f[1][0] in ("saved", "CoordinationError", "SaveError")
                                    for f in survivors.values())}

@@ -54,6 +54,7 @@ def test_sigkill_at_each_phase_never_commits_a_partial(tmp_path, prev, phase):
         assert not v["partial"], ctx
         assert v["prev_ok"], ctx
         assert v["resave_ok"], ctx
+        assert r["invariant"] == [], ctx  # every committed checkpoint under the root loads bit-exact
         if phase in ("stage", "write", "before_commit"):
             assert not v["committed"], ctx  # the coordinator cannot commit without every summary
         outcomes.append(v["committed"])
@@ -68,6 +69,7 @@ def test_sigkill_during_async_save_never_commits_a_partial(tmp_path, prev, phase
         ctx = f"trial {r['plan']}: fates {r['fates']}, verdict {v}"
         assert r["victim_died"] and r["survivors_typed"], ctx
         assert not v["partial"] and v["prev_ok"] and v["resave_ok"], ctx
+        assert r["invariant"] == [], ctx
         if phase in ("stage", "write", "before_commit"):
             assert not v["committed"], ctx
 
@@ -79,6 +81,7 @@ def test_manager_restores_previous_step_after_sigkill(tmp_path, phase, mode):
     ctx = f"trial {r}"
     assert r["victim_died"] and r["survivors_typed"], ctx
     assert r["restored"] in (1, 2) and r["restore_ok"] and r["resave_ok"], ctx
+    assert r["invariant"] == [], ctx
     if phase in ("stage", "write", "before_commit"):
         assert r["restored"] == 1, ctx
 
