@@ -21,8 +21,8 @@ def _loads(path, want) -> bool:
     return _same(shardckpt.load_full(path), want)
 
 
-def test_overwrite_keeps_data_a_committed_sibling_refers_to(tmp_path):
-    """Defect 1: save A (hashed), B with base=A, A again with overwrite=True: B still loads."""
+def _a_then_b(tmp_path):
+    """A saved with content hashes, B with base=A, then the state trained on: (a, b, state, B's state)."""
     a, b = tmp_path / "a", tmp_path / "b"
     st = _state()
     shardckpt.save(st, a, content_hash=True)
@@ -30,6 +30,12 @@ def test_overwrite_keeps_data_a_committed_sibling_refers_to(tmp_path):
     shardckpt.save(st, b, base=a)
     b_state = _snapshot(st)
     _train(st, 2)
+    return a, b, st, b_state
+
+
+def test_overwrite_keeps_data_a_committed_sibling_refers_to(tmp_path):
+    """Defect 1: save A (hashed), B with base=A, A again with overwrite=True: B still loads."""
+    a, b, st, b_state = _a_then_b(tmp_path)
     shardckpt.save(st, a, overwrite=True)
     assert _loads(b, b_state)
     assert _loads(a, _snapshot(st))
@@ -41,13 +47,7 @@ def test_overwrite_keeps_data_a_committed_sibling_refers_to(tmp_path):
 def test_overwrite_with_a_base_that_refers_into_the_replaced_data(tmp_path):
     """Defect 1, variant: save(A, base=B, overwrite=True) where B refers into A's old data: the new A's
     references resolve to A/data/<old>, which the replace must not delete; both load."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    st = _state()
-    shardckpt.save(st, a, content_hash=True)
-    _train(st, 1)
-    shardckpt.save(st, b, base=a)
-    b_state = _snapshot(st)
-    _train(st, 2)
+    a, b, st, b_state = _a_then_b(tmp_path)
     shardckpt.save(st, a, base=b, overwrite=True)
     assert _loads(a, _snapshot(st)) and _loads(b, b_state)
     # once b is retired, nothing but the new a needs the old data, which a itself refers to: still kept
