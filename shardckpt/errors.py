@@ -93,6 +93,11 @@ class ConfigError(CheckpointError, ValueError):
         self.name = name
 
 
+class MetricError(ConfigError):
+    """CheckpointManager(save_best_only=True): a save is due but the monitored metric is not among the
+    metrics given (or is not a number), so the policy cannot decide; raised on every rank alike."""
+
+
 class UnsupportedValueError(CheckpointError):
     """A state_dict leaf of a type shardckpt does not save (it never falls back to pickle)."""
 
@@ -105,7 +110,7 @@ def error_record(e: BaseException, rank: int) -> dict:
     else:
         cls, msg, at = "CheckpointError", error_text(e, 1200), None
     return {"cls": cls, "message": msg, "by": rank, "rank": rank if at is None else at,
-            "key": getattr(e, "key", None), "file": getattr(e, "file", None)}
+            "key": getattr(e, "key", None), "file": getattr(e, "file", None), "name": getattr(e, "name", None)}
 
 
 def error_from(record: dict) -> CheckpointError:
@@ -119,4 +124,6 @@ def error_from(record: dict) -> CheckpointError:
                              file=record.get("file"), rank=record.get("rank"))
     if isinstance(err, KeyMismatchError):
         err.missing, err.unexpected = [], []
+    if isinstance(err, ConfigError):
+        err.name = record.get("name")
     return err

@@ -46,12 +46,13 @@ import torch.distributed as dist
 from . import api, dist as sdist, restoring, tiers
 from .async_save import AsyncSaveHandle, async_save
 from .commit import error_text
-from .errors import CheckpointExistsError, CoordinationError, StorageError
+from .errors import (CheckpointExistsError, CoordinationError, MetricError, StorageError, error_from,
+                     error_record)
 from .events import EventBus, report_commit
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
 from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
-from .policy import Decision, Monitor, json_metrics, metric_value, rank_steps, steps_to_delete
+from .policy import Decision, Monitor, json_metrics, metric_missing, metric_value, rank_steps, steps_to_delete
 from .storage import Storage, storage_for
 from .verify import list_problems
 
@@ -108,7 +109,8 @@ class CheckpointManager:
             coordinator's event thread; one that raises is logged and never fails a save.
         save_best_only: skip a save (nothing written, maybe_save returns False) unless metrics[monitor]
             improves on the best committed value by more than min_delta; the first save always happens, and
-            so do preemption saves and force=True (Keras' ModelCheckpoint(save_best_only=True)).
+            so do preemption saves and force=True (Keras' ModelCheckpoint(save_best_only=True)). A due save
+            whose metrics lack `monitor` raises MetricError on every rank (never a silent skip).
         min_delta: the smallest change that counts as an improvement (save_best_only, early stopping).
         early_stopping_patience: `should_stop` turns True on every rank once this many monitored saves in a
             row did not improve (Keras' / Lightning's EarlyStopping(patience)); restore(state, "best") then
@@ -358,7 +360,15 @@ class CheckpointManager:
             value = metric_value(metrics, self.monitor)
             d = mon.decide(value)
             record = {"save": d.save or always, "improved": d.improved, "stop": d.stop, "value": value}
+            if mon.save_best_only and not always and metric_missing(metrics, self.monitor):
+                # skipping would write nothing, ever (a typo'd metric name): every rank raises this instead
+                record["error"] = error_record(MetricError(
+                    f"save_best_only cannot decide step {step}: the monitored metric {self.monitor!r} is not "
+                    f"among the metrics given ({sorted(map(str, metrics or {}))}); pass it in maybe_save's "
+                    f"metrics= or change monitor=", name="monitor"), self.comm.rank)
         record = self.comm.broadcast_json(record)
+        if record.get("error") is not None:
+            raise error_from(record["error"])
         d = Decision(record["save"], record["improved"], record["stop"])
         if d.stop and not self.should_stop and self.comm.is_coordinator:
             log.warning("early stopping: %d monitored saves without improving %s by more than %g (best %s); "

@@ -368,3 +368,40 @@ def test_restore_reads_the_manifest_and_each_index_once_for_the_group(tmp_path):
             total[name] = total.get(name, 0) + n
     indexes = [f for _, _, fs in os.walk(tmp_path / "root") for f in fs if f.endswith(".index.json")]
     assert indexes and total == {"manifest.json": 1, **{f: 1 for f in indexes}}, per_rank
+
+
+def test_save_best_only_with_the_monitored_metric_missing_raises_instead_of_never_saving(tmp_path):
+    """A typo'd metric name used to make every maybe_save return False and leave the root empty."""
+    m = CheckpointManager(tmp_path, save_every_steps=1, save_best_only=True, monitor="loss", async_save=False,
+                          preemption_signals=())
+    with pytest.raises(shardckpt.MetricError, match=r"'loss'.*\['val_loss'\]") as e:
+        m.maybe_save(1, _state(1), metrics={"val_loss": 0.5})
+    assert isinstance(e.value, shardckpt.ConfigError) and e.value.name == "monitor"
+    with pytest.raises(shardckpt.MetricError, match=r"'loss'.*\[\]"):
+        m.maybe_save(2, _state(2))  # metrics=None at the first save
+    assert m.steps() == []
+    assert m.maybe_save(3, _state(3), force=True)  # a forced (or preemption) save still saves
+    assert m.maybe_save(4, _state(4), metrics={"loss": float("nan")}) is False  # nan: present, never better
+    assert m.maybe_save(5, _state(5), metrics={"loss": 1.0})
+    m.close()
+    assert m.steps() == [3, 5]
+
+
+def _missing_metric_ranks(rank, ws, root):
+    m = CheckpointManager(root, save_every_steps=1, monitor="loss", save_best_only=True, preemption_signals=())
+    try:
+        m.maybe_save(1, {"w": torch.zeros(8)}, metrics={"val_loss": 1.0} if rank == 0 else {"loss": 1.0})
+    except shardckpt.MetricError as e:
+        got = str(e)
+    else:
+        got = None
+    m.close()
+    return got, m.steps()
+
+
+def test_missing_monitored_metric_raises_on_every_rank_alike(tmp_path):
+    """The coordinator decides (its metrics lack the metric) and every rank raises the same error, none
+    waits at a collective."""
+    (e0, steps0), (e1, steps1) = run_ranks(2, _missing_metric_ranks, str(tmp_path), timeout=120)
+    assert e0 is not None and e0 == e1 and "'loss'" in e0 and "val_loss" in e0
+    assert steps0 == steps1 == []
