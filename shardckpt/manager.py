@@ -481,8 +481,10 @@ class CheckpointManager:
     def restore(self, state, step: str | int = "latest") -> int | None:
         """Load `state` in place from a committed step (all ranks): "latest", "best" or a step number.
         The checkpoint is verified first (`verify`); for "latest" and "best", an unreadable or corrupt one
-        is skipped with a warning naming it, and the next one (older, or next best) is tried. Returns the
-        step restored, or None if there is no (valid) checkpoint. A step number that fails raises.
+        is skipped with a warning naming it, and the next one (older, or next best) is tried. "best" without
+        monitor= ranks by the monitor the newest manifest recorded (ConfigError, on every rank, if none did).
+        Returns the step restored, or None if there is no (valid) checkpoint. A step number that fails
+        raises.
         (shardckpt.restoring does the work.)"""
         self._reap(block=True)
         if self.tier is not None and step == "latest":  # the local tier when it holds a step >= the durable latest

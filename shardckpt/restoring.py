@@ -14,10 +14,11 @@ import time
 
 from .async_save import warm_up
 from .commit import bounded_text
-from .errors import (CheckpointError, ChecksumError, CorruptDataError, FormatError, IncompleteCheckpointError,
-                     StorageError)
+from .errors import (CheckpointError, ChecksumError, ConfigError, CorruptDataError, FormatError,
+                     IncompleteCheckpointError, StorageError, error_from, error_record)
 from .layout import step_dir
 from .loading import _read_metadata
+from .policy import metric_value, rank_steps
 from .state import load_training_state_from
 from .verify import list_problems
 
@@ -35,9 +36,17 @@ def restore(mgr, state, step: str | int = "latest") -> int | None:
     t0 = time.monotonic()
     comm = mgr.comm
     order: list[int] = []
+    no_monitor = None
     if comm.is_coordinator:
         steps = mgr.steps()
-        order = steps[::-1] if step == "latest" else mgr._ranked_by_metric(steps) if step == "best" else [step]
+        try:
+            order = steps[::-1] if step == "latest" else _best_order(mgr, steps) if step == "best" else [step]
+        except ConfigError as e:
+            no_monitor = error_record(e, comm.rank)
+    if step == "best" and not mgr.monitor:  # the recorded monitor's lookup may fail: every rank raises it
+        no_monitor = comm.broadcast_json(no_monitor)
+        if no_monitor is not None:
+            raise error_from(no_monitor)
     tried = 0
     while True:
         nxt = order[tried] if comm.is_coordinator and tried < len(order) else None
@@ -66,6 +75,37 @@ def restore(mgr, state, step: str | int = "latest") -> int | None:
         if isinstance(step, int):
             raise CheckpointError(f"checkpoint step {nxt} is unreadable or corrupt: {problem}",
                                   file=f"{mgr.root}/{step_dir(nxt)}")
+
+
+def _best_order(mgr, steps: list[int]) -> list[int]:
+    """Coordinator: the committed `steps` best first, by the manager's monitor, or else by the monitor
+    (metric, mode) a CheckpointManager recorded in the newest manifest that has one (user_metadata["monitor"],
+    what `shardckpt ls` marks the best step by).
+
+    Raises:
+        ConfigError: the manager has no monitor= and no committed step recorded one.
+    """
+    if mgr.monitor or not steps:
+        return mgr._ranked_by_metric(steps)
+    for s in reversed(steps):
+        try:
+            rec = mgr.metadata(s).get("monitor")
+        except CheckpointError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("metric"), str) and rec.get("mode", "min") in ("min", "max"):
+            break
+    else:
+        raise ConfigError(f"restore(state, 'best') needs monitor= (the metric to rank steps by): no committed "
+                          f"step under {mgr.root} recorded one", name="monitor")
+    scored = []
+    for s in steps:
+        try:
+            v = metric_value(mgr.metadata(s).get("metrics"), rec["metric"])
+        except CheckpointError:
+            v = None
+        if v is not None:
+            scored.append((v, s))
+    return rank_steps(scored, rec.get("mode", "min"))
 
 
 def _resume_policy(mgr, step: int) -> None:

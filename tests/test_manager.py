@@ -405,3 +405,34 @@ def test_missing_monitored_metric_raises_on_every_rank_alike(tmp_path):
     (e0, steps0), (e1, steps1) = run_ranks(2, _missing_metric_ranks, str(tmp_path), timeout=120)
     assert e0 is not None and e0 == e1 and "'loss'" in e0 and "val_loss" in e0
     assert steps0 == steps1 == []
+
+
+def test_restore_best_without_monitor_uses_the_recorded_monitor_or_raises(tmp_path):
+    m = CheckpointManager(tmp_path / "run", monitor="acc", mode="max", async_save=False, preemption_signals=())
+    for s, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):
+        m.save(s, _state(s), metrics={"acc": acc})
+    m.close()
+    into = _state(-1)
+    plain = CheckpointManager(tmp_path / "run", preemption_signals=())  # no monitor=: the recorded one (max acc)
+    assert plain.restore(into, "best") == 2 and into["step"] == 2 and torch.equal(into["w"], _state(2)["w"])
+    none = CheckpointManager(tmp_path / "plain", async_save=False, preemption_signals=())
+    none.save(1, _state(1), metrics={"acc": 0.5})  # no monitor recorded anywhere
+    with pytest.raises(shardckpt.ConfigError, match="needs monitor="):
+        none.restore(into, "best")
+    assert CheckpointManager(tmp_path / "empty", preemption_signals=()).restore(into, "best") is None
+
+
+def _best_no_monitor_ranks(rank, ws, root):
+    m = CheckpointManager(root, async_save=False, preemption_signals=())
+    m.save(1, {"w": torch.zeros(8)}, metrics={"loss": 1.0})
+    try:
+        m.restore({"w": torch.ones(8)}, "best")
+    except shardckpt.ConfigError as e:
+        return str(e)
+    finally:
+        m.close()
+
+
+def test_restore_best_without_any_monitor_raises_on_every_rank(tmp_path):
+    e0, e1 = run_ranks(2, _best_no_monitor_ranks, str(tmp_path), timeout=120)
+    assert e0 and e0 == e1 and "monitor=" in e0
