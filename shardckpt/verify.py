@@ -257,6 +257,41 @@ def _verify_frames(storage, m, by_key, bad_files, report: VerifyReport, workers,
     bar.close()
 
 
+def check_frames(storage, manifest, chunks: list[Chunk], *, skip=frozenset()) -> set:
+    """Step 5 for some chunks only: every frame's crc32c and decodability, without keeping the data.
+    Called by shardckpt diff for the tensors it finds identical by content hash (FORMAT.md §7), so that it
+    never reports data it did not check.
+
+    Args:
+        storage: the checkpoint the chunks belong to.
+        manifest: its Manifest.
+        chunks: the chunks to check (references are read in their base).
+        skip: locations (URL of the file, byte offset) already checked, e.g. the same base frames through
+            the other side of a diff; not read again.
+
+    Returns:
+        The locations checked (add them to `skip` for the next call).
+
+    Raises:
+        ChecksumError, CorruptDataError, StorageError: the first bad frame, naming key, file and rank.
+    """
+    by_key: dict[str, list[Chunk]] = {}
+    seen = set()
+    for c in chunks:
+        loc = (f"{chunk_storage(storage, c).url}/{c.file}", c.frames[0].offset if c.frames else -1)
+        if loc not in skip:
+            by_key.setdefault(c.key, []).append(c)
+            seen.add(loc)
+    report = VerifyReport(storage.url, True)
+    _verify_frames(storage, manifest, by_key, set(), report, None, False)
+    if report.problems:
+        p = report.problems[0]
+        cls = {"ChecksumError": ChecksumError, "CorruptDataError": CorruptDataError}.get(p.error, StorageError)
+        at = "" if p.offset is None else f" at byte offset {p.offset}"
+        raise cls(f"{p.message}{at}", key=p.key, file=f"{storage.url}/{p.file}", rank=p.rank)
+    return seen
+
+
 def list_problems(path, *, full: bool = False, storage_options: dict | None = None, rank: int = 0,
                   world_size: int = 1, metadata=None) -> list[str]:
     """verify_checkpoint's findings as one line each, [] if none; a checkpoint that cannot be read at all

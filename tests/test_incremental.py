@@ -480,3 +480,25 @@ def test_group_restore_with_corrupt_referenced_data_fails_on_every_rank(tmp_path
     data.write_bytes(bytes(raw))
     for res in run_ranks(2, _group_load_error, str(tmp_path / "b")):
         assert res is not None and res[1] and str(tmp_path / "a") in res[2] and str(tmp_path / "b") in res[3]
+
+
+def test_diff_checks_the_frames_it_trusts_by_content_hash(tmp_path, capsys):
+    """A copy of a hashed step with one data byte flipped: equal hashes on both sides, but diff must not
+    call it "same" (exit 0) without checking the bytes; it fails like a streamed read would (exit 2)."""
+    import shutil
+    from shardckpt import cli
+    from shardckpt.diff import diff_checkpoints
+    shardckpt.save(_state(), tmp_path / "a", content_hash=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert diff_checkpoints(tmp_path / "a", tmp_path / "b")["summary"]["same"] == 5  # both sound: all same
+    data = tmp_path / "b" / shardckpt.read_manifest(tmp_path / "b").files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError) as e:
+        diff_checkpoints(tmp_path / "a", tmp_path / "b")
+    assert e.value.file.startswith(str(tmp_path / "b")) and e.value.file.endswith(".bin") and e.value.key
+    capsys.readouterr()
+    assert cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ChecksumError") and "/b/" in err[0]
