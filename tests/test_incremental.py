@@ -502,3 +502,18 @@ def test_diff_checks_the_frames_it_trusts_by_content_hash(tmp_path, capsys):
     assert cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ChecksumError") and "/b/" in err[0]
+
+
+def test_base_without_content_hashes_is_said_once(tmp_path, caplog):
+    import logging
+    st = _state()
+    shardckpt.save(st, tmp_path / "a")  # no content_hash=True: format 1.x, nothing to compare against
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        m = shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    said = [r for r in caplog.records if "no content hashes" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "a") in said[0].getMessage() and not m.bases
+    caplog.clear()
+    shardckpt.save(st, tmp_path / "c", content_hash=True)
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert shardckpt.save(st, tmp_path / "d", base=tmp_path / "c").bases  # hashed base: no warning
+    assert "no content hashes" not in caplog.text
