@@ -273,7 +273,9 @@ def cmd_gc(args) -> int:
     except ImportError as e:
         print(f"error: shardckpt.manager.gc_uncommitted is not available ({e})", file=sys.stderr)
         return 2
-    res = gc_uncommitted(args.root, dry_run=not args.delete, grace_s=args.grace_s)
+    from .layout import existing_root
+    storage, _ = existing_root(args.root, storage_options=args.storage_options)  # a mistyped root: exit 2
+    res = gc_uncommitted(storage, dry_run=not args.delete, grace_s=args.grace_s)
     if args.json:
         _print_json(res if not hasattr(res, "__dataclass_fields__") else asdict(res))
         return 0
@@ -364,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except (CheckpointError, OSError, ValueError) as e:  # the input is wrong: one line, never a traceback
+        text = " ".join(str(e).split("\n"))
+        print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

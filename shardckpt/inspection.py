@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from .api import _key_filter, read_chunks, read_manifest
 from .errors import CheckpointError, IncompleteCheckpointError
 from .format import MANIFEST_NAME
+from .layout import existing_root
 from .storage import Storage, storage_for
 from .tree import decode_value
 
@@ -74,16 +75,14 @@ def list_steps(root, *, metric: str | None = None, mode: str | None = None, stor
     newest manifest.
 
     Raises:
-        IncompleteCheckpointError: `root` does not exist.
+        IncompleteCheckpointError: `root` does not exist or is a file.
     """
     storage = storage_for(root, storage_options)
     now = time.time()
     if storage.exists(MANIFEST_NAME):  # a checkpoint, not a root of them: its own line
         out = [_step_info(storage, storage.url.rstrip("/").rsplit("/", 1)[-1], now)]
     else:
-        names = storage.list_dir("")
-        if not names and not storage.exists(""):
-            raise IncompleteCheckpointError("no such directory: there are no checkpoints here", file=storage.url)
+        storage, names = existing_root(storage)
         out = [s for s in (_step_info(storage.child(n), n, now) for n in names) if s is not None]
     committed = [s for s in out if s.state == "committed"]
     referred = {b for s in committed for b in s.bases}

@@ -252,3 +252,47 @@ def test_verify_problem_lines_name_the_file_once_and_the_error_class(root, tmp_p
     assert code == 1 and line.count(m.files[0].index) == 1
     code, out, _ = run(capsys, "verify", path, "--json")
     assert json.loads(out)["problems"][0]["error"] == "ChecksumError"
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "junk").write_bytes(bytes(range(256)) * 12)
+    (d / "empty").mkdir()
+    import fractions
+    torch.save({"w": torch.ones(3), "f": fractions.Fraction(1, 3)}, d / "object.pt")  # weights_only refuses it
+    shardckpt.save({"w": torch.ones(4)}, str(d / "good"))
+    return d
+
+
+def _commands(p, d):
+    good, out = d / "good", d / "out"
+    return [("ls", p), ("inspect", p), ("verify", p), ("diff", p, good), ("diff", good, p), ("export", p, out),
+            ("export", p, d / "out.pt", "--format", "torch"), ("import", p, d / "dst"),
+            ("import", p, d / "dst", "--kind", "dcp"), ("import", p, d / "dst", "--kind", "torch"),
+            ("import", p, d / "dst", "--kind", "safetensors"), ("gc", p)]
+
+
+@pytest.mark.parametrize("what", ["missing", "junk", "empty"])
+def test_every_subcommand_fails_on_bad_input_with_one_error_line(bad_inputs, capsys, what):
+    """docs/CLI.md: errors exit 2 with one `error:` line on stderr, never a traceback or exit 1 (a
+    finding). An empty directory is a valid (empty) root for ls and gc: exit 0."""
+    p = bad_inputs / what
+    for argv in _commands(p, bad_inputs):
+        code, out, err = run(capsys, *argv)
+        if what == "empty" and argv[0] in ("ls", "gc"):
+            assert code == 0, (argv, err)
+            continue
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, code, err)
+        assert str(p) in lines[0] or argv[0] == "diff" and "good" in lines[0], (argv, err)
+    assert not (bad_inputs / "dst").exists() and not (bad_inputs / "out").exists()
+
+
+def test_import_refuses_objects_and_directories_in_one_line(bad_inputs, capsys):
+    code, _, err = run(capsys, "import", bad_inputs / "object.pt", bad_inputs / "dst2")
+    assert code == 2 and err.count("\n") == 1 and "FormatError" in err and "fractions.Fraction" in err
+    code, _, err = run(capsys, "import", bad_inputs / "good", bad_inputs / "dst2", "--kind", "torch")
+    assert code == 2 and err.count("\n") == 1 and "FormatError" in err and "directory" in err
+    code, _, err = run(capsys, "gc", bad_inputs / "nothing-here")
+    assert code == 2 and "IncompleteCheckpointError" in err  # was "would remove 0", exit 0
