@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, commit, dist as sdist
+from . import _ext, commit, config, dist as sdist
 from ._faults import fault_point
 from .commit import error_text
 from .errors import (CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError)
@@ -60,6 +60,7 @@ class _Prepared:
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
              stage: bool, pool: HostBufferPool | None, base=None, content_hash: bool = False,
              overwrite: bool = False) -> _Prepared:
+    config.check_save_variables()
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
     error, base_chunks = None, None
