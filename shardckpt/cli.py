@@ -26,6 +26,9 @@ import torch
 
 from .diff import DIFF_PIECE_BYTES, TensorDiff, diff_checkpoints  # noqa: F401  (re-exported)
 from .errors import CheckpointError
+from .export import export_safetensors, export_torch  # noqa: F401  (re-exported: docs/CLI.md names them here)
+from .gc import gc_uncommitted  # noqa: F401  (re-exported)
+from .importers import import_checkpoint  # noqa: F401  (re-exported)
 from .inspection import StepInfo, inspect_checkpoint, list_steps  # noqa: F401  (re-exported)
 from .progress import Progress, human_bytes
 from .verify import VERIFY_BATCH, Problem, VerifyReport, verify_checkpoint  # noqa: F401  (re-exported)
@@ -268,11 +271,6 @@ def cmd_import(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    try:
-        from .manager import gc_uncommitted
-    except ImportError as e:
-        print(f"error: shardckpt.manager.gc_uncommitted is not available ({e})", file=sys.stderr)
-        return 2
     from .layout import existing_root
     storage, _ = existing_root(args.root, storage_options=args.storage_options)  # a mistyped root: exit 2
     res = gc_uncommitted(storage, dry_run=not args.delete, grace_s=args.grace_s)

@@ -296,3 +296,30 @@ def test_import_refuses_objects_and_directories_in_one_line(bad_inputs, capsys):
     assert code == 2 and err.count("\n") == 1 and "FormatError" in err and "directory" in err
     code, _, err = run(capsys, "gc", bad_inputs / "nothing-here")
     assert code == 2 and "IncompleteCheckpointError" in err  # was "would remove 0", exit 0
+
+
+def test_every_library_equivalent_docs_name_is_importable_from_cli():
+    """docs/CLI.md: "Library equivalents (each also importable from `shardckpt.cli`)": four were not."""
+    import importlib
+    import re
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md"), encoding="utf-8").read()
+    para = doc.split("Library equivalents", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"`([\w.]+)`", para)
+    checked = []
+    def is_module(n):
+        try:
+            importlib.import_module(n)
+            return True
+        except ImportError:
+            return False
+    for n in names:
+        if is_module(n):
+            continue  # a module named for where the functions live
+        last = n.rsplit(".", 1)[-1]
+        assert hasattr(cli, last), f"docs/CLI.md says {last} is importable from shardckpt.cli"
+        if "." in n:  # the same function as the home the docs name
+            mod, _, attr = n.rpartition(".")
+            assert getattr(importlib.import_module(mod), attr) is getattr(cli, last)
+        checked.append(last)
+    assert {"export_safetensors", "export_torch", "import_checkpoint", "gc_uncommitted", "list_steps",
+            "verify_checkpoint", "diff_checkpoints"} <= set(checked)
