@@ -483,8 +483,9 @@ class CheckpointManager:
         The checkpoint is verified first (`verify`); for "latest" and "best", an unreadable or corrupt one
         is skipped with a warning naming it, and the next one (older, or next best) is tried. "best" without
         monitor= ranks by the monitor the newest manifest recorded (ConfigError, on every rank, if none did).
-        Returns the step restored, or None if there is no (valid) checkpoint. A step number that fails
-        raises.
+        Returns the step restored, or None if there is no (valid) checkpoint. A step number never falls
+        back: it raises IncompleteCheckpointError when that step was never committed, and the check's or
+        the load's typed error (ChecksumError, CorruptDataError, ...) naming the step and file otherwise.
         (shardckpt.restoring does the work.)"""
         self._reap(block=True)
         if self.tier is not None and step == "latest":  # the local tier when it holds a step >= the durable latest

@@ -436,3 +436,27 @@ def _best_no_monitor_ranks(rank, ws, root):
 def test_restore_best_without_any_monitor_raises_on_every_rank(tmp_path):
     e0, e1 = run_ranks(2, _best_no_monitor_ranks, str(tmp_path), timeout=120)
     assert e0 and e0 == e1 and "monitor=" in e0
+
+
+def test_an_explicit_step_never_falls_back_and_raises_its_own_typed_error(tmp_path, caplog):
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    for s in (1, 2):
+        m.save(s, _state(s))
+    man = shardckpt.read_manifest(tmp_path / step_dir(2))
+    data = tmp_path / step_dir(2) / man.files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # only the load (verify="index") finds it
+    data.write_bytes(bytes(raw))
+    into = _state(-1)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        with pytest.raises(shardckpt.IncompleteCheckpointError, match="step 3 .*does not exist") as e:
+            m.restore(into, 3)  # never saved
+        assert step_dir(3) in e.value.file
+        with pytest.raises(shardckpt.ChecksumError, match="step 2 ") as e:
+            m.restore(into, 2)
+        assert e.value.file == str(tmp_path / step_dir(2) / man.files[0].data)
+    assert "falling back" not in caplog.text and "fell back" not in caplog.text
+    assert m.restore(into, 1) == 1 and into["step"] == 1
+    mf = CheckpointManager(tmp_path, verify="full", preemption_signals=())  # found by the check, not the load
+    with pytest.raises(shardckpt.ChecksumError, match="step 2 "):
+        mf.restore(into, 2)
