@@ -51,12 +51,14 @@ class CorruptDataError(CheckpointError):
 
 
 class KeyMismatchError(CheckpointError):
-    """strict load: keys missing from the checkpoint or unexpected in it."""
+    """strict load: keys missing from the checkpoint or unexpected in it; or a key selection (keys=,
+    export --keys) that selects nothing."""
 
-    def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (), **kw):
-        # the fix is nearly always one of these two, so the error says so wherever it is raised
-        super().__init__(message + "; pass strict=False to load the keys that match, or key_map= to map the "
-                         "caller's keys to the saved ones", **kw)
+    def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (), hint: bool = True,
+                 **kw):
+        # the fix is nearly always one of these two, so the error says so wherever it applies
+        super().__init__(message + ("; pass strict=False to load the keys that match, or key_map= to map the "
+                                    "caller's keys to the saved ones" if hint else ""), **kw)
         self.missing = list(missing)
         self.unexpected = list(unexpected)
 

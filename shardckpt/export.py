@@ -33,6 +33,7 @@ from .format import Manifest
 from .geometry import row_batches
 from .importers import (_DCP_ALLOWED, _RestrictedUnpickler, _safetensors_files, detect_source,  # noqa: F401
                         import_checkpoint, load_dcp, read_dcp_metadata)
+from .loading import check_selection
 from .reader import ReadStats, Target, plan_reads, run_reads
 from .safetensors_layout import (MAX_SAFETENSORS_HEADER, SAFETENSORS_CODES, SAFETENSORS_DTYPES,  # noqa: F401
                                  read_safetensors, safetensors_header)
@@ -103,6 +104,7 @@ def rename_keys(rename: dict[str, str] | Iterable[tuple[str, str]] | Callable | 
 
 def _selected(manifest: Manifest, keys, rename) -> list[tuple[str, str]]:
     """(saved key, exported name) of the selected tensors, in saved order; refuses name collisions."""
+    check_selection(keys, manifest.keys(), whose="the checkpoint's")  # an empty export is a mistake
     wanted, ren = _key_filter(keys), rename_keys(rename)
     out, seen = [], {}
     for k in manifest.tensors:

@@ -214,3 +214,14 @@ def test_safetensors_export_says_which_values_it_left_out(ckpt, tmp_path, capsys
     assert "left out 1 non-tensor value(s)" in out and "step" in out
     assert cli.main(["export", ckpt, str(tmp_path / "d"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == ["step"]
+
+
+def test_export_keys_that_select_nothing_is_an_error_and_writes_nothing(ckpt, tmp_path, capsys):
+    """Issue 22 item 10: `export --keys nomatch` wrote an empty model.safetensors and exited 0."""
+    for fmt, out in (("safetensors", tmp_path / "st"), ("torch", tmp_path / "o.pt")):
+        code = cli.main(["export", ckpt, str(out), "--keys", "nomatch", "--format", fmt])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: KeyMismatchError") and "'nomatch'" in err and "model." in err
+        assert not out.exists()
+    with pytest.raises(shardckpt.KeyMismatchError, match="nomatch"):
+        export.export_torch(ckpt, str(tmp_path / "x.pt"), keys=["nomatch"])
