@@ -132,12 +132,13 @@ def cmd_inspect(args) -> int:
     if args.json:
         _print_json(info)
         return 0
-    ratio = info["raw_bytes"] / info["stored_bytes"] if info["stored_bytes"] else 0
+    ratio = info["ratio"] or 0  # referred bytes count as stored, as in `ls`
     print(f"checkpoint  {info['path']}\nformat      {info['format_version']}  save_id {info['save_id']}  "
           f"backend {info['backend']}\nsaved       {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['created']))}"
           f"  world_size {info['world_size']}  files {info['files']}  frame_size {human_bytes(info['frame_size'])}\n"
-          f"size        {human_bytes(info['raw_bytes'])} raw -> {human_bytes(info['stored_bytes'])} stored "
-          f"({ratio:.2f}x)")
+          f"size        {human_bytes(info['raw_bytes'])} raw -> {human_bytes(info['stored_bytes'])} stored"
+          + (f" + {human_bytes(info['ref_stored_bytes'])} referred" if info["ref_stored_bytes"] else "")
+          + f" ({ratio:.2f}x)")
     if info["bases"]:  # an incremental checkpoint (FORMAT.md §7)
         print(f"refers to   {human_bytes(info['ref_stored_bytes'])} stored in {', '.join(info['bases'])}")
     if info["user_metadata"]:

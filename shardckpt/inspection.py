@@ -40,6 +40,12 @@ def _metrics_of(user: dict) -> dict:
     return {k: v for k, v in src.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
+def compression_ratio(raw: int, stored: int, ref_stored: int = 0) -> float | None:
+    """raw / stored bytes, the bytes an incremental step refers to counted as stored (they hold its data as
+    much as its own files do); None when nothing is stored. The one ratio `ls` and `inspect` show."""
+    return raw / (stored + ref_stored) if stored + ref_stored else None
+
+
 def _step_from_name(name: str) -> int | None:
     m = re.search(r"(\d+)$", name)
     return int(m.group(1)) if m else None
@@ -63,7 +69,7 @@ def _step_info(storage: Storage, name: str, now: float) -> StepInfo | None:
     step = m.user_metadata.get("step")
     step = step if isinstance(step, int) and not isinstance(step, bool) else _step_from_name(name)
     return StepInfo(name, "committed", step, stored, m.ref_stored_bytes, m.raw_bytes,
-                    (m.raw_bytes / (stored + m.ref_stored_bytes)) if stored + m.ref_stored_bytes else None,
+                    compression_ratio(m.raw_bytes, m.stored_bytes, m.ref_stored_bytes),
                     m.created, now - m.created, _metrics_of(m.user_metadata), monitor=m.user_metadata.get("monitor"),
                     bases=[b.dir for b in m.bases])
 
@@ -129,5 +135,6 @@ def inspect_checkpoint(path, *, key=None, storage_options=None) -> dict:
     return {"path": storage.url, "format_version": m.format_version, "save_id": m.save_id, "created": m.created,
             "world_size": m.world_size, "frame_size": m.frame_size, "backend": m.backend,
             "files": len(m.files), "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
-            "ref_stored_bytes": m.ref_stored_bytes, "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
+            "ref_stored_bytes": m.ref_stored_bytes,
+            "ratio": compression_ratio(m.raw_bytes, m.stored_bytes, m.ref_stored_bytes), "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
             "user_metadata": user, "tensors": tensors, "values": values}

@@ -517,3 +517,31 @@ def test_base_without_content_hashes_is_said_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="shardckpt"):
         assert shardckpt.save(st, tmp_path / "d", base=tmp_path / "c").bases  # hashed base: no warning
     assert "no content hashes" not in caplog.text
+
+
+def test_reports_agree_on_an_incremental_step(tmp_path, capsys):
+    """Issue 22 item 12: inspect and ls gave one step two ratios (18.57x against 1.08x); verify reported one
+    of several keys that refer to the same missing file, under a kind docs/CLI.md did not list."""
+    import re
+    from shardckpt import cli
+    from shardckpt.inspection import inspect_checkpoint, list_steps
+    st = _state()
+    shardckpt.save(st, tmp_path / "step-0000000001", content_hash=True)
+    _train(st, 1)
+    shardckpt.save(st, tmp_path / "step-0000000002", base=tmp_path / "step-0000000001")
+    line = {s.step: s for s in list_steps(tmp_path)}[2]
+    info = inspect_checkpoint(tmp_path / "step-0000000002")
+    assert line.ref_bytes > 0 and info["ratio"] == pytest.approx(line.ratio)
+    cli.main(["inspect", str(tmp_path / "step-0000000002")])
+    out = capsys.readouterr().out
+    assert f"({line.ratio:.2f}x)" in out.splitlines()[3] and "referred" in out.splitlines()[3]
+    refs = sorted(k for k, is_ref in _refs(tmp_path / "step-0000000002").items() if is_ref)
+    assert len(refs) >= 2  # several keys refer to the one data file of step 1
+    os.remove(tmp_path / "step-0000000001" / shardckpt.read_manifest(tmp_path / "step-0000000001").files[0].data)
+    report = verify_checkpoint(tmp_path / "step-0000000002", full=False)
+    assert sorted(p.key for p in report.problems if p.kind == "reference") == refs
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md"), encoding="utf-8").read()
+    src = open(os.path.join(os.path.dirname(shardckpt.__file__), "verify.py"), encoding="utf-8").read()
+    kinds = set(re.findall(r'(?:Problem|_problem)\(\s*"(\w+)"', src)) | {"checksum", "corrupt"}
+    listed = doc.split("each with its kind", 1)[1].split("key, file", 1)[0]
+    assert kinds - {k for k in kinds if f"`{k}`" in listed} == set(), "kinds verify reports but docs/CLI.md omits"
