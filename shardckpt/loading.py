@@ -41,7 +41,10 @@ def manifest_bytes(storage: Storage) -> bytes:
     except FileNotFoundError:
         partial = bool(storage.list_dir("data"))
         raise IncompleteCheckpointError(
-            "no committed checkpoint here" + (" (a save started but never committed)" if partial else ""),
+            "no committed checkpoint here" + (" (data files but no manifest: a save that never committed, or a "
+                                              "step retention retired whose data a later incremental step "
+                                              "still refers to; `shardckpt ls` on the root tells which)"
+                                              if partial else ""),
             file=f"{storage.url}/{MANIFEST_NAME}") from None
 
 

@@ -545,3 +545,17 @@ def test_reports_agree_on_an_incremental_step(tmp_path, capsys):
     kinds = set(re.findall(r'(?:Problem|_problem)\(\s*"(\w+)"', src)) | {"checksum", "corrupt"}
     listed = doc.split("each with its kind", 1)[1].split("key, file", 1)[0]
     assert kinds - {k for k in kinds if f"`{k}`" in listed} == set(), "kinds verify reports but docs/CLI.md omits"
+
+
+def test_verifying_a_retired_step_does_not_call_it_a_save_that_never_committed(tmp_path, capsys):
+    from shardckpt import cli
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False,
+                           preemption_signals=()) as mgr:
+        for step in (1, 2):
+            _train(st, step)
+            mgr.save(step, st)
+    assert not (tmp_path / "step-0000000001" / "manifest.json").exists()  # retired; step 2 refers to its data
+    assert cli.main(["verify", str(tmp_path / "step-0000000001")]) == 2
+    err = capsys.readouterr().err
+    assert "IncompleteCheckpointError" in err and "retired" in err and "shardckpt ls" in err
