@@ -59,6 +59,7 @@ class KeyMismatchError(CheckpointError):
         # the fix is nearly always one of these two, so the error says so wherever it applies
         super().__init__(message + ("; pass strict=False to load the keys that match, or key_map= to map the "
                                     "caller's keys to the saved ones" if hint else ""), **kw)
+        self.without_hint = message  # for callers that take no strict= (CheckpointManager.restore)
         self.missing = list(missing)
         self.unexpected = list(unexpected)
 
@@ -125,7 +126,7 @@ def error_from(record: dict) -> CheckpointError:
     CheckpointError.__init__(err, f"on rank {record['by']}: {record['message']}", key=record.get("key"),
                              file=record.get("file"), rank=record.get("rank"))
     if isinstance(err, KeyMismatchError):
-        err.missing, err.unexpected = [], []
+        err.missing, err.unexpected, err.without_hint = [], [], err.message
     if isinstance(err, ConfigError):
         err.name = record.get("name")
     return err

@@ -108,6 +108,7 @@ def _key_filter(keys) -> Callable[[str], bool]:
 
 
 def _few(names, n: int = 5) -> str:
+    """Up to n names, and how many more there are (error messages)."""
     names = sorted(names)
     return repr(names[:n])[:-1] + (f", ... {len(names) - n} more]" if len(names) > n else "]")
 
@@ -215,10 +216,12 @@ def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, k
     try:  # in a group, any failure here must reach the exchange's first collective (every rank raises)
         flat = flatten(state_dict)
         targets, value_slots, missing, unexpected = _resolve(flat, manifest, storage, keys=keys, key_map=key_map,
-                                                             prefix=prefix, convert_dtype=convert_dtype)
+                                                             prefix=prefix, convert_dtype=convert_dtype,
+                                                             strict=strict)
         if strict and (missing or unexpected):
-            raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
-                                   f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)
+            raise KeyMismatchError(f"keys differ: missing from the checkpoint {_few(missing, 10)}, unexpected in "
+                                   f"it {_few(unexpected, 10)}", missing=missing, unexpected=unexpected,
+                                   file=storage.url)
         chunks = read_chunks(storage, manifest, {t.key for t in targets}, index_data)
         tasks = plan_reads(targets, manifest, chunks)
     except Exception as e:
@@ -248,8 +251,11 @@ def _read_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[b
     return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}"), index_data
 
 
-def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool):
-    """What a load fills: (targets, value slots, missing keys, unexpected keys), shapes and dtypes checked."""
+def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool,
+             strict: bool = False):
+    """What a load fills: (targets, value slots, missing keys, unexpected keys), shapes and dtypes checked.
+    A key saved as a tensor and given as a plain value (or the other way) raises under `strict`, else it
+    is missing (only)."""
     wanted = _key_filter(keys)  # keys= names the caller's keys (before key_map and prefix), everywhere
     check_selection(keys, flat.leaves, whose="the state's", saved=manifest.keys(), file=storage.url)
     targets, value_slots, missing, used = [], [], [], set()
@@ -260,7 +266,18 @@ def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefi
         if saved is None:
             continue
         saved = prefix + saved
-        if isinstance(leaf.value, torch.Tensor):
+        is_tensor = isinstance(leaf.value, torch.Tensor)
+        if saved in (manifest.values if is_tensor else manifest.tensors):  # one key, two kinds: say so once
+            if strict:
+                have = f"a plain value ({type(decode_value(manifest.values[saved])).__name__})" if is_tensor \
+                    else "a tensor"
+                give = "a tensor" if is_tensor else f"a plain value ({type(leaf.value).__name__})"
+                raise KeyMismatchError(f"the checkpoint holds {have} under {saved!r}, the state {give}", key=key,
+                                       file=storage.url, hint=False)
+            missing.append(key)  # not loaded: reported once, as missing, and the saved one not as unexpected
+            used.add(saved)
+            continue
+        if is_tensor:
             meta = manifest.tensors.get(saved)
             if meta is None:
                 missing.append(key)

@@ -16,7 +16,7 @@ from . import errors
 from .async_save import warm_up
 from .commit import bounded_text
 from .errors import (CheckpointError, ChecksumError, ConfigError, CorruptDataError, FormatError,
-                     IncompleteCheckpointError, StorageError, error_from, error_record)
+                     IncompleteCheckpointError, KeyMismatchError, StorageError, error_from, error_record)
 from .layout import step_dir
 from .loading import _read_metadata
 from .policy import metric_value, rank_steps
@@ -139,13 +139,22 @@ def _step_error(mgr, step: int, bad: dict) -> CheckpointError:
     """The typed error for an explicit step that cannot be restored: the class the check or the load found
     (IncompleteCheckpointError for a step that was never committed, ChecksumError for a corrupt frame, ...),
     naming the step and the file."""
-    cls = getattr(errors, bad.get("cls") or "", None)
+    what = "does not exist (no committed manifest)" if bad.get("cls") == "IncompleteCheckpointError" \
+        else "is unreadable or corrupt"
+    return _typed(bad.get("cls"), f"checkpoint step {step} under {mgr.root} {what}: {bad['p']}",
+                  bad.get("file") or f"{mgr.root}/{step_dir(step)}")
+
+
+def _typed(cls_name: str | None, message: str, file: str | None) -> CheckpointError:
+    """An error of the shardckpt class named `cls_name` (CheckpointError for any other name), built
+    alike on every rank from the agreed record."""
+    cls = getattr(errors, cls_name or "", None)
     if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
         cls = CheckpointError
-    what = "does not exist (no committed manifest)" if cls is IncompleteCheckpointError else "is unreadable or corrupt"
     err = cls.__new__(cls)  # the class only: KeyMismatchError's or ConfigError's own arguments do not apply
-    CheckpointError.__init__(err, f"checkpoint step {step} under {mgr.root} {what}: {bad['p']}",
-                             file=bad.get("file") or f"{mgr.root}/{step_dir(step)}")
+    CheckpointError.__init__(err, message, file=file)
+    if isinstance(err, KeyMismatchError):
+        err.missing, err.unexpected, err.without_hint = [], [], message
     return err
 
 
@@ -174,7 +183,11 @@ def _check_and_load(mgr, step: int, state) -> dict | None:
     try:
         load_training_state_from(state, path, mgr.comm, metadata)
     except Exception as e:
-        err = {"p": f"rank {mgr.comm.rank}: {type(e).__name__}: {e}", "cls": type(e).__name__,
+        text = str(e)
+        if isinstance(e, KeyMismatchError):  # restore takes no strict=: advise what restore's caller can do
+            text = (f"{e.without_hint}; restore fills every key of the state: give it the keys that were saved, "
+                    f"or load a subset with shardckpt.load(state, path, strict=False)")
+        err = {"p": f"rank {mgr.comm.rank}: {type(e).__name__}: {text}", "cls": type(e).__name__,
                "file": getattr(e, "file", None)}
         fatal = not isinstance(e, _CORRUPTION)  # the caller's state does not fit: never fall back
     return _agree_problem(mgr, err, fatal)
@@ -192,6 +205,6 @@ def _agree_problem(mgr, problem: dict | None, fatal: bool) -> dict | None:
     verdict = mgr.comm.broadcast_json(verdict)
     if verdict is None:
         return None
-    if verdict["fatal"]:
-        raise CheckpointError(f"restore failed: {verdict['p']}", file=mgr.root)
+    if verdict["fatal"]:  # typed as the load raised it (KeyMismatchError, ShapeMismatchError, ...)
+        raise _typed(verdict.get("cls"), f"restore failed: {verdict['p']}", mgr.root)
     return verdict

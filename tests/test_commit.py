@@ -193,3 +193,28 @@ def test_a_plain_exception_while_planning_fails_every_rank_at_once(tmp_path):
         assert e1 is not None and e1[0] == 1 and "RuntimeError: boom" in e1[1] and t1 < 20
         assert e2 is not None and e2[0] == 0 and "PermissionError" in e2[1] and t2 < 20
     assert not os.path.exists(tmp_path / "plain" / "manifest.json")
+
+
+def test_key_mismatch_messages_say_what_is_cut_and_name_a_kind_mismatch_once(tmp_path):
+    """Issue 22 (small): lists were cut at 10 silently; a tensor given for a saved plain value was both
+    missing and unexpected."""
+    path = str(tmp_path / "c")
+    shardckpt.save({"step": 3, **{f"k{i:02d}": torch.ones(1) for i in range(15)}}, path)
+    with pytest.raises(KeyMismatchError, match=r"'k09', \.\.\. 5 more\]") as e:
+        shardckpt.load({"step": 3}, path)
+    assert len(e.value.unexpected) == 15
+    with pytest.raises(KeyMismatchError, match=r"plain value \(int\) under 'step', the state a tensor") as e:
+        shardckpt.load({"step": torch.zeros(1)}, path, keys=["step"])
+    assert e.value.key == "step" and "strict=False" not in str(e.value)
+    res = shardckpt.load({"step": torch.zeros(1)}, path, keys=["step"], strict=False)
+    assert res.missing_keys == ["step"] and res.unexpected_keys == []  # once, not also unexpected
+
+
+def test_restore_does_not_advise_strict_false_which_it_does_not_take(tmp_path):
+    from shardckpt import CheckpointManager
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    m.save(1, {"w": torch.ones(2)})
+    with pytest.raises(KeyMismatchError, match="restore failed") as e:
+        m.restore({"x": torch.ones(2)})
+    assert "pass strict=False" not in str(e.value) and "shardckpt.load(state, path, strict=False)" in str(e.value)
+    m.close()
