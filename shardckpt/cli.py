@@ -25,7 +25,7 @@ from dataclasses import asdict
 import torch
 
 from .diff import DIFF_PIECE_BYTES, TensorDiff, diff_checkpoints  # noqa: F401  (re-exported)
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .export import export_safetensors, export_torch  # noqa: F401  (re-exported: docs/CLI.md names them here)
 from .gc import gc_uncommitted  # noqa: F401  (re-exported)
 from .importers import import_checkpoint  # noqa: F401  (re-exported)
@@ -90,15 +90,16 @@ def cmd_ls(args) -> int:
     for i, ((root, _), steps) in enumerate(zip(tiers, listed)):
         if args.local:
             print(("durable tier " if i == 0 else "\nlocal tier ") + str(root))
-        _ls_table(root, steps)
+        _ls_table(root, steps, args.metric)
     return 0
 
 
-def _ls_table(root, steps) -> None:
+def _ls_table(root, steps, metric: str | None = None) -> None:
     if not steps:
         print(f"no checkpoints under {root}")
         return
-    names = sorted({k for s in steps for k in s.metrics})[:6]
+    # --metric NAME: that column only (it picks `best`); else the recorded metrics, up to six
+    names = [metric] if metric else sorted({k for s in steps for k in s.metrics})[:6]
     rows = []
     for s in steps:
         tags = ",".join(t for t, on in (("latest", s.latest), ("best", s.best)) if on)
@@ -223,6 +224,10 @@ def _nan_last(v):
 def cmd_export(args) -> int:
     from .export import CheckpointReader, _selected, export_safetensors, export_torch, parse_dtype
     # --overwrite replaces an earlier export; without it one is refused (CheckpointExistsError, exit 2)
+    bad = [r for r in args.rename or () if "=" not in r]
+    if bad:
+        raise ConfigError(f"--rename {bad[0]!r} is not OLD=NEW (e.g. --rename model.= strips 'model.')",
+                          name="--rename")
     rename = dict(r.split("=", 1) for r in args.rename) if args.rename else None
     src = CheckpointReader(args.ckpt, storage_options=args.storage_options)
     dtype = parse_dtype(args.dtype)

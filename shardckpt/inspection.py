@@ -2,14 +2,13 @@
 inspect_checkpoint (`shardckpt inspect`). Any single process may call them; they only read."""
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
 from .api import _key_filter, read_chunks, read_manifest
 from .errors import CheckpointError, IncompleteCheckpointError
 from .format import MANIFEST_NAME
-from .layout import existing_root
+from .layout import STEP_DIR, existing_root
 from .storage import Storage, storage_for
 from .tree import decode_value
 
@@ -47,7 +46,8 @@ def compression_ratio(raw: int, stored: int, ref_stored: int = 0) -> float | Non
 
 
 def _step_from_name(name: str) -> int | None:
-    m = re.search(r"(\d+)$", name)
+    """The step of a manager's `step-<N>` directory name; None for any other name ("p2" is no step 2)."""
+    m = STEP_DIR.match(name)
     return int(m.group(1)) if m else None
 
 

@@ -50,12 +50,14 @@ def existing_root(root, *, storage_options: dict | None = None) -> tuple[Storage
     if not names:
         if not storage.exists(""):
             raise IncompleteCheckpointError("no such directory: there are no checkpoints here", file=storage.url)
-        if _is_file(storage):
+        if is_file(storage):
             raise IncompleteCheckpointError("not a directory: a checkpoint root is a directory", file=storage.url)
     return storage, names
 
 
-def _is_file(storage: Storage) -> bool:
+def is_file(storage: Storage) -> bool:
+    """Whether `storage`'s own path is a file (not a directory or prefix); False where the backend cannot
+    tell. For `ls`/`gc` roots and export destinations."""
     fs, path = getattr(storage, "fs", None), getattr(storage, "root", None)
     try:
         return bool(fs.isfile(path)) if fs is not None else bool(path) and os.path.isfile(path)

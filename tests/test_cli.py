@@ -323,3 +323,17 @@ def test_every_library_equivalent_docs_name_is_importable_from_cli():
         checked.append(last)
     assert {"export_safetensors", "export_torch", "import_checkpoint", "gc_uncommitted", "list_steps",
             "verify_checkpoint", "diff_checkpoints"} <= set(checked)
+
+
+def test_ls_metric_column_and_step_names(tmp_path, capsys):
+    """`ls --metric acc` showed a LOSS column (and no ACC); a directory named p2 was step 2."""
+    for step, m in ((1, {"loss": 2.0, "acc": 0.5}), (2, {"loss": 1.0, "acc": 0.4})):
+        shardckpt.save({"w": torch.ones(2)}, str(tmp_path / f"step-{step:010d}"), metadata={"metrics": m})
+    shardckpt.save({"w": torch.ones(2)}, str(tmp_path / "p2"))
+    code, out, _ = run(capsys, "ls", tmp_path, "--metric", "acc", "--mode", "max")
+    header, *rows = out.splitlines()
+    assert code == 0 and "ACC" in header and "LOSS" not in header
+    best = [r for r in rows if r.rstrip().endswith("best")]
+    assert len(best) == 1 and best[0].startswith("step-0000000001")
+    code, out, _ = run(capsys, "ls", tmp_path, "--json")
+    assert {s["name"]: s["step"] for s in json.loads(out)}["p2"] is None
