@@ -9,8 +9,8 @@ from . import _ext
 from .api import LoadResult, load, load_full, read_manifest, save
 from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, ConfigError, CoordinationError,
                      CorruptDataError, DtypeMismatchError, FormatError, IncompleteCheckpointError, KeyMismatchError,
-                     MetricError, PlanMismatchError, SaveError, ShapeMismatchError, StorageError, UnsupportedValueError,
-                     UnsupportedVersionError)
+                     MetricError, PlanMismatchError, SaveError, ShapeMismatchError, StorageError,
+                     UnsupportedValueError, UnsupportedVersionError)
 from .format import FORMAT_VERSION, Manifest
 
 backend: str = _ext.BACKEND

@@ -136,5 +136,6 @@ def inspect_checkpoint(path, *, key=None, storage_options=None) -> dict:
             "world_size": m.world_size, "frame_size": m.frame_size, "backend": m.backend,
             "files": len(m.files), "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
             "ref_stored_bytes": m.ref_stored_bytes,
-            "ratio": compression_ratio(m.raw_bytes, m.stored_bytes, m.ref_stored_bytes), "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
+            "ratio": compression_ratio(m.raw_bytes, m.stored_bytes, m.ref_stored_bytes),
+            "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
             "user_metadata": user, "tensors": tensors, "values": values}

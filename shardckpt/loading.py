@@ -116,7 +116,8 @@ def _few(names, n: int = 5) -> str:
 def check_selection(keys, names, *, whose: str, saved=None, file: str | None = None) -> None:
     """A key selection (keys= patterns of load and load_full, export's keys / --keys) that selects none of
     `names` is a mistake, never an empty success: raise KeyMismatchError naming the patterns and a few of
-    the keys there are (a predicate, or no names at all, is not checked). Called by _resolve (names: the caller's keys), load_full and export (the saved keys).
+    the keys there are (a predicate, or no names at all, is not checked). Called by _resolve (names: the
+    caller's keys), load_full and export (the saved keys).
 
     Args:
         keys: the selection as given (None: everything; names, globs, prefixes, or a predicate).

@@ -46,8 +46,8 @@ import torch.distributed as dist
 from . import api, dist as sdist, restoring, tiers
 from .async_save import AsyncSaveHandle, async_save
 from .commit import error_text
-from .errors import (CheckpointExistsError, CoordinationError, MetricError, StorageError, error_from,
-                     error_record)
+from .errors import (CheckpointExistsError, ConfigError, CoordinationError, MetricError, StorageError,
+                     error_from, error_record)
 from .events import EventBus, report_commit
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
 from .gc import DEFAULT_GC_GRACE_S, gc_uncommitted, retire_step  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
@@ -104,7 +104,7 @@ class CheckpointManager:
             did not change instead of writing it again (shardckpt.save's base=; FORMAT.md §7).
         full_every: with incremental, every full_every-th save of this manager (and its first) writes
             everything, so references never reach further back than full_every saves and retention can
-            free old steps' data.
+            free old steps' data (default 8; without incremental=True it is a ConfigError).
         callbacks: shardckpt.events callbacks (TensorBoardCallback, MLflowCallback, yours), called on the
             coordinator's event thread; one that raises is logged and never fails a save.
         save_best_only: skip a save (nothing written, maybe_save returns False) unless metrics[monitor]
@@ -131,10 +131,14 @@ class CheckpointManager:
                  preemption_check_every: int = 1,
                  gc_grace_s: float = DEFAULT_GC_GRACE_S, verify: str = "index", codec: str = "auto",
                  frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-                 timeout_s: float | None = None, incremental: bool = False, full_every: int = 8,
+                 timeout_s: float | None = None, incremental: bool = False, full_every: int | None = None,
                  callbacks: Iterable = (), save_best_only: bool = False, min_delta: float = 0.0,
                  early_stopping_patience: int | None = None, local_root=None, local_every_steps: int = 1,
                  local_keep_last: int | None = 2, local_replicas: int = 1, local_jump: int = 1):
+        if full_every is not None and not incremental:  # it would be silently ignored
+            raise ConfigError("full_every applies to incremental saves only: pass incremental=True too",
+                              name="full_every")
+        full_every = 8 if full_every is None else full_every
         if full_every < 1:
             raise ValueError("full_every must be >= 1")
         self.incremental, self.full_every, self._since_full = incremental, full_every, None
@@ -258,7 +262,8 @@ class CheckpointManager:
     def maybe_save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> bool:
         """Save if a rule says so (every N steps, every T seconds, force) or a preemption signal reached any
         rank. Call on every rank at every step, with the same step. On preemption, blocks until the save
-        committed, sets `preempted` and returns True: the loop should then exit. Returns whether it saved."""
+        committed, sets `preempted` and returns True: the loop should then exit. Returns whether it saved: a
+        step this manager already saved is not saved again (False; with force=True a warning says so)."""
         self._reap(block=False)
         self._calls += 1
         local = [1 if self._signalled is not None else 0,
@@ -272,6 +277,11 @@ class CheckpointManager:
                 and step != self._last_saved_step:
             return tiers.save_step(self, step, state, metrics, durable=due)
         if not due:
+            return False
+        if step == self._last_saved_step and not preempt:  # nothing is written: say so, never True
+            if force:
+                log.warning("step %d is already saved by this manager; not saving it again (its checkpoint keeps "
+                            "the metrics it was saved with): maybe_save returns False", step)
             return False
         if step != self._last_saved_step:
             try:

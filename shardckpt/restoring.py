@@ -94,7 +94,8 @@ def _best_order(mgr, steps: list[int]) -> list[int]:
             rec = mgr.metadata(s).get("monitor")
         except CheckpointError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("metric"), str) and rec.get("mode", "min") in ("min", "max"):
+        if isinstance(rec, dict) and isinstance(rec.get("metric"), str) \
+                and rec.get("mode", "min") in ("min", "max"):
             break
     else:
         raise ConfigError(f"restore(state, 'best') needs monitor= (the metric to rank steps by): no committed "
@@ -175,7 +176,8 @@ def _check_and_load(mgr, step: int, state) -> dict | None:
             mine = {"p": first.line(), "cls": first.error,
                     "file": None if first.file is None else f"{path.url}/{first.file}"}
     except Exception as e:  # a step that vanished or cannot be read is one the manager falls back past
-        mine = {"p": f"manifest: {type(e).__name__}: {e}", "cls": type(e).__name__, "file": getattr(e, "file", None)}
+        mine = {"p": f"manifest: {type(e).__name__}: {e}", "cls": type(e).__name__,
+                "file": getattr(e, "file", None)}
     problem = _agree_problem(mgr, mine, fatal=False)
     if problem is not None:
         return problem

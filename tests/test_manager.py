@@ -460,3 +460,21 @@ def test_an_explicit_step_never_falls_back_and_raises_its_own_typed_error(tmp_pa
     mf = CheckpointManager(tmp_path, verify="full", preemption_signals=())  # found by the check, not the load
     with pytest.raises(shardckpt.ChecksumError, match="step 2 "):
         mf.restore(into, 2)
+
+
+def test_a_second_forced_save_of_a_step_is_refused_and_says_so(tmp_path, caplog):
+    """maybe_save(8, force=True) twice returned True the second time but kept the first metrics."""
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    assert m.maybe_save(8, _state(8), metrics={"loss": 2.0}, force=True)
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert m.maybe_save(8, _state(8), metrics={"loss": 1.0}, force=True) is False
+    assert "step 8 is already saved" in caplog.text
+    assert m.metadata(8)["metrics"] == {"loss": 2.0}
+    m.close()
+
+
+def test_full_every_without_incremental_is_refused():
+    with pytest.raises(shardckpt.ConfigError, match="incremental=True") as e:
+        CheckpointManager("memory://fe", full_every=4, preemption_signals=())
+    assert e.value.name == "full_every"
+    CheckpointManager("memory://fe2", incremental=True, full_every=4, preemption_signals=()).close()
