@@ -370,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `shardckpt ls | head`: an OSError, but not an error
+        return 0
     except (CheckpointError, OSError, ValueError) as e:  # the input is wrong: one line, never a traceback
         text = " ".join(str(e).split("\n"))
         print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

@@ -337,3 +337,10 @@ def test_ls_metric_column_and_step_names(tmp_path, capsys):
     assert len(best) == 1 and best[0].startswith("step-0000000001")
     code, out, _ = run(capsys, "ls", tmp_path, "--json")
     assert {s["name"]: s["step"] for s in json.loads(out)}["p2"] is None
+
+
+def test_a_closed_pipe_is_not_an_error(root, monkeypatch):
+    def closed(args):
+        raise BrokenPipeError
+    monkeypatch.setattr(cli, "cmd_ls", closed)
+    assert cli.main(["ls", str(root)]) == 0  # `shardckpt ls | head`; OSError is otherwise exit 2
