@@ -156,6 +156,8 @@ def _typed(cls_name: str | None, message: str, file: str | None) -> CheckpointEr
     CheckpointError.__init__(err, message, file=file)
     if isinstance(err, KeyMismatchError):
         err.missing, err.unexpected, err.without_hint = [], [], message
+    if isinstance(err, ConfigError):
+        err.name = None
     return err
 
 
