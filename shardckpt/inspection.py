@@ -9,6 +9,7 @@ from .api import _key_filter, read_chunks, read_manifest
 from .errors import CheckpointError, IncompleteCheckpointError
 from .format import MANIFEST_NAME
 from .layout import STEP_DIR, existing_root
+from .policy import recorded_monitor
 from .storage import Storage, storage_for
 from .tree import decode_value
 
@@ -96,10 +97,13 @@ def list_steps(root, *, metric: str | None = None, mode: str | None = None, stor
         if s.state == "partial" and s.name in referred:
             s.state = "retired"
     if committed:
-        newest = max(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0))
-        newest.latest = True
-        if metric is None and isinstance(newest.monitor, dict) and isinstance(newest.monitor.get("metric"), str):
-            metric, mode = newest.monitor["metric"], mode or newest.monitor.get("mode")
+        newest_first = sorted(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0),
+                              reverse=True)
+        newest_first[0].latest = True
+        # no --metric: the monitor of the newest step that recorded one (as restore(state, "best") does)
+        rec = next((r for s in newest_first if (r := recorded_monitor(s.monitor)) is not None), None)
+        if metric is None and rec is not None:
+            metric, mode = rec[0], mode or rec[1]
         mode = mode or "min"
         scored = [s for s in committed if metric in s.metrics]
         if metric and scored:

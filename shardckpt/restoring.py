@@ -19,7 +19,7 @@ from .errors import (CheckpointError, ChecksumError, ConfigError, CorruptDataErr
                      IncompleteCheckpointError, KeyMismatchError, StorageError, error_from, error_record)
 from .layout import step_dir
 from .loading import _read_metadata
-from .policy import metric_value, rank_steps
+from .policy import metric_value, rank_steps, recorded_monitor
 from .state import load_training_state_from
 from .verify import verify_checkpoint
 
@@ -91,11 +91,10 @@ def _best_order(mgr, steps: list[int]) -> list[int]:
         return mgr._ranked_by_metric(steps)
     for s in reversed(steps):
         try:
-            rec = mgr.metadata(s).get("monitor")
+            rec = recorded_monitor(mgr.metadata(s).get("monitor"))
         except CheckpointError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("metric"), str) \
-                and rec.get("mode", "min") in ("min", "max"):
+        if rec is not None:
             break
     else:
         raise ConfigError(f"restore(state, 'best') needs monitor= (the metric to rank steps by): no committed "
@@ -103,12 +102,12 @@ def _best_order(mgr, steps: list[int]) -> list[int]:
     scored = []
     for s in steps:
         try:
-            v = metric_value(mgr.metadata(s).get("metrics"), rec["metric"])
+            v = metric_value(mgr.metadata(s).get("metrics"), rec[0])
         except CheckpointError:
             v = None
         if v is not None:
             scored.append((v, s))
-    return rank_steps(scored, rec.get("mode", "min"))
+    return rank_steps(scored, rec[1])
 
 
 def _resume_policy(mgr, step: int) -> None:

@@ -344,3 +344,18 @@ def test_a_closed_pipe_is_not_an_error(root, monkeypatch):
         raise BrokenPipeError
     monkeypatch.setattr(cli, "cmd_ls", closed)
     assert cli.main(["ls", str(root)]) == 0  # `shardckpt ls | head`; OSError is otherwise exit 2
+
+
+def test_ls_and_restore_best_take_the_monitor_from_the_newest_step_that_recorded_one(tmp_path, capsys):
+    from shardckpt import CheckpointManager
+    m = CheckpointManager(tmp_path, monitor="acc", mode="max", async_save=False, preemption_signals=())
+    for s, acc in ((1, 0.9), (2, 0.5)):
+        m.save(s, {"w": torch.full((2,), float(s))}, metrics={"acc": acc})
+    m.close()
+    plain = CheckpointManager(tmp_path, async_save=False, preemption_signals=())  # records no monitor
+    plain.save(3, {"w": torch.full((2,), 3.0)}, metrics={"acc": 0.1})
+    code, out, _ = run(capsys, "ls", tmp_path, "--json")
+    assert [s["step"] for s in json.loads(out) if s["best"]] == [1]  # acc, max: from step 2's record
+    back = {"w": torch.zeros(2)}
+    assert plain.restore(back, "best") == 1 and back["w"][0] == 1.0
+    plain.close()
