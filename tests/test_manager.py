@@ -478,3 +478,19 @@ def test_full_every_without_incremental_is_refused():
         CheckpointManager("memory://fe", full_every=4, preemption_signals=())
     assert e.value.name == "full_every"
     CheckpointManager("memory://fe2", incremental=True, full_every=4, preemption_signals=()).close()
+
+
+def _explicit_step_ranks(rank, ws, root):
+    m = CheckpointManager(root, async_save=False, preemption_signals=())
+    m.save(1, {"w": torch.zeros(8)})
+    try:
+        m.restore({"w": torch.ones(8)}, 3)
+    except shardckpt.CheckpointError as e:
+        return type(e).__name__, e.file
+    finally:
+        m.close()
+
+
+def test_an_explicit_missing_step_raises_the_same_typed_error_on_every_rank(tmp_path):
+    (c0, f0), (c1, f1) = run_ranks(2, _explicit_step_ranks, str(tmp_path), timeout=120)
+    assert c0 == c1 == "IncompleteCheckpointError" and f0 == f1 and step_dir(3) in f0
