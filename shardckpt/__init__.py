@@ -9,8 +9,8 @@ from . import _ext
 from .api import LoadResult, load, load_full, read_manifest, save
 from .errors import (CheckpointError, CheckpointExistsError, ChecksumError, ConfigError, CoordinationError,
                      CorruptDataError, DtypeMismatchError, FormatError, IncompleteCheckpointError, KeyMismatchError,
-                     PlanMismatchError, SaveError, ShapeMismatchError, StorageError, UnsupportedValueError,
-                     UnsupportedVersionError)
+                     MetricError, PlanMismatchError, SaveError, ShapeMismatchError, StorageError,
+                     UnsupportedValueError, UnsupportedVersionError)
 from .format import FORMAT_VERSION, Manifest
 
 backend: str = _ext.BACKEND
@@ -20,7 +20,7 @@ __all__ = [
     "save", "load", "load_full", "read_manifest", "LoadResult", "Manifest", "FORMAT_VERSION", "backend",
     "CheckpointError", "CheckpointExistsError", "ChecksumError", "ConfigError", "CoordinationError",
     "CorruptDataError", "DtypeMismatchError", "FormatError", "IncompleteCheckpointError", "KeyMismatchError",
-    "PlanMismatchError",
+    "MetricError", "PlanMismatchError",
     "SaveError", "ShapeMismatchError", "StorageError", "UnsupportedValueError", "UnsupportedVersionError",
 ]
 from .async_save import AsyncSaveHandle, async_save, shutdown, warm_up  # noqa: E402

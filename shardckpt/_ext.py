@@ -78,12 +78,13 @@ def backend(name: str):
 def _select():
     """Pick the kernels from SHARDCKPT_BACKEND / SHARDCKPT_REQUIRE_NATIVE (parsed by shardckpt.config, which
     refuses a misspelt value with ConfigError rather than quietly picking native)."""
+    require = config.require_native()  # parsed even when native loads: a misspelt value is never ignored
     if config.backend() == "python":
         return backend("python"), "SHARDCKPT_BACKEND=python"
     try:
         return backend("native"), None
     except ImportError as e:
-        if config.require_native():
+        if require:
             raise ImportError(f"SHARDCKPT_REQUIRE_NATIVE=1 but the native module is unavailable: {e}") from e
         import warnings
         warnings.warn(f"shardckpt: native kernels unavailable ({e}); using the pure-Python twin, which is "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, commit, deleter, dist as sdist
+from . import _ext, commit, config, deleter, dist as sdist
 from ._faults import fault_point
 from .commit import error_text
 from .errors import (CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError)
@@ -61,6 +61,7 @@ class _Prepared:
 def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
              stage: bool, pool: HostBufferPool | None, base=None, content_hash: bool = False,
              overwrite: bool = False) -> _Prepared:
+    config.check_save_variables()
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
     error, base_chunks, pinned = None, None, None
@@ -287,7 +288,8 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
         base: an earlier committed checkpoint in the same parent directory (a sibling, as the manager's
             step-<N> directories are): each chunk whose key, box, dtype and content hash equal the base's
             is recorded as a reference to the frames holding those bytes instead of being written again
-            (an incremental checkpoint, format 2.0; FORMAT.md §7).
+            (an incremental checkpoint, format 2.0; FORMAT.md §7). A base saved without content hashes
+            (format 1.x) matches nothing: everything is written, and the coordinator logs a warning.
         content_hash: record every chunk's content hash (format 2.0) without a base, so that a later save
             can refer to this one (implied by `base`).
         overwrite: replace a committed checkpoint at `path` instead of refusing: the new data goes beside

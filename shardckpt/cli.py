@@ -25,7 +25,10 @@ from dataclasses import asdict
 import torch
 
 from .diff import DIFF_PIECE_BYTES, TensorDiff, diff_checkpoints  # noqa: F401  (re-exported)
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .export import export_safetensors, export_torch  # noqa: F401  (re-exported: docs/CLI.md names them here)
+from .deleter import gc_uncommitted  # noqa: F401  (re-exported)
+from .importers import import_checkpoint  # noqa: F401  (re-exported)
 from .inspection import StepInfo, inspect_checkpoint, list_steps  # noqa: F401  (re-exported)
 from .progress import Progress, human_bytes
 from .verify import VERIFY_BATCH, Problem, VerifyReport, verify_checkpoint  # noqa: F401  (re-exported)
@@ -87,15 +90,16 @@ def cmd_ls(args) -> int:
     for i, ((root, _), steps) in enumerate(zip(tiers, listed)):
         if args.local:
             print(("durable tier " if i == 0 else "\nlocal tier ") + str(root))
-        _ls_table(root, steps)
+        _ls_table(root, steps, args.metric)
     return 0
 
 
-def _ls_table(root, steps) -> None:
+def _ls_table(root, steps, metric: str | None = None) -> None:
     if not steps:
         print(f"no checkpoints under {root}")
         return
-    names = sorted({k for s in steps for k in s.metrics})[:6]
+    # --metric NAME: that column only (it picks `best`); else the recorded metrics, up to six
+    names = [metric] if metric else sorted({k for s in steps for k in s.metrics})[:6]
     rows = []
     for s in steps:
         tags = ",".join(t for t, on in (("latest", s.latest), ("best", s.best)) if on)
@@ -129,12 +133,13 @@ def cmd_inspect(args) -> int:
     if args.json:
         _print_json(info)
         return 0
-    ratio = info["raw_bytes"] / info["stored_bytes"] if info["stored_bytes"] else 0
+    ratio = info["ratio"] or 0  # referred bytes count as stored, as in `ls`
     print(f"checkpoint  {info['path']}\nformat      {info['format_version']}  save_id {info['save_id']}  "
           f"backend {info['backend']}\nsaved       {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['created']))}"
           f"  world_size {info['world_size']}  files {info['files']}  frame_size {human_bytes(info['frame_size'])}\n"
-          f"size        {human_bytes(info['raw_bytes'])} raw -> {human_bytes(info['stored_bytes'])} stored "
-          f"({ratio:.2f}x)")
+          f"size        {human_bytes(info['raw_bytes'])} raw -> {human_bytes(info['stored_bytes'])} stored"
+          + (f" + {human_bytes(info['ref_stored_bytes'])} referred" if info["ref_stored_bytes"] else "")
+          + f" ({ratio:.2f}x)")
     if info["bases"]:  # an incremental checkpoint (FORMAT.md §7)
         print(f"refers to   {human_bytes(info['ref_stored_bytes'])} stored in {', '.join(info['bases'])}")
     if info["user_metadata"]:
@@ -219,6 +224,10 @@ def _nan_last(v):
 def cmd_export(args) -> int:
     from .export import CheckpointReader, _selected, export_safetensors, export_torch, parse_dtype
     # --overwrite replaces an earlier export; without it one is refused (CheckpointExistsError, exit 2)
+    bad = [r for r in args.rename or () if "=" not in r]
+    if bad:
+        raise ConfigError(f"--rename {bad[0]!r} is not OLD=NEW (e.g. --rename model.= strips 'model.')",
+                          name="--rename")
     rename = dict(r.split("=", 1) for r in args.rename) if args.rename else None
     src = CheckpointReader(args.ckpt, storage_options=args.storage_options)
     dtype = parse_dtype(args.dtype)
@@ -268,12 +277,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    try:
-        from .manager import gc_uncommitted
-    except ImportError as e:
-        print(f"error: shardckpt.manager.gc_uncommitted is not available ({e})", file=sys.stderr)
-        return 2
-    res = gc_uncommitted(args.root, dry_run=not args.delete, grace_s=args.grace_s)
+    from .layout import existing_root
+    storage, _ = existing_root(args.root, storage_options=args.storage_options)  # a mistyped root: exit 2
+    res = gc_uncommitted(storage, dry_run=not args.delete, grace_s=args.grace_s)
     if args.json:
         _print_json(res if not hasattr(res, "__dataclass_fields__") else asdict(res))
         return 0
@@ -364,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except BrokenPipeError:  # `shardckpt ls | head`: an OSError, but not an error
         return 0
+    except (CheckpointError, OSError, ValueError) as e:  # the input is wrong: one line, never a traceback
+        text = " ".join(str(e).split("\n"))
+        print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -148,6 +148,14 @@ def zstd_level() -> int:
     return _parse_int(v, name="SHARDCKPT_ZSTD_LEVEL", lo=ZSTD_LEVELS[0], hi=ZSTD_LEVELS[1])
 
 
+def check_save_variables() -> None:
+    """Every rank, at the start of each save (api._prepare, before its first collective): parse the
+    variables the save reads later on its writer threads, so a bad value raises ConfigError to the caller
+    (`except ConfigError` catches it) instead of becoming a SaveError of the failed save."""
+    threads()
+    zstd_level()
+
+
 def direct_io() -> bool:
     """SHARDCKPT_DIRECT_IO: whether local data files use O_DIRECT where the filesystem takes it (default 1)."""
     v = _env("SHARDCKPT_DIRECT_IO")

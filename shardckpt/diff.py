@@ -3,7 +3,10 @@
 Tensors of equal shape are read in matching row-batch boxes of about DIFF_PIECE_BYTES from both sides, so
 memory stays bounded whatever their size; the sums behind max |b-a|, ||b-a||/||a|| and cos(a, b) are
 accumulated in float64. Plain values compare by equality. Tensors of two incremental (format 2.x)
-checkpoints whose chunks carry equal content hashes are identical without being read.
+checkpoints whose chunks carry equal content hashes are identical without being decoded and compared, but
+every frame of both sides is still checked against its crc32c (verify.check_frames; frames both sides share
+through references are checked once), so a corrupt side raises its ChecksumError / CorruptDataError just
+as when the tensors are streamed.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from .api import _key_filter
 from .export import CheckpointReader, piece_boxes
 from .progress import Progress
+from .verify import check_frames
 
 DIFF_PIECE_BYTES = 8 << 20
 
@@ -44,14 +48,16 @@ def _same_hashes(ra, rb, key: str) -> bool:
     return bool(ha) and all(ha.values()) and ha == hb
 
 
-def _diff_tensor(ra, rb, key: str, budget: int) -> TensorDiff:
+def _diff_tensor(ra, rb, key: str, budget: int, checked: set) -> TensorDiff:
     ma, mb = ra.manifest.tensors[key], rb.manifest.tensors[key]
     d = TensorDiff(key, "same", str(ma.dtype).replace("torch.", ""), str(mb.dtype).replace("torch.", ""),
                    list(ma.shape), list(mb.shape))
     if ma.shape != mb.shape:
         d.status = "shape"
         return d
-    if ma.dtype == mb.dtype and _same_hashes(ra, rb, key):  # format 2.x: equal content hashes, nothing read
+    if ma.dtype == mb.dtype and _same_hashes(ra, rb, key):  # format 2.x: equal content hashes, not decoded
+        for r in (ra, rb):  # ... but never trusted without checking the bytes that back them
+            checked |= check_frames(r.storage, r.manifest, r.chunks[key], skip=checked)
         d.identical, d.max_abs, d.rel_l2, d.cosine = True, 0.0, 0.0, 1.0
         return d
     max_abs, ss_d, ss_a, ss_b, dot, identical = 0.0, 0.0, 0.0, 0.0, 0.0, ma.dtype == mb.dtype
@@ -99,8 +105,9 @@ def diff_checkpoints(a, b, *, key=None, storage_options=None, budget: int = DIFF
         out.append(TensorDiff(k, "removed"))
     for k in sorted(kb - ka):
         out.append(TensorDiff(k, "added"))
+    checked: set = set()  # frames checked by crc32c (verify.check_frames), each once
     for k in common_tensors:
-        out.append(_diff_tensor(ra, rb, k, budget))
+        out.append(_diff_tensor(ra, rb, k, budget, checked))
         bar(ra.manifest.tensors[k].numel * ra.manifest.tensors[k].itemsize)
     bar.close()
     for k in sorted((ka & kb) - set(common_tensors)):

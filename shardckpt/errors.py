@@ -51,12 +51,15 @@ class CorruptDataError(CheckpointError):
 
 
 class KeyMismatchError(CheckpointError):
-    """strict load: keys missing from the checkpoint or unexpected in it."""
+    """strict load: keys missing from the checkpoint or unexpected in it; or a key selection (keys=,
+    export --keys) that selects nothing."""
 
-    def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (), **kw):
-        # the fix is nearly always one of these two, so the error says so wherever it is raised
-        super().__init__(message + "; pass strict=False to load the keys that match, or key_map= to map the "
-                         "caller's keys to the saved ones", **kw)
+    def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (), hint: bool = True,
+                 **kw):
+        # the fix is nearly always one of these two, so the error says so wherever it applies
+        super().__init__(message + ("; pass strict=False to load the keys that match, or key_map= to map the "
+                                    "caller's keys to the saved ones" if hint else ""), **kw)
+        self.without_hint = message  # for callers that take no strict= (CheckpointManager.restore)
         self.missing = list(missing)
         self.unexpected = list(unexpected)
 
@@ -96,6 +99,11 @@ class ConfigError(CheckpointError, ValueError):
         self.name = name
 
 
+class MetricError(ConfigError):
+    """CheckpointManager(save_best_only=True): a save is due but the monitored metric is not among the
+    metrics given (or is not a number), so the policy cannot decide; raised on every rank alike."""
+
+
 class UnsupportedValueError(CheckpointError):
     """A state_dict leaf of a type shardckpt does not save (it never falls back to pickle)."""
 
@@ -108,7 +116,7 @@ def error_record(e: BaseException, rank: int) -> dict:
     else:
         cls, msg, at = "CheckpointError", error_text(e, 1200), None
     return {"cls": cls, "message": msg, "by": rank, "rank": rank if at is None else at,
-            "key": getattr(e, "key", None), "file": getattr(e, "file", None)}
+            "key": getattr(e, "key", None), "file": getattr(e, "file", None), "name": getattr(e, "name", None)}
 
 
 def error_from(record: dict) -> CheckpointError:
@@ -121,5 +129,7 @@ def error_from(record: dict) -> CheckpointError:
     CheckpointError.__init__(err, f"on rank {record['by']}: {record['message']}", key=record.get("key"),
                              file=record.get("file"), rank=record.get("rank"))
     if isinstance(err, KeyMismatchError):
-        err.missing, err.unexpected = [], []
+        err.missing, err.unexpected, err.without_hint = [], [], err.message
+    if isinstance(err, ConfigError):
+        err.name = record.get("name")
     return err

@@ -29,11 +29,13 @@ import torch
 from . import config
 from .api import _key_filter, _map_key, read_chunks, read_manifest
 from .deleter import remove_export_files
-from .errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
+from .errors import CheckpointError, CheckpointExistsError, ConfigError, UnsupportedValueError
 from .format import Manifest
 from .geometry import row_batches
 from .importers import (_DCP_ALLOWED, _RestrictedUnpickler, _safetensors_files, detect_source,  # noqa: F401
                         import_checkpoint, load_dcp, read_dcp_metadata)
+from .layout import is_file
+from .loading import check_selection
 from .reader import ReadStats, Target, plan_reads, run_reads
 from .safetensors_layout import (MAX_SAFETENSORS_HEADER, SAFETENSORS_CODES, SAFETENSORS_DTYPES,  # noqa: F401
                                  read_safetensors, safetensors_header)
@@ -104,6 +106,7 @@ def rename_keys(rename: dict[str, str] | Iterable[tuple[str, str]] | Callable | 
 
 def _selected(manifest: Manifest, keys, rename) -> list[tuple[str, str]]:
     """(saved key, exported name) of the selected tensors, in saved order; refuses name collisions."""
+    check_selection(keys, manifest.keys(), whose="the checkpoint's")  # an empty export is a mistake
     wanted, ren = _key_filter(keys), rename_keys(rename)
     out, seen = [], {}
     for k in manifest.tensors:
@@ -229,32 +232,52 @@ def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_sha
     wanted = _key_filter(keys)
     skipped = [k for k in src.manifest.values if wanted(k)]
     stale = _clear_destination(dst, overwrite)
+    created = not dst.exists("")  # a directory this export makes is removed again if the export fails
     meta = {"format": "pt", **(metadata or {})}
-    weight_map = {}
-    for fname, idx in zip(names, shards):
-        entries = [(sel[i][1], out_types[i], metas[i].shape) for i in idx]
-        w = dst.open_write(fname)
-        try:
-            w.write(safetensors_header(entries, meta))
-            for i in idx:
-                key = sel[i][0]
-                for _, piece in src.pieces(key):
-                    if piece.dtype != out_types[i]:
-                        piece = piece.to(out_types[i])
-                    data = _tensor_bytes(piece)
-                    w.write(data)
-                    if progress:
-                        progress(data.nbytes)
-                weight_map[sel[i][1]] = fname
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
-    if n > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-        dst.write_file(INDEX_NAME, json.dumps(index, indent=2).encode())
-        names.append(INDEX_NAME)
+    weight_map, written = {}, []
+    try:
+        for fname, idx in zip(names, shards):
+            entries = [(sel[i][1], out_types[i], metas[i].shape) for i in idx]
+            w = dst.open_write(fname)
+            try:
+                w.write(safetensors_header(entries, meta))
+                for i in idx:
+                    key = sel[i][0]
+                    for _, piece in src.pieces(key):
+                        if piece.dtype != out_types[i]:
+                            piece = piece.to(out_types[i])
+                        data = _tensor_bytes(piece)
+                        w.write(data)
+                        if progress:
+                            progress(data.nbytes)
+                    weight_map[sel[i][1]] = fname
+                w.close()
+                written.append(fname)
+            except BaseException:
+                w.abort()
+                raise
+        if n > 1:
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+            dst.write_file(INDEX_NAME, json.dumps(index, indent=2).encode())
+            names.append(INDEX_NAME)
+    except BaseException:
+        _undo_export(dst, written, created)
+        raise
     return ExportResult(names, len(sel), sum(sizes), skipped, [f for f in stale if f not in names])
+
+
+def _undo_export(dst: Storage, written: list[str], created: bool) -> None:
+    """After a failed export (corrupt source data, a full disk): remove the shards it finished, never a file
+    it did not write, then the directory itself if this export created it and it is now empty, so a failed
+    export leaves neither half an export nor an empty folder behind. Best effort: the original error is
+    what the caller sees."""
+    try:
+        for f in written:
+            dst.delete(f)
+        if created and not dst.list_dir(""):
+            dst.delete_tree("")
+    except Exception:
+        pass
 
 
 class _WriterFile(io.RawIOBase):
@@ -289,6 +312,9 @@ def export_torch(ckpt, out, *, keys=None, dtype=None, rename=None, include_value
     path = os.fspath(out)
     parent, base = (path.rsplit("/", 1) if "/" in path.rstrip("/") else ("", path))
     dst = storage_for(parent or ".", out_storage_options)
+    if dst.exists(base) and not is_file(dst.child(base)):  # a directory: --overwrite would not help
+        raise ConfigError("--format torch writes one file and this is a directory; give a file path such as "
+                          f"{path.rstrip('/')}/model.pt", name="out", file=path)
     if not overwrite and dst.exists(base):
         raise CheckpointExistsError("the export file exists; pass overwrite=True (--overwrite) to replace it",
                                     file=path)

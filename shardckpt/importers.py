@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import torch
 
@@ -34,7 +35,10 @@ def _safetensors_files(src: str) -> list[str]:
             if type(name) is not str or "/" in name or name.startswith("."):
                 raise FormatError(f"weight_map names an odd file {name!r:.80}", file=index)
         return [os.path.join(src, n) for n in files]
-    return sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(".safetensors"))
+    files = sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(".safetensors"))
+    if not files:
+        raise FormatError("directory holds no .safetensors files", file=src)
+    return files
 
 
 # ------------------------------------------------------------------------------------------ DCP in
@@ -69,11 +73,17 @@ _DCP_ALLOWED = {
 def read_dcp_metadata(path: str):
     """DCP's Metadata of checkpoint directory `path`, through the restricted unpickler."""
     from torch.distributed.checkpoint.metadata import Metadata
+    if not os.path.isdir(path):
+        raise FormatError("a DCP checkpoint is a directory (.metadata and *.distcp files)",
+                          file=path) if os.path.exists(path) else FileNotFoundError(path)
     with open(os.path.join(path, ".metadata"), "rb") as f:
         try:
             md = _RestrictedUnpickler(f).load()
         except FormatError as e:
-            raise FormatError(str(e), file=os.path.join(path, ".metadata")) from None
+            raise FormatError(e.message, file=os.path.join(path, ".metadata")) from None
+        except Exception as e:  # truncated or not a pickle at all
+            raise FormatError(f"not a DCP .metadata file ({type(e).__name__}: {e})",
+                              file=os.path.join(path, ".metadata")) from None
     if not isinstance(md, Metadata):
         raise FormatError("not a DCP Metadata object", file=os.path.join(path, ".metadata"))
     return md
@@ -155,7 +165,7 @@ def import_checkpoint(src, dst, *, kind: str | None = None, codec: str = "auto",
             state.update(tensors)
             meta.update(m)
     elif kind == "torch":
-        state = torch.load(src, map_location="cpu", weights_only=True, mmap=_is_zip(src))
+        state = load_torch_file(src)
         if isinstance(state, torch.Tensor):
             state = {"tensor": state}
     elif kind == "shardckpt":
@@ -164,6 +174,22 @@ def import_checkpoint(src, dst, *, kind: str | None = None, codec: str = "auto",
         raise ValueError(f"unknown source kind {kind!r}")
     info = {"imported_from": {"kind": kind, "source": os.path.abspath(src)}}
     return save(state, dst, codec=codec, metadata={**info, **(metadata or {})}, storage_options=storage_options)
+
+
+def load_torch_file(src: str):
+    """A torch.save file's object, loaded with weights_only=True (memory-mapped when it is a zip-format
+    file). Raises FormatError naming the file when it is a directory, not a torch.save file, or holds an
+    object weights_only refuses (the one global it names is quoted); FileNotFoundError when it is missing."""
+    if os.path.isdir(src):
+        raise FormatError("--kind torch reads one torch.save file, and this is a directory", file=src)
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True, mmap=_is_zip(src))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        text = str(e)  # torch's message is a page of advice; the reason is after "WeightsUnpickler error:"
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+        why = " ".join((m.group(1) if m else text.strip().split("\n")[0] or type(e).__name__).split())
+        raise FormatError(f"not a torch.save file that loads with weights_only=True (shardckpt never unpickles "
+                          f"objects): {why[:300]}", file=src) from None
 
 
 def _is_zip(path: str) -> bool:

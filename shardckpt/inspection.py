@@ -2,13 +2,14 @@
 inspect_checkpoint (`shardckpt inspect`). Any single process may call them; they only read."""
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
 from .api import _key_filter, read_chunks, read_manifest
 from .errors import CheckpointError, IncompleteCheckpointError
 from .format import MANIFEST_NAME
+from .layout import STEP_DIR, existing_root
+from .policy import recorded_monitor
 from .storage import Storage, storage_for
 from .tree import decode_value
 
@@ -39,8 +40,15 @@ def _metrics_of(user: dict) -> dict:
     return {k: v for k, v in src.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
+def compression_ratio(raw: int, stored: int, ref_stored: int = 0) -> float | None:
+    """raw / stored bytes, the bytes an incremental step refers to counted as stored (they hold its data as
+    much as its own files do); None when nothing is stored. The one ratio `ls` and `inspect` show."""
+    return raw / (stored + ref_stored) if stored + ref_stored else None
+
+
 def _step_from_name(name: str) -> int | None:
-    m = re.search(r"(\d+)$", name)
+    """The step of a manager's `step-<N>` directory name; None for any other name ("p2" is no step 2)."""
+    m = STEP_DIR.match(name)
     return int(m.group(1)) if m else None
 
 
@@ -62,7 +70,7 @@ def _step_info(storage: Storage, name: str, now: float) -> StepInfo | None:
     step = m.user_metadata.get("step")
     step = step if isinstance(step, int) and not isinstance(step, bool) else _step_from_name(name)
     return StepInfo(name, "committed", step, stored, m.ref_stored_bytes, m.raw_bytes,
-                    (m.raw_bytes / (stored + m.ref_stored_bytes)) if stored + m.ref_stored_bytes else None,
+                    compression_ratio(m.raw_bytes, m.stored_bytes, m.ref_stored_bytes),
                     m.created, now - m.created, _metrics_of(m.user_metadata), monitor=m.user_metadata.get("monitor"),
                     bases=[b.dir for b in m.bases])
 
@@ -74,16 +82,14 @@ def list_steps(root, *, metric: str | None = None, mode: str | None = None, stor
     newest manifest.
 
     Raises:
-        IncompleteCheckpointError: `root` does not exist.
+        IncompleteCheckpointError: `root` does not exist or is a file.
     """
     storage = storage_for(root, storage_options)
     now = time.time()
     if storage.exists(MANIFEST_NAME):  # a checkpoint, not a root of them: its own line
         out = [_step_info(storage, storage.url.rstrip("/").rsplit("/", 1)[-1], now)]
     else:
-        names = storage.list_dir("")
-        if not names and not storage.exists(""):
-            raise IncompleteCheckpointError("no such directory: there are no checkpoints here", file=storage.url)
+        storage, names = existing_root(storage)
         out = [s for s in (_step_info(storage.child(n), n, now) for n in names) if s is not None]
     committed = [s for s in out if s.state == "committed"]
     referred = {b for s in committed for b in s.bases}
@@ -91,10 +97,13 @@ def list_steps(root, *, metric: str | None = None, mode: str | None = None, stor
         if s.state == "partial" and s.name in referred:
             s.state = "retired"
     if committed:
-        newest = max(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0))
-        newest.latest = True
-        if metric is None and isinstance(newest.monitor, dict) and isinstance(newest.monitor.get("metric"), str):
-            metric, mode = newest.monitor["metric"], mode or newest.monitor.get("mode")
+        newest_first = sorted(committed, key=lambda s: (s.step if s.step is not None else -1, s.created or 0),
+                              reverse=True)
+        newest_first[0].latest = True
+        # no --metric: the monitor of the newest step that recorded one (as restore(state, "best") does)
+        rec = next((r for s in newest_first if (r := recorded_monitor(s.monitor)) is not None), None)
+        if metric is None and rec is not None:
+            metric, mode = rec[0], mode or rec[1]
         mode = mode or "min"
         scored = [s for s in committed if metric in s.metrics]
         if metric and scored:
@@ -130,5 +139,7 @@ def inspect_checkpoint(path, *, key=None, storage_options=None) -> dict:
     return {"path": storage.url, "format_version": m.format_version, "save_id": m.save_id, "created": m.created,
             "world_size": m.world_size, "frame_size": m.frame_size, "backend": m.backend,
             "files": len(m.files), "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
-            "ref_stored_bytes": m.ref_stored_bytes, "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
+            "ref_stored_bytes": m.ref_stored_bytes,
+            "ratio": compression_ratio(m.raw_bytes, m.stored_bytes, m.ref_stored_bytes),
+            "bases": [f"{b.dir}/data/{b.save_id}" for b in m.bases],
             "user_metadata": user, "tensors": tensors, "values": values}

@@ -41,7 +41,10 @@ def manifest_bytes(storage: Storage) -> bytes:
     except FileNotFoundError:
         partial = bool(storage.list_dir("data"))
         raise IncompleteCheckpointError(
-            "no committed checkpoint here" + (" (a save started but never committed)" if partial else ""),
+            "no committed checkpoint here" + (" (data files but no manifest: a save that never committed, or a "
+                                              "step retention retired whose data a later incremental step "
+                                              "still refers to; `shardckpt ls` on the root tells which)"
+                                              if partial else ""),
             file=f"{storage.url}/{MANIFEST_NAME}") from None
 
 
@@ -104,6 +107,48 @@ def _key_filter(keys) -> Callable[[str], bool]:
     return lambda k: any(k == p or fnmatch.fnmatchcase(k, p) or k.startswith(p.rstrip(".") + ".") for p in pats)
 
 
+def _few(names, n: int = 5) -> str:
+    """Up to n names, and how many more there are (error messages)."""
+    names = sorted(names)
+    return repr(names[:n])[:-1] + (f", ... {len(names) - n} more]" if len(names) > n else "]")
+
+
+def check_selection(keys, names, *, whose: str, saved=None, file: str | None = None) -> None:
+    """A key selection (keys= patterns of load and load_full, export's keys / --keys) that selects none of
+    `names` is a mistake, never an empty success: raise KeyMismatchError naming the patterns and a few of
+    the keys there are (a predicate, or no names at all, is not checked). Called by _resolve (names: the
+    caller's keys), load_full and export (the saved keys).
+
+    Args:
+        keys: the selection as given (None: everything; names, globs, prefixes, or a predicate).
+        names: the keys the selection applies to.
+        whose: how the message names them ("the state's", "the checkpoint's").
+        saved: also name a few of these (the checkpoint's keys, when `names` are the caller's).
+    """
+    if keys is None or callable(keys):  # a predicate is code (shardckpt's own callers pass some): its business
+        return
+    names = list(names)
+    wanted = _key_filter(keys)
+    if not names or any(wanted(k) for k in names):  # an empty state selects nothing and needs nothing
+        return
+    pats = repr([keys] if isinstance(keys, str) else list(keys))
+    extra = "" if saved is None else f"; the checkpoint's keys are {_few(saved)}"
+    raise KeyMismatchError(f"keys={pats} selects none of {whose} {len(names)} keys {_few(names)}{extra} "
+                           f"(names, globs or prefixes)", file=file, hint=False)
+
+
+def _caller_names(saved: str, key_map: KeyMap) -> list[str]:
+    """The caller keys that key_map maps to saved key `saved`, where they can be told: the key itself and,
+    for each plain prefix pair (src, dst) of a dict key_map, src + the rest; each kept only if _map_key
+    maps it back to `saved`. A regex or callable key_map is not inverted (only the key itself is tried)."""
+    cands = [saved]
+    if key_map is not None and not callable(key_map):
+        for src, dst in (key_map.items() if isinstance(key_map, dict) else key_map):
+            if not src.startswith("re:") and saved.startswith(dst):
+                cands.append(src + saved[len(dst):])
+    return [c for c in cands if _map_key(c, key_map) == saved]
+
+
 @dataclass
 class LoadResult:
     """What a load did: keys the caller had that the checkpoint lacks, and keys the checkpoint has that the
@@ -139,7 +184,9 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
     Args:
         strict: raise KeyMismatchError if the caller's keys and the checkpoint's differ (after key_map and
             keys). Non-strict loads skip them and report them in the result.
-        keys: load only these keys (exact names, glob patterns, prefixes, or a predicate).
+        keys: load only these keys (exact names, glob patterns, prefixes, or a predicate), named as the
+            caller names them (before key_map and prefix), also when deciding which saved keys are
+            unexpected; a selection that selects none of the caller's keys raises KeyMismatchError.
         key_map: maps each caller key to the saved key (see _map_key): for loading into a renamed model.
         prefix: load from the part of the checkpoint under this prefix only: caller key k reads saved key
             prefix + k, and saved keys outside the prefix are not "unexpected". For weights only out of a
@@ -170,10 +217,12 @@ def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, k
     try:  # in a group, any failure here must reach the exchange's first collective (every rank raises)
         flat = flatten(state_dict)
         targets, value_slots, missing, unexpected = _resolve(flat, manifest, storage, keys=keys, key_map=key_map,
-                                                             prefix=prefix, convert_dtype=convert_dtype)
+                                                             prefix=prefix, convert_dtype=convert_dtype,
+                                                             strict=strict)
         if strict and (missing or unexpected):
-            raise KeyMismatchError(f"keys differ: missing from the checkpoint {missing[:10]}, unexpected in it "
-                                   f"{unexpected[:10]}", missing=missing, unexpected=unexpected, file=storage.url)
+            raise KeyMismatchError(f"keys differ: missing from the checkpoint {_few(missing, 10)}, unexpected in "
+                                   f"it {_few(unexpected, 10)}", missing=missing, unexpected=unexpected,
+                                   file=storage.url)
         chunks = read_chunks(storage, manifest, {t.key for t in targets}, index_data)
         tasks = plan_reads(targets, manifest, chunks)
     except Exception as e:
@@ -203,9 +252,13 @@ def _read_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[b
     return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}"), index_data
 
 
-def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool):
-    """What a load fills: (targets, value slots, missing keys, unexpected keys), shapes and dtypes checked."""
-    wanted = _key_filter(keys)
+def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool,
+             strict: bool = False):
+    """What a load fills: (targets, value slots, missing keys, unexpected keys), shapes and dtypes checked.
+    A key saved as a tensor and given as a plain value (or the other way) raises under `strict`, else it
+    is missing (only)."""
+    wanted = _key_filter(keys)  # keys= names the caller's keys (before key_map and prefix), everywhere
+    check_selection(keys, flat.leaves, whose="the state's", saved=manifest.keys(), file=storage.url)
     targets, value_slots, missing, used = [], [], [], set()
     for key, leaf in flat.leaves.items():
         if not wanted(key):
@@ -214,7 +267,18 @@ def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefi
         if saved is None:
             continue
         saved = prefix + saved
-        if isinstance(leaf.value, torch.Tensor):
+        is_tensor = isinstance(leaf.value, torch.Tensor)
+        if saved in (manifest.values if is_tensor else manifest.tensors):  # one key, two kinds: say so once
+            if strict:
+                have = f"a plain value ({type(decode_value(manifest.values[saved])).__name__})" if is_tensor \
+                    else "a tensor"
+                give = "a tensor" if is_tensor else f"a plain value ({type(leaf.value).__name__})"
+                raise KeyMismatchError(f"the checkpoint holds {have} under {saved!r}, the state {give}", key=key,
+                                       file=storage.url, hint=False)
+            missing.append(key)  # not loaded: reported once, as missing, and the saved one not as unexpected
+            used.add(saved)
+            continue
+        if is_tensor:
             meta = manifest.tensors.get(saved)
             if meta is None:
                 missing.append(key)
@@ -237,8 +301,10 @@ def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefi
             used.add(saved)
             value_slots.append((leaf, saved))
     in_scope = [k for k in manifest.keys() if k.startswith(prefix)]
-    # with keys=, only the selected keys count: a saved key is unexpected if the selection names it
-    unexpected = sorted(k for k in in_scope if k not in used and (keys is None or wanted(k[len(prefix):])))
+    # with keys=, only the selected keys count: a saved key is unexpected if the selection names it by the
+    # caller's name for it (key_map inverted where it can be), never by the saved name
+    unexpected = sorted(k for k in in_scope if k not in used and
+                        (keys is None or any(wanted(c) for c in _caller_names(k[len(prefix):], key_map))))
     return targets, value_slots, missing, unexpected
 
 
@@ -254,6 +320,7 @@ def load_full(path, *, keys=None, storage_options: dict | None = None, device: s
         else sdist.Comm(None, 0, 1, 0)
     manifest, index_data = _read_metadata(storage, comm)
     wanted = _key_filter(keys)
+    check_selection(keys, manifest.keys(), whose="the checkpoint's", file=storage.url)
     # indexes validated (coverage included) before any tensor is allocated from the manifest's shapes
     chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)], index_data)
     tensors = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in manifest.tensors.items() if wanted(k)}

@@ -46,12 +46,12 @@ import torch.distributed as dist
 from . import api, dist as sdist, restoring, tiers
 from .async_save import AsyncSaveHandle, async_save
 from .commit import error_text
-from .errors import CheckpointExistsError, CoordinationError, StorageError
+from .errors import (CheckpointExistsError, ConfigError, CoordinationError, MetricError, StorageError)
 from .events import EventBus, report_commit
 from .format import DEFAULT_FRAME_SIZE, MANIFEST_NAME
 from .deleter import DEFAULT_GC_GRACE_S, gc_uncommitted, retire  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
 from .layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401 (re-exported)
-from .policy import Decision, Monitor, json_metrics, metric_value, rank_steps, steps_to_delete
+from .policy import Decision, Monitor, json_metrics, metric_missing, metric_value, rank_steps, steps_to_delete
 from .storage import Storage, storage_for
 from .verify import list_problems
 
@@ -103,12 +103,13 @@ class CheckpointManager:
             did not change instead of writing it again (shardckpt.save's base=; FORMAT.md §7).
         full_every: with incremental, every full_every-th save of this manager (and its first) writes
             everything, so references never reach further back than full_every saves and retention can
-            free old steps' data.
+            free old steps' data (default 8; without incremental=True it is a ConfigError).
         callbacks: shardckpt.events callbacks (TensorBoardCallback, MLflowCallback, yours), called on the
             coordinator's event thread; one that raises is logged and never fails a save.
         save_best_only: skip a save (nothing written, maybe_save returns False) unless metrics[monitor]
             improves on the best committed value by more than min_delta; the first save always happens, and
-            so do preemption saves and force=True (Keras' ModelCheckpoint(save_best_only=True)).
+            so do preemption saves and force=True (Keras' ModelCheckpoint(save_best_only=True)). A due save
+            whose metrics lack `monitor` raises MetricError on every rank (never a silent skip).
         min_delta: the smallest change that counts as an improvement (save_best_only, early stopping).
         early_stopping_patience: `should_stop` turns True on every rank once this many monitored saves in a
             row did not improve (Keras' / Lightning's EarlyStopping(patience)); restore(state, "best") then
@@ -129,10 +130,14 @@ class CheckpointManager:
                  preemption_check_every: int = 1,
                  gc_grace_s: float = DEFAULT_GC_GRACE_S, verify: str = "index", codec: str = "auto",
                  frame_size: int = DEFAULT_FRAME_SIZE, storage_options: dict | None = None,
-                 timeout_s: float | None = None, incremental: bool = False, full_every: int = 8,
+                 timeout_s: float | None = None, incremental: bool = False, full_every: int | None = None,
                  callbacks: Iterable = (), save_best_only: bool = False, min_delta: float = 0.0,
                  early_stopping_patience: int | None = None, local_root=None, local_every_steps: int = 1,
                  local_keep_last: int | None = 2, local_replicas: int = 1, local_jump: int = 1):
+        if full_every is not None and not incremental:  # it would be silently ignored
+            raise ConfigError("full_every applies to incremental saves only: pass incremental=True too",
+                              name="full_every")
+        full_every = 8 if full_every is None else full_every
         if full_every < 1:
             raise ValueError("full_every must be >= 1")
         self.incremental, self.full_every, self._since_full = incremental, full_every, None
@@ -277,7 +282,8 @@ class CheckpointManager:
     def maybe_save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> bool:
         """Save if a rule says so (every N steps, every T seconds, force) or a preemption signal reached any
         rank. Call on every rank at every step, with the same step. On preemption, blocks until the save
-        committed, sets `preempted` and returns True: the loop should then exit. Returns whether it saved."""
+        committed, sets `preempted` and returns True: the loop should then exit. Returns whether it saved: a
+        step this manager already saved is not saved again (False; with force=True a warning says so)."""
         self._reap(block=False)
         self._calls += 1
         local = [1 if self._signalled is not None else 0,
@@ -291,6 +297,11 @@ class CheckpointManager:
                 and step != self._last_saved_step:
             return tiers.save_step(self, step, state, metrics, durable=due)
         if not due:
+            return False
+        if step == self._last_saved_step and not preempt:  # nothing is written: say so, never True
+            if force:
+                log.warning("step %d is already saved by this manager; not saving it again (its checkpoint keeps "
+                            "the metrics it was saved with): maybe_save returns False", step)
             return False
         if step != self._last_saved_step:
             try:
@@ -377,8 +388,14 @@ class CheckpointManager:
                 mon.load(None, None if best is None else self._metric(best))
             value = metric_value(metrics, self.monitor)
             d = mon.decide(value)
+            if mon.save_best_only and not always and metric_missing(metrics, self.monitor):
+                # skipping would write nothing, ever (a typo'd metric name): every rank raises this instead
+                raise MetricError(
+                    f"save_best_only cannot decide step {step}: the monitored metric {self.monitor!r} is not "
+                    f"among the metrics given ({sorted(map(str, metrics or {}))}); pass it in maybe_save's "
+                    f"metrics= or change monitor=", name="monitor")
             return {"save": d.save or always, "improved": d.improved, "stop": d.stop, "value": value}
-        record = self.comm.from_coordinator(decide)  # an unreadable root raises on every rank at once
+        record = self.comm.from_coordinator(decide)  # an error (unreadable root, no metric) raises on every rank
         d = Decision(record["save"], record["improved"], record["stop"])
         if d.stop and not self.should_stop and self.comm.is_coordinator:
             log.warning("early stopping: %d monitored saves without improving %s by more than %g (best %s); "
@@ -494,8 +511,11 @@ class CheckpointManager:
     def restore(self, state, step: str | int = "latest") -> int | None:
         """Load `state` in place from a committed step (all ranks): "latest", "best" or a step number.
         The checkpoint is verified first (`verify`); for "latest" and "best", an unreadable or corrupt one
-        is skipped with a warning naming it, and the next one (older, or next best) is tried. Returns the
-        step restored, or None if there is no (valid) checkpoint. A step number that fails raises.
+        is skipped with a warning naming it, and the next one (older, or next best) is tried. "best" without
+        monitor= ranks by the monitor the newest manifest recorded (ConfigError, on every rank, if none did).
+        Returns the step restored, or None if there is no (valid) checkpoint. A step number never falls
+        back: it raises IncompleteCheckpointError when that step was never committed, and the check's or
+        the load's typed error (ChecksumError, CorruptDataError, ...) naming the step and file otherwise.
         (shardckpt.restoring does the work.)"""
         self._reap(block=True)
         if self.tier is not None and step == "latest":  # the local tier when it holds a step >= the durable latest

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import codec as codecs
-from .errors import UnsupportedValueError
+from .errors import FormatError, UnsupportedValueError
 from .format import dtype_name
 from .geometry import dtensor_box, replica_coordinates, replica_piece
 
@@ -92,9 +92,11 @@ _MEMO_MAX = 1 << 16
 
 
 def plan_tensor(key: str, t: torch.Tensor, codec: str, rank: int, world_size: int):
-    """(TensorInfo, WriteItem or None) for one tensor on this rank."""
+    """(TensorInfo, WriteItem or None) for one tensor on this rank. Raises UnsupportedValueError naming the
+    key for a tensor kind shardckpt does not save (sparse, quantized, a dtype outside FORMAT.md's table)."""
     dt = _is_dtensor(t)
     local = t._local_tensor if dt else t
+    _check_kind(key, local)
     sig = (key, tuple(t.shape), t.dtype, codec, rank, world_size, dt,
            (tuple(local.shape), t.placements, id(t.device_mesh)) if dt else None)
     hit = _memo.get(sig)
@@ -109,6 +111,21 @@ def plan_tensor(key: str, t: torch.Tensor, codec: str, rank: int, world_size: in
     piece = None if item is None else (item.offsets, item.sizes, item.codec)
     _memo[sig] = (info, piece, base, weakref.ref(t.device_mesh) if dt else None)
     return info, item
+
+
+SUPPORTED_KINDS = ("dense (strided) tensors and DTensors of them, of the dtypes docs/FORMAT.md lists; convert "
+                   "others first (.to_dense(), .dequantize())")
+
+
+def _check_kind(key: str, t: torch.Tensor) -> None:
+    if t.is_quantized or t.layout != torch.strided:
+        what = "a quantized" if t.is_quantized else f"a sparse ({str(t.layout).replace('torch.', '')})"
+        raise UnsupportedValueError(f"{what} tensor is not saved: shardckpt saves {SUPPORTED_KINDS}", key=key)
+    try:
+        dtype_name(t.dtype)
+    except FormatError:
+        raise UnsupportedValueError(f"dtype {t.dtype} is not saved: shardckpt saves {SUPPORTED_KINDS}",
+                                    key=key) from None
 
 
 def _plan_tensor(key: str, t: torch.Tensor, codec: str, rank: int, world_size: int):

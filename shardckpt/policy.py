@@ -38,6 +38,25 @@ def metric_value(metrics: dict | None, name: str | None) -> float | None:
     return float(v)
 
 
+def metric_missing(metrics: dict | None, name: str) -> bool:
+    """Whether metrics has no value for `name` that could be a number (absent, None, a string, a tensor of
+    several elements). A nan is present: it is a value that never improves."""
+    v = (metrics or {}).get(name)
+    if isinstance(v, torch.Tensor):
+        return v.numel() != 1
+    return not isinstance(v, (int, float)) or isinstance(v, bool)
+
+
+def recorded_monitor(record) -> tuple[str, str] | None:
+    """(metric, mode) of a manifest's user_metadata["monitor"] as CheckpointManager records it, or None when
+    it is absent or malformed. Who reads it: `shardckpt ls` (the best step) and restore(state, "best") of a
+    manager created without monitor=, both from the newest committed step that has one."""
+    if not isinstance(record, dict) or not isinstance(record.get("metric"), str):
+        return None
+    mode = record.get("mode", "min")
+    return (record["metric"], mode) if mode in ("min", "max") else None
+
+
 def rank_steps(scored: list[tuple[float, int]], mode: str) -> list[int]:
     """Steps of (metric, step) pairs, best first; ties: the newer step first."""
     sign = 1.0 if mode == "min" else -1.0

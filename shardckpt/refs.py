@@ -14,6 +14,7 @@ parsed, so a reference can never leave the parent directory.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from .errors import CorruptDataError, IncompleteCheckpointError, SaveError
 from .format import Chunk, Manifest
 from .parse import BASE_DIR
 from .storage import Storage, storage_for
+
+log = logging.getLogger("shardckpt")
 
 HASH_BYTES = 16  # blake2b-128: exact change detection (a collision needs ~2^64 work)
 
@@ -116,6 +119,9 @@ def load_base(storage: Storage, base, rank: int, storage_options: dict | None = 
         m = api.read_manifest(bst)
     except IncompleteCheckpointError as e:
         raise SaveError(f"base {bst.url} is not a committed checkpoint", file=storage.url) from e
+    if m.format_version.split(".")[0] == "1" and rank == 0:  # said once per save, by the coordinator
+        log.warning("base %s has no content hashes (it was saved without content_hash=True): this save "
+                    "writes everything and refers to nothing", bst.url)
     chunks: dict[tuple, Chunk] = {}
     entry = next((f for f in m.files if f.rank == rank), None)
     if entry is not None and m.format_version.split(".")[0] != "1":  # 1.x chunks carry no hashes

@@ -63,7 +63,8 @@ def frame_error(e: Exception, chunk: Chunk, frames, first: int, where: str) -> C
 @dataclass
 class Problem:
     """One thing wrong with a checkpoint. `file` is relative to the checkpoint (VerifyReport.path)."""
-    kind: str                  # manifest | index | missing_file | size | coverage | checksum | corrupt | io
+    kind: str                  # manifest | index | missing_file | size | reference | coverage | checksum |
+                               # corrupt | io
     message: str
     key: str | None = None
     file: str | None = None
@@ -176,24 +177,27 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
 
 def _check_references(storage, by_key, bad_files, report: VerifyReport) -> None:
     """Step 4b: every base data file that this share's references point into (FORMAT.md §7) exists and
-    holds their frames; a missing or short one is a Problem naming the key and both checkpoints."""
-    ends: dict[tuple[str, str], tuple[int, Chunk]] = {}
+    holds their frames; a missing or short one is a Problem for each key whose frames it lacks, naming the
+    key and both checkpoints (one stat per file)."""
+    ends: dict[tuple[str, str], dict[str, tuple[int, Chunk]]] = {}  # (base, file) -> key -> (end, a chunk)
     for cs in by_key.values():
         for c in cs:
             if c.base and c.frames:
                 end = max(f.offset + f.stored_len for f in c.frames)
-                if (c.base, c.file) not in ends or ends[(c.base, c.file)][0] < end:
-                    ends[(c.base, c.file)] = (end, c)
-    for (base, file), (end, c) in sorted(ends.items()):
+                keys = ends.setdefault((c.base, c.file), {})
+                if c.key not in keys or keys[c.key][0] < end:
+                    keys[c.key] = (end, c)
+    for (base, file), keys in sorted(ends.items()):
         try:
-            size = chunk_storage(storage, c).size(file)
+            size = chunk_storage(storage, next(iter(keys.values()))[1]).size(file)
         except (FileNotFoundError, OSError, CheckpointError):
             size = None
-        if size is None or size < end:
-            what = "missing" if size is None else f"{size} bytes, shorter than its frames (to byte {end})"
-            e = reference_error(storage, c, f"referenced data file is {what}")
-            report.problems.append(_problem("reference", e, file=f"../{base}/{file}"))
-            bad_files.add((base, file))
+        for key, (end, c) in sorted(keys.items()):
+            if size is None or size < end:
+                what = "missing" if size is None else f"{size} bytes, shorter than its frames (to byte {end})"
+                e = reference_error(storage, c, f"referenced data file is {what}")
+                report.problems.append(_problem("reference", e, file=f"../{base}/{file}"))
+                bad_files.add((base, file))
 
 
 def _verify_frames(storage, m, by_key, bad_files, report: VerifyReport, workers, progress) -> None:
@@ -255,6 +259,41 @@ def _verify_frames(storage, m, by_key, bad_files, report: VerifyReport, workers,
             report.frames += nframes
             bar(nbytes)
     bar.close()
+
+
+def check_frames(storage, manifest, chunks: list[Chunk], *, skip=frozenset()) -> set:
+    """Step 5 for some chunks only: every frame's crc32c and decodability, without keeping the data.
+    Called by shardckpt diff for the tensors it finds identical by content hash (FORMAT.md §7), so that it
+    never reports data it did not check.
+
+    Args:
+        storage: the checkpoint the chunks belong to.
+        manifest: its Manifest.
+        chunks: the chunks to check (references are read in their base).
+        skip: locations (URL of the file, byte offset) already checked, e.g. the same base frames through
+            the other side of a diff; not read again.
+
+    Returns:
+        The locations checked (add them to `skip` for the next call).
+
+    Raises:
+        ChecksumError, CorruptDataError, StorageError: the first bad frame, naming key, file and rank.
+    """
+    by_key: dict[str, list[Chunk]] = {}
+    seen = set()
+    for c in chunks:
+        loc = (f"{chunk_storage(storage, c).url}/{c.file}", c.frames[0].offset if c.frames else -1)
+        if loc not in skip:
+            by_key.setdefault(c.key, []).append(c)
+            seen.add(loc)
+    report = VerifyReport(storage.url, True)
+    _verify_frames(storage, manifest, by_key, set(), report, None, False)
+    if report.problems:
+        p = report.problems[0]
+        cls = {"ChecksumError": ChecksumError, "CorruptDataError": CorruptDataError}.get(p.error, StorageError)
+        at = "" if p.offset is None else f" at byte offset {p.offset}"
+        raise cls(f"{p.message}{at}", key=p.key, file=f"{storage.url}/{p.file}", rank=p.rank)
+    return seen
 
 
 def list_problems(path, *, full: bool = False, storage_options: dict | None = None, rank: int = 0,

@@ -252,3 +252,110 @@ def test_verify_problem_lines_name_the_file_once_and_the_error_class(root, tmp_p
     assert code == 1 and line.count(m.files[0].index) == 1
     code, out, _ = run(capsys, "verify", path, "--json")
     assert json.loads(out)["problems"][0]["error"] == "ChecksumError"
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "junk").write_bytes(bytes(range(256)) * 12)
+    (d / "empty").mkdir()
+    import fractions
+    torch.save({"w": torch.ones(3), "f": fractions.Fraction(1, 3)}, d / "object.pt")  # weights_only refuses it
+    shardckpt.save({"w": torch.ones(4)}, str(d / "good"))
+    return d
+
+
+def _commands(p, d):
+    good, out = d / "good", d / "out"
+    return [("ls", p), ("inspect", p), ("verify", p), ("diff", p, good), ("diff", good, p), ("export", p, out),
+            ("export", p, d / "out.pt", "--format", "torch"), ("import", p, d / "dst"),
+            ("import", p, d / "dst", "--kind", "dcp"), ("import", p, d / "dst", "--kind", "torch"),
+            ("import", p, d / "dst", "--kind", "safetensors"), ("gc", p)]
+
+
+@pytest.mark.parametrize("what", ["missing", "junk", "empty"])
+def test_every_subcommand_fails_on_bad_input_with_one_error_line(bad_inputs, capsys, what):
+    """docs/CLI.md: errors exit 2 with one `error:` line on stderr, never a traceback or exit 1 (a
+    finding). An empty directory is a valid (empty) root for ls and gc: exit 0."""
+    p = bad_inputs / what
+    for argv in _commands(p, bad_inputs):
+        code, out, err = run(capsys, *argv)
+        if what == "empty" and argv[0] in ("ls", "gc"):
+            assert code == 0, (argv, err)
+            continue
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, code, err)
+        assert str(p) in lines[0] or argv[0] == "diff" and "good" in lines[0], (argv, err)
+    assert not (bad_inputs / "dst").exists() and not (bad_inputs / "out").exists()
+
+
+def test_import_refuses_objects_and_directories_in_one_line(bad_inputs, capsys):
+    code, _, err = run(capsys, "import", bad_inputs / "object.pt", bad_inputs / "dst2")
+    assert code == 2 and err.count("\n") == 1 and "FormatError" in err and "fractions.Fraction" in err
+    code, _, err = run(capsys, "import", bad_inputs / "good", bad_inputs / "dst2", "--kind", "torch")
+    assert code == 2 and err.count("\n") == 1 and "FormatError" in err and "directory" in err
+    code, _, err = run(capsys, "gc", bad_inputs / "nothing-here")
+    assert code == 2 and "IncompleteCheckpointError" in err  # was "would remove 0", exit 0
+
+
+def test_every_library_equivalent_docs_name_is_importable_from_cli():
+    """docs/CLI.md: "Library equivalents (each also importable from `shardckpt.cli`)": four were not."""
+    import importlib
+    import re
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md"), encoding="utf-8").read()
+    para = doc.split("Library equivalents", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"`([\w.]+)`", para)
+    checked = []
+    def is_module(n):
+        try:
+            importlib.import_module(n)
+            return True
+        except ImportError:
+            return False
+    for n in names:
+        if is_module(n):
+            continue  # a module named for where the functions live
+        last = n.rsplit(".", 1)[-1]
+        assert hasattr(cli, last), f"docs/CLI.md says {last} is importable from shardckpt.cli"
+        if "." in n:  # the same function as the home the docs name
+            mod, _, attr = n.rpartition(".")
+            assert getattr(importlib.import_module(mod), attr) is getattr(cli, last)
+        checked.append(last)
+    assert {"export_safetensors", "export_torch", "import_checkpoint", "gc_uncommitted", "list_steps",
+            "verify_checkpoint", "diff_checkpoints"} <= set(checked)
+
+
+def test_ls_metric_column_and_step_names(tmp_path, capsys):
+    """`ls --metric acc` showed a LOSS column (and no ACC); a directory named p2 was step 2."""
+    for step, m in ((1, {"loss": 2.0, "acc": 0.5}), (2, {"loss": 1.0, "acc": 0.4})):
+        shardckpt.save({"w": torch.ones(2)}, str(tmp_path / f"step-{step:010d}"), metadata={"metrics": m})
+    shardckpt.save({"w": torch.ones(2)}, str(tmp_path / "p2"))
+    code, out, _ = run(capsys, "ls", tmp_path, "--metric", "acc", "--mode", "max")
+    header, *rows = out.splitlines()
+    assert code == 0 and "ACC" in header and "LOSS" not in header
+    best = [r for r in rows if r.rstrip().endswith("best")]
+    assert len(best) == 1 and best[0].startswith("step-0000000001")
+    code, out, _ = run(capsys, "ls", tmp_path, "--json")
+    assert {s["name"]: s["step"] for s in json.loads(out)}["p2"] is None
+
+
+def test_a_closed_pipe_is_not_an_error(root, monkeypatch):
+    def closed(args):
+        raise BrokenPipeError
+    monkeypatch.setattr(cli, "cmd_ls", closed)
+    assert cli.main(["ls", str(root)]) == 0  # `shardckpt ls | head`; OSError is otherwise exit 2
+
+
+def test_ls_and_restore_best_take_the_monitor_from_the_newest_step_that_recorded_one(tmp_path, capsys):
+    from shardckpt import CheckpointManager
+    m = CheckpointManager(tmp_path, monitor="acc", mode="max", async_save=False, preemption_signals=())
+    for s, acc in ((1, 0.9), (2, 0.5)):
+        m.save(s, {"w": torch.full((2,), float(s))}, metrics={"acc": acc})
+    m.close()
+    plain = CheckpointManager(tmp_path, async_save=False, preemption_signals=())  # records no monitor
+    plain.save(3, {"w": torch.full((2,), 3.0)}, metrics={"acc": 0.1})
+    code, out, _ = run(capsys, "ls", tmp_path, "--json")
+    assert [s["step"] for s in json.loads(out) if s["best"]] == [1]  # acc, max: from step 2's record
+    back = {"w": torch.zeros(2)}
+    assert plain.restore(back, "best") == 1 and back["w"][0] == 1.0
+    plain.close()

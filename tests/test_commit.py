@@ -116,6 +116,36 @@ def test_strict_load_with_keys_and_key_map_considers_only_the_selection(tmp_path
         shardckpt.load({"w": torch.zeros(3)}, path, key_map={"": "model."}, strict=True)
 
 
+def test_keys_name_the_callers_keys_when_filling_and_when_finding_unexpected_ones(tmp_path):
+    """Issue 22 item 11: keys= is read in the caller's name space everywhere (before key_map)."""
+    path = str(tmp_path / "c")
+    shardckpt.save({"x": {"a": torch.ones(3)}, "a": torch.full((2,), 7.0), "x2": torch.zeros(1)}, path)
+    target = {"a": torch.zeros(3)}
+    # saved "a" has the same text as the caller's "a" but is not what the caller's "a" reads (x.a): it is
+    # outside the selection, not unexpected (before: strict failed with "unexpected ['a']")
+    shardckpt.load(target, path, keys=["a"], key_map={"": "x."}, strict=True)
+    assert torch.equal(target["a"], torch.ones(3))
+    shardckpt.save({"module": {"a": torch.ones(3), "a2": torch.ones(1)}}, str(tmp_path / "d"))
+    with pytest.raises(KeyMismatchError) as e:  # saved module.a2 is the caller's "a2", which "a*" selects
+        shardckpt.load({"a": torch.zeros(3)}, str(tmp_path / "d"), keys=["a*"], key_map={"": "module."})
+    assert e.value.unexpected == ["module.a2"]  # before: silently left out
+
+
+def test_a_key_selection_that_selects_nothing_is_an_error(tmp_path):
+    """Issue 22 item 10: keys= that matches nothing read 0 bytes (strict) or returned {}."""
+    path = str(tmp_path / "c")
+    shardckpt.save({"model": {"w": torch.ones(3), "b": torch.zeros(2)}, "step": 4}, path)
+    with pytest.raises(KeyMismatchError, match=r"keys=\['zzz'\] selects none.*'model.b', 'model.w', 'step'"):
+        shardckpt.load_full(path, keys=["zzz"])
+    for strict in (True, False):
+        with pytest.raises(KeyMismatchError, match=r"keys=\['nomatch'\].*'model.w'") as e:
+            shardckpt.load({"model": {"w": torch.zeros(3)}}, path, keys=["nomatch"], strict=strict)
+        assert "strict=False" not in str(e.value)  # not the advice for a selection that selects nothing
+    with pytest.raises(KeyMismatchError, match="selects none of the state's"):  # the checkpoint's names
+        shardckpt.load({"w": torch.zeros(3)}, path, keys=["model.w"], key_map={"": "model."})
+    assert torch.equal(shardckpt.load_full(path, keys=["model.w"])["model"]["w"], torch.ones(3))
+
+
 # ------------------------------------------------ any error while planning reaches every rank at once (defect 4)
 
 class _Exploding:
@@ -163,3 +193,28 @@ def test_a_plain_exception_while_planning_fails_every_rank_at_once(tmp_path):
         assert e1 is not None and e1[0] == 1 and "RuntimeError: boom" in e1[1] and t1 < 20
         assert e2 is not None and e2[0] == 0 and "PermissionError" in e2[1] and t2 < 20
     assert not os.path.exists(tmp_path / "plain" / "manifest.json")
+
+
+def test_key_mismatch_messages_say_what_is_cut_and_name_a_kind_mismatch_once(tmp_path):
+    """Issue 22 (small): lists were cut at 10 silently; a tensor given for a saved plain value was both
+    missing and unexpected."""
+    path = str(tmp_path / "c")
+    shardckpt.save({"step": 3, **{f"k{i:02d}": torch.ones(1) for i in range(15)}}, path)
+    with pytest.raises(KeyMismatchError, match=r"'k09', \.\.\. 5 more\]") as e:
+        shardckpt.load({"step": 3}, path)
+    assert len(e.value.unexpected) == 15
+    with pytest.raises(KeyMismatchError, match=r"plain value \(int\) under 'step', the state a tensor") as e:
+        shardckpt.load({"step": torch.zeros(1)}, path, keys=["step"])
+    assert e.value.key == "step" and "strict=False" not in str(e.value)
+    res = shardckpt.load({"step": torch.zeros(1)}, path, keys=["step"], strict=False)
+    assert res.missing_keys == ["step"] and res.unexpected_keys == []  # once, not also unexpected
+
+
+def test_restore_does_not_advise_strict_false_which_it_does_not_take(tmp_path):
+    from shardckpt import CheckpointManager
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    m.save(1, {"w": torch.ones(2)})
+    with pytest.raises(KeyMismatchError, match="restore failed") as e:
+        m.restore({"x": torch.ones(2)})
+    assert "pass strict=False" not in str(e.value) and "shardckpt.load(state, path, strict=False)" in str(e.value)
+    m.close()

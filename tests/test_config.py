@@ -164,3 +164,22 @@ def test_every_shardckpt_variable_is_read_only_in_config():
                 if "environ" in line and "SHARDCKPT_" in line or "getenv(\"SHARDCKPT_" in line:
                     offenders.append(f"{f}: {line.strip()}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("var, bad", [("SHARDCKPT_THREADS", "0"), ("SHARDCKPT_THREADS", "two"),
+                                      ("SHARDCKPT_ZSTD_LEVEL", "99")])
+def test_bad_save_variables_raise_config_error_not_save_error(monkeypatch, tmp_path, var, bad):
+    """Before: SaveError wrapping the ConfigError's text, so `except ConfigError` missed it."""
+    monkeypatch.setenv(var, bad)
+    for save in (shardckpt.save, lambda s, p: shardckpt.async_save(s, p).wait()):
+        with pytest.raises(ConfigError, match=var) as e:
+            save({"w": torch.randn(1000)}, str(tmp_path / "c"))
+        assert e.value.name == var and not isinstance(e.value, shardckpt.SaveError)
+    assert not (tmp_path / "c").exists()
+
+
+def test_misspelt_require_native_fails_the_import_even_when_native_loads():
+    env = dict(os.environ, SHARDCKPT_REQUIRE_NATIVE="maybe")  # before: only read when native failed to load
+    r = subprocess.run([sys.executable, "-c", "import shardckpt"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "ConfigError" in r.stderr and "SHARDCKPT_REQUIRE_NATIVE='maybe'" in r.stderr

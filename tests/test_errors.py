@@ -168,3 +168,16 @@ def test_weights_only_from_a_training_state_checkpoint(tmp_path):
     assert torch.equal(weights["w"], torch.arange(6.0)) and r.unexpected_keys == []
     with pytest.raises(shardckpt.KeyMismatchError):
         shardckpt.load({"w": torch.zeros(6), "v": torch.zeros(1)}, p, prefix="model.")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("make, what", [(lambda: torch.eye(3).to_sparse(), "sparse"),
+                                        (lambda: torch.eye(3).to_sparse_csr(), "sparse"),
+                                        (lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+                                         "quantized")])
+def test_unsupported_tensor_kinds_name_the_key_and_what_is_supported(tmp_path, make, what):
+    """Before: SaveError around a RuntimeError (sparse), FormatError without a key (quantized)."""
+    with pytest.raises(shardckpt.UnsupportedValueError, match=f"{what}.*dense \\(strided\\) tensors") as e:
+        shardckpt.save({"m": {"w": make()}, "ok": torch.ones(2)}, tmp_path / "c")
+    assert e.value.key == "m.w"
+    assert not (tmp_path / "c" / "manifest.json").exists()

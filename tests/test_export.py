@@ -214,3 +214,47 @@ def test_safetensors_export_says_which_values_it_left_out(ckpt, tmp_path, capsys
     assert "left out 1 non-tensor value(s)" in out and "step" in out
     assert cli.main(["export", ckpt, str(tmp_path / "d"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == ["step"]
+
+
+def test_export_keys_that_select_nothing_is_an_error_and_writes_nothing(ckpt, tmp_path, capsys):
+    """Issue 22 item 10: `export --keys nomatch` wrote an empty model.safetensors and exited 0."""
+    for fmt, out in (("safetensors", tmp_path / "st"), ("torch", tmp_path / "o.pt")):
+        code = cli.main(["export", ckpt, str(out), "--keys", "nomatch", "--format", fmt])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: KeyMismatchError") and "'nomatch'" in err and "model." in err
+        assert not out.exists()
+    with pytest.raises(shardckpt.KeyMismatchError, match="nomatch"):
+        export.export_torch(ckpt, str(tmp_path / "x.pt"), keys=["nomatch"])
+
+
+def test_export_argument_mistakes_are_one_line_errors(ckpt, tmp_path, capsys):
+    """`--rename bad` said "dictionary update sequence element #0"; a directory as a torch export's OUT was
+    told to pass --overwrite, which then failed with "Is a directory"."""
+    assert cli.main(["export", ckpt, str(tmp_path / "a"), "--rename", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ConfigError" in err and "'bad' is not OLD=NEW" in err
+    (tmp_path / "d").mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(["export", ckpt, str(tmp_path / "d"), "--format", "torch"] + extra) == 2
+        err = capsys.readouterr().err
+        assert "ConfigError" in err and "is a directory" in err and "--overwrite" not in err
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_failed_export_leaves_no_empty_directory_and_no_half_export(tmp_path):
+    p = tmp_path / "ck"
+    shardckpt.save(_state(), str(p), frame_size=16 << 10)
+    m = shardckpt.read_manifest(str(p))
+    data = p / m.files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[-100] ^= 0xFF  # a frame near the end: the export fails after writing some shards
+    data.write_bytes(bytes(raw))
+    with pytest.raises((shardckpt.ChecksumError, shardckpt.CorruptDataError)):
+        export.export_safetensors(str(p), str(tmp_path / "new"), max_shard_size=20_000)
+    assert not (tmp_path / "new").exists()  # it created the directory: gone again
+    keep = tmp_path / "hf"
+    keep.mkdir()
+    (keep / "config.json").write_text("{}")
+    with pytest.raises((shardckpt.ChecksumError, shardckpt.CorruptDataError)):
+        export.export_safetensors(str(p), str(keep), max_shard_size=20_000)
+    assert sorted(f.name for f in keep.iterdir()) == ["config.json"]  # the user's file stays, no shard does

@@ -485,3 +485,82 @@ def test_group_restore_with_corrupt_referenced_data_fails_on_every_rank(tmp_path
     data.write_bytes(bytes(raw))
     for res in run_ranks(2, _group_load_error, str(tmp_path / "b")):
         assert res is not None and res[1] and str(tmp_path / "a") in res[2] and str(tmp_path / "b") in res[3]
+
+
+def test_diff_checks_the_frames_it_trusts_by_content_hash(tmp_path, capsys):
+    """A copy of a hashed step with one data byte flipped: equal hashes on both sides, but diff must not
+    call it "same" (exit 0) without checking the bytes; it fails like a streamed read would (exit 2)."""
+    import shutil
+    from shardckpt import cli
+    from shardckpt.diff import diff_checkpoints
+    shardckpt.save(_state(), tmp_path / "a", content_hash=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert diff_checkpoints(tmp_path / "a", tmp_path / "b")["summary"]["same"] == 5  # both sound: all same
+    data = tmp_path / "b" / shardckpt.read_manifest(tmp_path / "b").files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError) as e:
+        diff_checkpoints(tmp_path / "a", tmp_path / "b")
+    assert e.value.file.startswith(str(tmp_path / "b")) and e.value.file.endswith(".bin") and e.value.key
+    capsys.readouterr()
+    assert cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ChecksumError") and "/b/" in err[0]
+
+
+def test_base_without_content_hashes_is_said_once(tmp_path, caplog):
+    import logging
+    st = _state()
+    shardckpt.save(st, tmp_path / "a")  # no content_hash=True: format 1.x, nothing to compare against
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        m = shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
+    said = [r for r in caplog.records if "no content hashes" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "a") in said[0].getMessage() and not m.bases
+    caplog.clear()
+    shardckpt.save(st, tmp_path / "c", content_hash=True)
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert shardckpt.save(st, tmp_path / "d", base=tmp_path / "c").bases  # hashed base: no warning
+    assert "no content hashes" not in caplog.text
+
+
+def test_reports_agree_on_an_incremental_step(tmp_path, capsys):
+    """Issue 22 item 12: inspect and ls gave one step two ratios (18.57x against 1.08x); verify reported one
+    of several keys that refer to the same missing file, under a kind docs/CLI.md did not list."""
+    import re
+    from shardckpt import cli
+    from shardckpt.inspection import inspect_checkpoint, list_steps
+    st = _state()
+    shardckpt.save(st, tmp_path / "step-0000000001", content_hash=True)
+    _train(st, 1)
+    shardckpt.save(st, tmp_path / "step-0000000002", base=tmp_path / "step-0000000001")
+    line = {s.step: s for s in list_steps(tmp_path)}[2]
+    info = inspect_checkpoint(tmp_path / "step-0000000002")
+    assert line.ref_bytes > 0 and info["ratio"] == pytest.approx(line.ratio)
+    cli.main(["inspect", str(tmp_path / "step-0000000002")])
+    out = capsys.readouterr().out
+    assert f"({line.ratio:.2f}x)" in out.splitlines()[3] and "referred" in out.splitlines()[3]
+    refs = sorted(k for k, is_ref in _refs(tmp_path / "step-0000000002").items() if is_ref)
+    assert len(refs) >= 2  # several keys refer to the one data file of step 1
+    os.remove(tmp_path / "step-0000000001" / shardckpt.read_manifest(tmp_path / "step-0000000001").files[0].data)
+    report = verify_checkpoint(tmp_path / "step-0000000002", full=False)
+    assert sorted(p.key for p in report.problems if p.kind == "reference") == refs
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md"), encoding="utf-8").read()
+    src = open(os.path.join(os.path.dirname(shardckpt.__file__), "verify.py"), encoding="utf-8").read()
+    kinds = set(re.findall(r'(?:Problem|_problem)\(\s*"(\w+)"', src)) | {"checksum", "corrupt"}
+    listed = doc.split("each with its kind", 1)[1].split("key, file", 1)[0]
+    assert kinds - {k for k in kinds if f"`{k}`" in listed} == set(), "kinds verify reports but docs/CLI.md omits"
+
+
+def test_verifying_a_retired_step_does_not_call_it_a_save_that_never_committed(tmp_path, capsys):
+    from shardckpt import cli
+    st = _state()
+    with CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False,
+                           preemption_signals=()) as mgr:
+        for step in (1, 2):
+            _train(st, step)
+            mgr.save(step, st)
+    assert not (tmp_path / "step-0000000001" / "manifest.json").exists()  # retired; step 2 refers to its data
+    assert cli.main(["verify", str(tmp_path / "step-0000000001")]) == 2
+    err = capsys.readouterr().err
+    assert "IncompleteCheckpointError" in err and "retired" in err and "shardckpt ls" in err

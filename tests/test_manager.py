@@ -368,3 +368,131 @@ def test_restore_reads_the_manifest_and_each_index_once_for_the_group(tmp_path):
             total[name] = total.get(name, 0) + n
     indexes = [f for _, _, fs in os.walk(tmp_path / "root") for f in fs if f.endswith(".index.json")]
     assert indexes and total == {"manifest.json": 1, **{f: 1 for f in indexes}}, per_rank
+
+
+def test_save_best_only_with_the_monitored_metric_missing_raises_instead_of_never_saving(tmp_path):
+    """A typo'd metric name used to make every maybe_save return False and leave the root empty."""
+    m = CheckpointManager(tmp_path, save_every_steps=1, save_best_only=True, monitor="loss", async_save=False,
+                          preemption_signals=())
+    with pytest.raises(shardckpt.MetricError, match=r"'loss'.*\['val_loss'\]") as e:
+        m.maybe_save(1, _state(1), metrics={"val_loss": 0.5})
+    assert isinstance(e.value, shardckpt.ConfigError) and e.value.name == "monitor"
+    with pytest.raises(shardckpt.MetricError, match=r"'loss'.*\[\]"):
+        m.maybe_save(2, _state(2))  # metrics=None at the first save
+    assert m.steps() == []
+    assert m.maybe_save(3, _state(3), force=True)  # a forced (or preemption) save still saves
+    assert m.maybe_save(4, _state(4), metrics={"loss": float("nan")}) is False  # nan: present, never better
+    assert m.maybe_save(5, _state(5), metrics={"loss": 1.0})
+    m.close()
+    assert m.steps() == [3, 5]
+
+
+def _missing_metric_ranks(rank, ws, root):
+    m = CheckpointManager(root, save_every_steps=1, monitor="loss", save_best_only=True, preemption_signals=())
+    try:
+        m.maybe_save(1, {"w": torch.zeros(8)}, metrics={"val_loss": 1.0} if rank == 0 else {"loss": 1.0})
+    except shardckpt.MetricError as e:
+        got = str(e)
+    else:
+        got = None
+    m.close()
+    return got, m.steps()
+
+
+def test_missing_monitored_metric_raises_on_every_rank_alike(tmp_path):
+    """The coordinator decides (its metrics lack the metric) and every rank raises the same error, none
+    waits at a collective."""
+    (e0, steps0), (e1, steps1) = run_ranks(2, _missing_metric_ranks, str(tmp_path), timeout=120)
+    assert e0 is not None and "'loss'" in e0 and "val_loss" in e0
+    assert e1 == f"on rank 0: {e0} (rank=0)"  # the same MetricError, naming the rank that decided
+    assert steps0 == steps1 == []
+
+
+def test_restore_best_without_monitor_uses_the_recorded_monitor_or_raises(tmp_path):
+    m = CheckpointManager(tmp_path / "run", monitor="acc", mode="max", async_save=False, preemption_signals=())
+    for s, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):
+        m.save(s, _state(s), metrics={"acc": acc})
+    m.close()
+    into = _state(-1)
+    plain = CheckpointManager(tmp_path / "run", preemption_signals=())  # no monitor=: the recorded one (max acc)
+    assert plain.restore(into, "best") == 2 and into["step"] == 2 and torch.equal(into["w"], _state(2)["w"])
+    none = CheckpointManager(tmp_path / "plain", async_save=False, preemption_signals=())
+    none.save(1, _state(1), metrics={"acc": 0.5})  # no monitor recorded anywhere
+    with pytest.raises(shardckpt.ConfigError, match="needs monitor="):
+        none.restore(into, "best")
+    assert CheckpointManager(tmp_path / "empty", preemption_signals=()).restore(into, "best") is None
+
+
+def _best_no_monitor_ranks(rank, ws, root):
+    m = CheckpointManager(root, async_save=False, preemption_signals=())
+    m.save(1, {"w": torch.zeros(8)}, metrics={"loss": 1.0})
+    try:
+        m.restore({"w": torch.ones(8)}, "best")
+    except shardckpt.ConfigError as e:
+        return str(e)
+    finally:
+        m.close()
+
+
+def test_restore_best_without_any_monitor_raises_on_every_rank(tmp_path):
+    e0, e1 = run_ranks(2, _best_no_monitor_ranks, str(tmp_path), timeout=120)
+    assert e0 and "monitor=" in e0
+    assert e1 == f"on rank 0: {e0} (rank=0)"  # the same ConfigError, naming the rank that decided
+
+
+def test_an_explicit_step_never_falls_back_and_raises_its_own_typed_error(tmp_path, caplog):
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    for s in (1, 2):
+        m.save(s, _state(s))
+    man = shardckpt.read_manifest(tmp_path / step_dir(2))
+    data = tmp_path / step_dir(2) / man.files[0].data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # only the load (verify="index") finds it
+    data.write_bytes(bytes(raw))
+    into = _state(-1)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        with pytest.raises(shardckpt.IncompleteCheckpointError, match="step 3 .*does not exist") as e:
+            m.restore(into, 3)  # never saved
+        assert step_dir(3) in e.value.file
+        with pytest.raises(shardckpt.ChecksumError, match="step 2 ") as e:
+            m.restore(into, 2)
+        assert e.value.file == str(tmp_path / step_dir(2) / man.files[0].data)
+    assert "falling back" not in caplog.text and "fell back" not in caplog.text
+    assert m.restore(into, 1) == 1 and into["step"] == 1
+    mf = CheckpointManager(tmp_path, verify="full", preemption_signals=())  # found by the check, not the load
+    with pytest.raises(shardckpt.ChecksumError, match="step 2 "):
+        mf.restore(into, 2)
+
+
+def test_a_second_forced_save_of_a_step_is_refused_and_says_so(tmp_path, caplog):
+    """maybe_save(8, force=True) twice returned True the second time but kept the first metrics."""
+    m = CheckpointManager(tmp_path, async_save=False, preemption_signals=())
+    assert m.maybe_save(8, _state(8), metrics={"loss": 2.0}, force=True)
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert m.maybe_save(8, _state(8), metrics={"loss": 1.0}, force=True) is False
+    assert "step 8 is already saved" in caplog.text
+    assert m.metadata(8)["metrics"] == {"loss": 2.0}
+    m.close()
+
+
+def test_full_every_without_incremental_is_refused():
+    with pytest.raises(shardckpt.ConfigError, match="incremental=True") as e:
+        CheckpointManager("memory://fe", full_every=4, preemption_signals=())
+    assert e.value.name == "full_every"
+    CheckpointManager("memory://fe2", incremental=True, full_every=4, preemption_signals=()).close()
+
+
+def _explicit_step_ranks(rank, ws, root):
+    m = CheckpointManager(root, async_save=False, preemption_signals=())
+    m.save(1, {"w": torch.zeros(8)})
+    try:
+        m.restore({"w": torch.ones(8)}, 3)
+    except shardckpt.CheckpointError as e:
+        return type(e).__name__, e.file
+    finally:
+        m.close()
+
+
+def test_an_explicit_missing_step_raises_the_same_typed_error_on_every_rank(tmp_path):
+    (c0, f0), (c1, f1) = run_ranks(2, _explicit_step_ranks, str(tmp_path), timeout=120)
+    assert c0 == c1 == "IncompleteCheckpointError" and f0 == f1 and step_dir(3) in f0

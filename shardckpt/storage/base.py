@@ -157,7 +157,7 @@ class Storage(abc.ABC):
 
     def mtime(self, relpath: str) -> float | None:
         """Last modification time of a file or directory (seconds since the epoch), or None if it is absent
-        or the backend cannot tell. Called by gc (shardckpt.gc, coordinator or CLI) to leave alone the files
+        or the backend cannot tell. Called by gc (shardckpt.deleter, coordinator or CLI) to leave alone the files
         of a save that may still be in progress; None makes gc keep the entry, so this default is safe."""
         return None
 

@@ -248,7 +248,7 @@ class FsspecStorage(Storage):
 
     def mtime(self, relpath: str) -> float | None:
         """Last modification time from fs.info() (each filesystem names it differently), or None if absent
-        or not given (S3 directory prefixes have none). Called by gc (shardckpt.gc) to spare fresh saves."""
+        or not given (S3 directory prefixes have none). Called by gc (shardckpt.deleter) to spare fresh saves."""
         try:
             info = self.fs.info(self._path(relpath))
         except Exception:
