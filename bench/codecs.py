@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardckpt import _ext
+from shardckpt.native import kernels as _ext
 
 CODEC_NAMES = {_ext.CODEC_RAW: "raw", _ext.CODEC_ZSTD: "zstd", _ext.CODEC_ZSTD_BYTEPLANE: "zstd-byteplane"}
 

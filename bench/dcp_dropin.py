@@ -1,4 +1,4 @@
-"""shardckpt.dcp.Writer/Reader against DCP's FileSystemWriter/Reader on the same state, in one run.
+"""shardckpt.integrations.dcp.Writer/Reader against DCP's FileSystemWriter/Reader on the same state, in one run.
 
     python -m bench.dcp_dropin [--mb 256] [--reps 3] [--dir /tmp] [--threads N]
 
@@ -28,7 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import shardckpt
-import shardckpt.dcp as sdcp
+from shardckpt.integrations import dcp as sdcp
 from bench.compare import drop_caches
 
 

@@ -192,8 +192,8 @@ def plan_simulation(params: float, dtype=torch.bfloat16, saved_ws: int = 64) -> 
     DDP (every rank needs every frame) and HSDP (replicas of the saving world's shards), from a checkpoint
     saved by `saved_ws` ranks FSDP with shardckpt's frame sizes (about 16 frames per chunk)."""
     import math
-    from shardckpt.exchange_plan import plan_exchange
-    from shardckpt.format import DEFAULT_FRAME_SIZE, chunk_frame_size
+    from shardckpt.plan.exchange_plan import plan_exchange
+    from shardckpt.format.records import DEFAULT_FRAME_SIZE, chunk_frame_size
     shapes = gpt_shapes(params)
     items = [(k, s) for k, s in shapes.items() for _ in range(3)]  # param, exp_avg, exp_avg_sq
     offsets: dict[int, list[int]] = {f: [0] for f in range(saved_ws)}

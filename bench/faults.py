@@ -102,7 +102,7 @@ def _rot(root, flips, report, fail):
     import faultkit
     import test_faults
     from harness import run_ranks
-    from shardckpt import _ext
+    from shardckpt.native import kernels as _ext
     path = os.path.join(root, "rot")
     run_ranks(2, test_faults._two_rank_save, path)
     verify = test_faults._verify_cli()
@@ -142,7 +142,7 @@ def _fuzz(cases, report, fail):
         t0 = time.monotonic()
         try:
             if name == "decode_native":
-                from shardckpt import _ext
+                from shardckpt.native import kernels as _ext
                 _ext.backend("native")
             n = test_fuzz.run_target(name, cases)
             out[name] = {"cases": n, "seconds": round(time.monotonic() - t0, 1)}

@@ -69,9 +69,9 @@ def _needed_bytes(url, opts, state):
     """Stored bytes of exactly the rows this rank holds: for each overlap of a saved chunk with a local box,
     the chunk's stored bytes times the fraction of its rows needed."""
     from shardckpt.api import _target_box, read_chunks, read_manifest
-    from shardckpt.geometry import intersect
+    from shardckpt.plan.geometry import intersect
     from shardckpt.storage import storage_for
-    from shardckpt.tree import flatten
+    from shardckpt.format.tree import flatten
     st = storage_for(url, opts)
     m = read_manifest(st)
     chunks = read_chunks(st, m)

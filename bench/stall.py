@@ -59,8 +59,8 @@ def _rank(rank, ws, workdir, mb, reps):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     import shardckpt
-    from shardckpt import _ext
-    from shardckpt.codec import threads
+    from shardckpt.native import kernels as _ext
+    from shardckpt.format.codec import threads
     mesh = init_device_mesh("cpu", (ws,))
     state = _state(mesh, ws, mb)
     locals_ = [v._local_tensor if hasattr(v, "_local_tensor") else v for v in state.values()

@@ -43,7 +43,7 @@ def _node_dir(base: str) -> str:
 
 
 def _committed(events: list) -> None:
-    from shardckpt.events import CheckpointCallback
+    from shardckpt.manager.events import CheckpointCallback
 
     class Record(CheckpointCallback):
         def on_committed(self, e):

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shardckpt  # noqa: E402
-from shardckpt.async_save import shutdown  # noqa: E402
-from shardckpt.state import ModelOptimizerState, ResumableSampler, RNGState, SchedulerState  # noqa: E402
+from shardckpt.saving.async_save import shutdown  # noqa: E402
+from shardckpt.loading.state import ModelOptimizerState, ResumableSampler, RNGState, SchedulerState  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ data
 

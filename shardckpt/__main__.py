@@ -1,6 +1,6 @@
 """`python -m shardckpt ...` runs the command-line tool (shardckpt/cli.py)."""
 import sys
 
-from .cli import main
+from shardckpt.tools.cli import main
 
 sys.exit(main())

@@ -21,16 +21,21 @@ from typing import Any
 
 import torch
 
-from . import _ext, commit, config, deleter, dist as sdist
-from ._faults import fault_point
-from .commit import error_text
-from .errors import (CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError)
-from .format import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, Manifest, build_manifest, dtype_name, parse_manifest)
-from .plan import TensorInfo, WriteItem, plan_digest, plan_tensor, split_rows
-from .staging import HostBufferPool, aligned, default_pool, stage as stage_items
-from .storage import Storage, storage_for
-from .tree import encode_value, flatten
-from .writer import RankWriter, write_rank
+from shardckpt.native import kernels as _ext
+from shardckpt.lifecycle import commit
+from shardckpt import config
+from shardckpt.lifecycle import deleter
+from shardckpt import dist as sdist
+from shardckpt._faults import fault_point
+from shardckpt.lifecycle.commit import error_text
+from shardckpt.errors import CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError
+from shardckpt.format.records import (DEFAULT_FRAME_SIZE, MANIFEST_NAME, Manifest, build_manifest, dtype_name,
+    parse_manifest)
+from shardckpt.plan.save_plan import TensorInfo, WriteItem, plan_digest, plan_tensor, split_rows
+from shardckpt.saving.staging import HostBufferPool, aligned, default_pool, stage as stage_items
+from shardckpt.storage import Storage, storage_for
+from shardckpt.format.tree import encode_value, flatten
+from shardckpt.saving.writer import RankWriter, write_rank
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -68,7 +73,7 @@ def _prepare(state_dict, path, *, process_group, codec, frame_size, metadata, st
     save_id = uuid.uuid4().hex if comm.is_coordinator else None
     try:
         if base is not None:
-            from .refs import load_base
+            from shardckpt.format.refs import load_base
             base_chunks = load_base(storage, base, comm.rank, storage_options)
             if comm.is_coordinator:
                 pinned = _pin_base(storage, base_chunks, save_id)
@@ -146,7 +151,7 @@ def _pin_base(storage: Storage, base, save_id: str) -> Storage:
     checkpoint that was read. A retention that deleted the base's manifest before the pin was visible makes
     this check fail (deleting the manifest is its first step), so the save never relies on freed data.
     Raises SaveError. Returns the parent directory's Storage (where the pin is)."""
-    from .refs import base_storage, parent_storage
+    from shardckpt.format.refs import base_storage, parent_storage
     parent = parent_storage(storage)
     needs = {(base.dir, base.manifest.save_id)} | {(b.dir, b.save_id) for b in base.manifest.bases}
     deleter.pin(parent, save_id, needs)
@@ -234,7 +239,7 @@ def _check_bases_present(storage: Storage, used: set) -> None:
     """Coordinator, just before the commit of a save that refers to other checkpoints: each referenced data
     directory must still hold files (a deleter that honours no pin, another tool, a person, may have removed
     it while the save ran); else the save fails and nothing refers to the missing data. Raises SaveError."""
-    from .refs import base_storage
+    from shardckpt.format.refs import base_storage
     for d, sid in sorted(used):
         if not base_storage(storage, d).list_dir(f"data/{sid}"):
             raise SaveError(f"the data this save refers to in {d}/data/{sid} is gone (deleted while the save ran)",
@@ -308,5 +313,5 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
 
 
 # the load path lives in loading.py; these names stay importable from here (shardckpt.api is the entry point)
-from .loading import (KeyMap, LoadResult, _key_filter, _load, _map_key, _read_metadata, _resolve,  # noqa: E402,F401
-                      _target_box, load, load_full, read_chunks, read_manifest)
+from shardckpt.loading.load import (KeyMap, LoadResult, _key_filter, _load, _map_key,  # noqa: E402,F401
+    _read_metadata, _resolve, _target_box, load, load_full, read_chunks, read_manifest)

@@ -28,7 +28,7 @@ import os
 import re
 from decimal import Decimal, InvalidOperation
 
-from .errors import ConfigError
+from shardckpt.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_ZSTD_LEVEL = 1

@@ -14,8 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import config
-from .errors import CoordinationError
+from shardckpt import config
+from shardckpt.errors import CoordinationError
 
 RECORD_BYTES = 4096
 DEFAULT_TIMEOUT_S = config.DEFAULT_TIMEOUT_S
@@ -71,7 +71,7 @@ class Comm:
         its small JSON result reaches every rank; if fn raises, every rank raises at once (the coordinator
         its own error, the others the typed error rebuilt from its record) instead of the others waiting
         at the next collective until the timeout. One broadcast."""
-        from .errors import error_from, error_record
+        from shardckpt.errors import error_from, error_record
         record, error = None, None
         if self.is_coordinator:
             try:

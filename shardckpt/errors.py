@@ -110,7 +110,7 @@ class UnsupportedValueError(CheckpointError):
 
 def error_record(e: BaseException, rank: int) -> dict:
     """A failure on `rank` as a small JSON record for a collective, so every rank can raise it (error_from)."""
-    from .commit import bounded_text, error_text
+    from shardckpt.lifecycle.commit import bounded_text, error_text
     if isinstance(e, CheckpointError):
         cls, msg, at = type(e).__name__, bounded_text(e.message, 1200), e.rank
     else:

@@ -160,7 +160,7 @@ def save_worker(rank, ws, path, seed, plan, timeout_s, mode="sync"):
         if mode == "sync":
             shardckpt.save(state, path, frame_size=FRAME, timeout_s=timeout_s)
         else:
-            from shardckpt.async_save import async_save
+            from shardckpt.saving.async_save import async_save
             handle = async_save(state, path, frame_size=FRAME, timeout_s=timeout_s)
             for t in state["model"].values():  # the caller may change its tensors once async_save returns
                 t.add_(1) if t.dtype != torch.bool else None
@@ -350,7 +350,7 @@ def race_worker(rank, ws, root, trials, seed):
 
 def manager_worker(rank, ws, root, seed, plan, timeout_s, mode):
     """A CheckpointManager commits step 1, then a rank dies (per `plan`) while it saves step 2."""
-    from shardckpt.manager import CheckpointManager
+    from shardckpt.manager.checkpoint_manager import CheckpointManager
     m = CheckpointManager(root, async_save=(mode == "async"), timeout_s=timeout_s, preemption_signals=(),
                           frame_size=FRAME)
     m.save(1, trial_state(seed))
@@ -371,7 +371,7 @@ def run_manager_trial(root: str, phase: str, seed: int, *, timeout_s: float = 5.
     """One manager trial: 2 ranks, step 1 committed, a rank killed during step 2; then (a fresh process,
     like a restarted job) restore must give step 1 bit-exactly (or step 2 if its commit completed) and
     the next save must succeed."""
-    from shardckpt.manager import CheckpointManager
+    from shardckpt.manager.checkpoint_manager import CheckpointManager
     plan = plan_trial(phase, seed)
     mroot = os.path.join(root, f"mgr-{mode}-{phase}-{seed}")
     fates = launch(2, manager_worker, mroot, seed, plan, timeout_s, mode, timeout=timeout_s * 4 + 30)

@@ -28,7 +28,7 @@ def _equal(a, b):
 
 
 def test_snapshot_at_call_and_pool_reuse(tmp_path):
-    mod = importlib.import_module("shardckpt.async_save")  # the package exports the function by that name
+    mod = importlib.import_module("shardckpt.saving.async_save")  # the package exports the function by that name
     state = _state()
     want = _clone(state)
     h = shardckpt.async_save(state, tmp_path / "a")
@@ -139,7 +139,7 @@ def test_a_queued_job_does_not_stall_the_next_snapshot(tmp_path):
     """after_saves (a local tier's promotion): the next async_save snapshots while the job runs, its own
     write queues behind the job, and a failed job is raised where every rank waits (wait_all)."""
     import threading
-    mod = importlib.import_module("shardckpt.async_save")
+    mod = importlib.import_module("shardckpt.saving.async_save")
     shardckpt.async_save(_state(), tmp_path / "a").wait()
     release, order = threading.Event(), []
 
@@ -171,7 +171,7 @@ def test_multirank_background_never_interleaves(tmp_path):
 
 def test_warm_up_allocates_the_pool_off_the_training_thread(tmp_path):
     """The first async save of a process reuses the pool warm_up reserved: no allocation on its stall."""
-    mod = importlib.import_module("shardckpt.async_save")
+    mod = importlib.import_module("shardckpt.saving.async_save")
     mod.reset()
     state = _state()
     nbytes = shardckpt.warm_up(state)
@@ -187,7 +187,7 @@ def test_warm_up_allocates_the_pool_off_the_training_thread(tmp_path):
 
 
 def test_manager_restore_warms_up_the_first_save(tmp_path):
-    mod = importlib.import_module("shardckpt.async_save")
+    mod = importlib.import_module("shardckpt.saving.async_save")
     mod.reset()
     state = _state()
     mgr = shardckpt.CheckpointManager(tmp_path / "run", save_every_steps=1, preemption_signals=())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import _ext
+from shardckpt.native import kernels as _ext
 
 try:
     _ext.backend("native")

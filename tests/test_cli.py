@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import cli
+from shardckpt.tools import cli
 
 
 def _state(seed=0, scale=1.0):
@@ -152,7 +152,7 @@ def test_diff_streams_in_bounded_boxes(tmp_path, monkeypatch):
     a, b = _state(2), _state(2, scale=1.01)
     shardckpt.save(a, str(tmp_path / "a"), frame_size=8 << 10)
     shardckpt.save(b, str(tmp_path / "b"), frame_size=8 << 10)
-    from shardckpt import export
+    from shardckpt.tools import export
     sizes = []
     orig = export.CheckpointReader.read
 

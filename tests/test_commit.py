@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import commit
+from shardckpt.lifecycle import commit
 from shardckpt.errors import CheckpointExistsError, KeyMismatchError, SaveError, StorageError
 from shardckpt.storage import local as local_storage
 from shardckpt.storage.fsspec import FsspecStorage

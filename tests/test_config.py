@@ -12,7 +12,11 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import codec, config, dist, export, staging
+from shardckpt.format import codec
+from shardckpt import config
+from shardckpt import dist
+from shardckpt.tools import export
+from shardckpt.saving import staging
 from shardckpt.errors import CheckpointError, ConfigError
 from shardckpt.storage.local import LocalStorage
 

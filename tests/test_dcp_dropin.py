@@ -1,4 +1,4 @@
-"""shardckpt.dcp.Writer / Reader under torch.distributed.checkpoint's own usage patterns: FSDP2 model +
+"""shardckpt.integrations.dcp.Writer / Reader under torch.distributed.checkpoint's own usage patterns: FSDP2 model +
 optimizer through get_state_dict / set_state_dict, save at 2 ranks, load at 2 and (resharded) 3 ranks,
 bit-exact; a failing rank commits nothing; the result is an ordinary shardckpt checkpoint. Drop-in details
 FileSystemWriter/Reader callers rely on: overwrite (default True, crash-safe here), overwrite=False refusal,
@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import shardckpt
-import shardckpt.dcp as sdcp
+from shardckpt.integrations import dcp as sdcp
 from harness import run_ranks
 
 
@@ -201,7 +201,7 @@ def test_reshard_load_at_three_ranks(saved):
 
 def test_written_checkpoint_is_a_shardckpt_checkpoint(saved):
     """load_full, verify and the DCP reference checkpoint agree with what was saved."""
-    from shardckpt.cli import verify_checkpoint
+    from shardckpt.tools.cli import verify_checkpoint
     root, results = saved
     ref = results[0]["ref"]
     full = shardckpt.load_full(os.path.join(root, "sc"))
@@ -214,7 +214,7 @@ def test_written_checkpoint_is_a_shardckpt_checkpoint(saved):
     rep = verify_checkpoint(os.path.join(root, "sc"))
     assert rep.ok, rep.problems
     # DCP's own FileSystemWriter checkpoint of the same state imports to identical tensors
-    from shardckpt.export import load_dcp
+    from shardckpt.tools.export import load_dcp
     fs = load_dcp(os.path.join(root, "fs"))
     for k, v in ref["model"].items():
         assert torch.equal(fs["model"][k], v), k
@@ -308,7 +308,7 @@ def test_overwrite_crash_leaves_one_checkpoint_loadable(tmp_path, where):
     got = _load_small(path)
     want = 1 if where == "before_replace" else 2
     assert got["step"] == want and torch.equal(got["w"], _small_state(float(want))["w"])
-    from shardckpt.cli import verify_checkpoint
+    from shardckpt.tools.cli import verify_checkpoint
     assert verify_checkpoint(path).ok
 
 
@@ -346,7 +346,7 @@ def test_torch_size_and_bytearray_keep_their_types(tmp_path):
 
 def test_bad_py_types_record_is_a_format_error(tmp_path):
     """A py_types mark that does not fit its value is refused with FormatError (never a silent retype)."""
-    from shardckpt.dcp import _restore_types
+    from shardckpt.integrations.dcp import _restore_types
     assert _restore_types((2, 3), [["torch.Size"]], "k") == torch.Size([2, 3])
     for value, marks in [("ab", [["bytearray"]]), ((1, -2), [["torch.Size"]]), ([1], [[5, "torch.Size"]]),
                          ((1,), [["pickle"]]), ((1,), ["torch.Size"])]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import CheckpointManager, deleter
+from shardckpt import CheckpointManager
+from shardckpt.lifecycle import deleter
 from shardckpt.errors import SaveError, StorageError
 from shardckpt.storage.local import LocalStorage
 

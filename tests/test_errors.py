@@ -9,8 +9,8 @@ import torch
 
 import shardckpt
 from harness import run_ranks
-from shardckpt import _ext
-from shardckpt.format import canonical_json
+from shardckpt.native import kernels as _ext
+from shardckpt.format.records import canonical_json
 
 
 def _state():

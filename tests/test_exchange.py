@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import shardckpt
 from harness import run_ranks
 from scenarios import distributed_state, full_of, full_state, make_mesh, zeros_like_state
-from shardckpt.exchange_plan import merge_runs, plan_exchange
+from shardckpt.plan.exchange_plan import merge_runs, plan_exchange
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -281,8 +281,8 @@ def test_survivors_of_a_dead_rank_raise_coordination_error(tmp_path):
 def test_assemble_takes_a_tasks_frames_from_its_own_file_only():
     """A task whose frames span two pieces, with the next file's pieces right after them."""
     import numpy as np
-    from shardckpt import exchange as x
-    from shardckpt.exchange_plan import ExchangePlan, Piece
+    from shardckpt.loading import exchange as x
+    from shardckpt.plan.exchange_plan import ExchangePlan, Piece
     offs = {0: [0, 10, 20, 30, 40], 1: [0, 5, 10, 15]}
     pieces = (Piece(0, 0, 2, 20, 0, (0, 1)), Piece(0, 2, 4, 20, 1, (0, 1)), Piece(1, 0, 3, 15, 0, (0,)))
     plan = ExchangePlan(pieces, ((0, 1, 2),), True, 2)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import cli, export
+from shardckpt.tools import cli
+from shardckpt.tools import export
 
 
 def _state():

@@ -20,7 +20,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardckpt import _ext
+from shardckpt.native import kernels as _ext
 
 RAW, ZSTD, PLANES = _ext.CODEC_RAW, _ext.CODEC_ZSTD, _ext.CODEC_ZSTD_BYTEPLANE
 CODECS = (RAW, ZSTD, PLANES)

@@ -204,7 +204,7 @@ def rot_ckpt(tmp_path_factory):
 
 def _verify_cli():
     """`shardckpt verify PATH` as a predicate (True = the checkpoint verifies)."""
-    from shardckpt import cli
+    from shardckpt.tools import cli
 
     def verify(path) -> bool:
         sink = io.StringIO()
@@ -221,7 +221,7 @@ def _verify_cli():
 
 @pytest.mark.parametrize("backend", ["native", "python"])
 def test_flips_and_truncations_are_always_detected(rot_ckpt, backend, monkeypatch):
-    from shardckpt import _ext
+    from shardckpt.native import kernels as _ext
     try:
         kernels = _ext.backend(backend)
     except ImportError as e:

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardckpt
-from shardckpt import _ext
+from shardckpt.native import kernels as _ext
 from shardckpt.errors import CheckpointError
-from shardckpt.format import canonical_json, check_coverage, parse_index, parse_manifest
-from shardckpt.tree import decode_value
+from shardckpt.format.records import canonical_json, check_coverage, parse_index, parse_manifest
+from shardckpt.format.tree import decode_value
 
 EXAMPLES = int(os.environ.get("SHARDCKPT_FUZZ_EXAMPLES", "150"))
 FRAME = 256

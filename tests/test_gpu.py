@@ -25,7 +25,7 @@ def test_async_snapshot_of_cuda_tensors_ignores_later_updates(tmp_path):
     w.add_(1.0)  # queued after the snapshot returned: must not leak into the checkpoint
     h.wait()
     assert torch.equal(shardckpt.load_full(tmp_path / "b")["w"], ref)
-    from shardckpt.staging import HostBufferPool
+    from shardckpt.saving.staging import HostBufferPool
     assert HostBufferPool().pin  # with CUDA the staging pool is pinned host memory
 
 

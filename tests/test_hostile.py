@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import _ext
+from shardckpt.native import kernels as _ext
 from shardckpt.errors import (ChecksumError, CheckpointError, CorruptDataError, FormatError, ShapeMismatchError,
-                              UnsupportedVersionError)
-from shardckpt.format import canonical_json
+    UnsupportedVersionError)
+from shardckpt.format.records import canonical_json
 
 PKG = pathlib.Path(shardckpt.__file__).parent
 ALLOC_LIMIT = 1 << 20  # the honest checkpoint below needs a few KiB
@@ -126,7 +126,7 @@ def guarded(root: pathlib.Path):
     mp = pytest.MonkeyPatch()
     mp.setattr(builtins, "open", g_open)
     mp.setattr(os, "open", g_os_open)
-    mp.setattr("shardckpt.reader.np.empty", g_np_empty)
+    mp.setattr("shardckpt.loading.reader.np.empty", g_np_empty)
     mp.setattr("shardckpt.api.torch.empty", g_torch_empty)
     try:
         yield seen
@@ -438,7 +438,7 @@ def _restricted_unpickler_only(tree: ast.Module) -> bool:
 
 
 def test_every_module_is_checked():
-    assert {"shardckpt.api", "shardckpt.format", "shardckpt.state", "shardckpt.dcp",
+    assert {"shardckpt.api", "shardckpt.format.records", "shardckpt.loading.state", "shardckpt.integrations.dcp",
             "shardckpt.storage.local"} <= set(MODULES), MODULES
 
 

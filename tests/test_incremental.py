@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import CheckpointManager, deleter as sgc
+from shardckpt import CheckpointManager
+from shardckpt.lifecycle import deleter as sgc
 from shardckpt.errors import ChecksumError, CorruptDataError, FormatError, SaveError, UnsupportedVersionError
-from shardckpt.verify import verify_checkpoint
+from shardckpt.loading.verify import verify_checkpoint
 
 from faultkit import launch
 from harness import run_ranks
@@ -104,7 +105,7 @@ def test_reader_without_major_2_refuses(tmp_path, monkeypatch):
     st = _state()
     shardckpt.save(st, tmp_path / "a", content_hash=True)
     shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
-    import shardckpt.parse as parse
+    from shardckpt.format import parse as parse
     monkeypatch.setattr(parse, "SUPPORTED_MAJORS", (1,))
     with pytest.raises(UnsupportedVersionError):
         shardckpt.load_full(tmp_path / "b")
@@ -112,8 +113,8 @@ def test_reader_without_major_2_refuses(tmp_path, monkeypatch):
 
 def _rewrite(path, edit):
     """Edit a manifest's JSON and re-seal its checksum (a hostile but well-formed manifest)."""
-    from shardckpt import _ext
-    from shardckpt.format import canonical_json
+    from shardckpt.native import kernels as _ext
+    from shardckpt.format.records import canonical_json
     p = os.path.join(path, "manifest.json")
     obj = json.load(open(p))
     obj.pop("manifest_crc32c")
@@ -306,8 +307,8 @@ def test_golden_incremental_loads_bit_exact_and_conforms_to_schema():
 
 
 def test_ls_and_inspect_show_written_against_referred_bytes(tmp_path, capsys):
-    from shardckpt.cli import main
-    from shardckpt.inspection import inspect_checkpoint, list_steps
+    from shardckpt.tools.cli import main
+    from shardckpt.tools.inspection import inspect_checkpoint, list_steps
     st = _state()
     with CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False, preemption_signals=()) as mgr:
         for step in (1, 2):
@@ -328,10 +329,10 @@ def test_ls_and_inspect_show_written_against_referred_bytes(tmp_path, capsys):
 
 
 def test_diff_export_and_dcp_reader_follow_references(tmp_path):
-    from shardckpt.diff import diff_checkpoints
-    from shardckpt.export import export_safetensors
+    from shardckpt.tools.diff import diff_checkpoints
+    from shardckpt.tools.export import export_safetensors
     import torch.distributed.checkpoint as dcp
-    from shardckpt.dcp import Reader
+    from shardckpt.integrations.dcp import Reader
     st = _state()
     shardckpt.save(st, tmp_path / "a", content_hash=True)
     _train(st, 1)
@@ -404,7 +405,7 @@ def test_incremental_on_an_fsspec_store():
     lambda c: c.pop("hash"),
 ])
 def test_hostile_reference_in_an_index_is_rejected(tmp_path, edit):
-    from shardckpt import _ext
+    from shardckpt.native import kernels as _ext
     st = _state()
     shardckpt.save(st, tmp_path / "a", content_hash=True)
     shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
@@ -412,7 +413,7 @@ def test_hostile_reference_in_an_index_is_rejected(tmp_path, edit):
     ipath = tmp_path / "b" / m.files[0].index
     idx = json.load(open(ipath))
     edit(next(c for c in idx["chunks"] if "ref" in c))
-    from shardckpt.format import canonical_json
+    from shardckpt.format.records import canonical_json
     data = canonical_json(idx)
     ipath.write_bytes(data)
     _rewrite(tmp_path / "b", lambda o: o["files"][0].update(index_size=len(data), index_crc32c=_ext.crc32c(data)))
@@ -491,8 +492,8 @@ def test_diff_checks_the_frames_it_trusts_by_content_hash(tmp_path, capsys):
     """A copy of a hashed step with one data byte flipped: equal hashes on both sides, but diff must not
     call it "same" (exit 0) without checking the bytes; it fails like a streamed read would (exit 2)."""
     import shutil
-    from shardckpt import cli
-    from shardckpt.diff import diff_checkpoints
+    from shardckpt.tools import cli
+    from shardckpt.tools.diff import diff_checkpoints
     shardckpt.save(_state(), tmp_path / "a", content_hash=True)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert diff_checkpoints(tmp_path / "a", tmp_path / "b")["summary"]["same"] == 5  # both sound: all same
@@ -528,8 +529,8 @@ def test_reports_agree_on_an_incremental_step(tmp_path, capsys):
     """Issue 22 item 12: inspect and ls gave one step two ratios (18.57x against 1.08x); verify reported one
     of several keys that refer to the same missing file, under a kind docs/CLI.md did not list."""
     import re
-    from shardckpt import cli
-    from shardckpt.inspection import inspect_checkpoint, list_steps
+    from shardckpt.tools import cli
+    from shardckpt.tools.inspection import inspect_checkpoint, list_steps
     st = _state()
     shardckpt.save(st, tmp_path / "step-0000000001", content_hash=True)
     _train(st, 1)
@@ -553,7 +554,7 @@ def test_reports_agree_on_an_incremental_step(tmp_path, capsys):
 
 
 def test_verifying_a_retired_step_does_not_call_it_a_save_that_never_committed(tmp_path, capsys):
-    from shardckpt import cli
+    from shardckpt.tools import cli
     st = _state()
     with CheckpointManager(tmp_path, incremental=True, keep_last=1, async_save=False,
                            preemption_signals=()) as mgr:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.manager import CheckpointManager, gc_uncommitted, step_dir, verify_checkpoint
+from shardckpt.manager.checkpoint_manager import CheckpointManager, gc_uncommitted, step_dir, verify_checkpoint
 from harness import run_ranks
 
 
@@ -230,7 +230,7 @@ def test_preemption_multirank(tmp_path):
 def test_ls_marks_the_managers_best_step_without_being_told_the_metric(tmp_path):
     import torch
     from shardckpt import CheckpointManager
-    from shardckpt.cli import list_steps
+    from shardckpt.tools.cli import list_steps
     mgr = CheckpointManager(tmp_path, keep_best=1, keep_last=1, monitor="acc", mode="max", async_save=False)
     for step, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):
         mgr.save(step, {"w": torch.full((4,), float(step))}, metrics={"acc": acc})

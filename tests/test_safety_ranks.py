@@ -132,7 +132,7 @@ def _prompt_errors(rank, world, base):
     """Four cases, each on managers with a timeout of their own (so a case that left a rank waiting at a
     collective cannot disturb the next): the failing I/O is injected on one rank only."""
     from shardckpt import CheckpointManager
-    from shardckpt.layout import committed_steps
+    from shardckpt.lifecycle.layout import committed_steps
     mesh = make_mesh(world, 1)
     out = {}
 
@@ -320,7 +320,7 @@ def _durable_fallback(rank, world, local_base, durable):
         for step in range(1, 21):
             mgr.maybe_save(step, distributed_state(_state(step), mesh, 0))
     torch.distributed.barrier()
-    from shardckpt.layout import committed_steps
+    from shardckpt.lifecycle.layout import committed_steps
     out = {"durable": committed_steps(durable)}
     if rank == 0:
         latest = os.path.join(durable, "step-0000000020")

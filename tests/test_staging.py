@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import staging
+from shardckpt.saving import staging
 from shardckpt.api import read_chunks
 from shardckpt.storage import storage_for
 
@@ -25,7 +25,7 @@ def bounded_pool(monkeypatch):
     pool = staging.HostBufferPool()
     monkeypatch.setattr(staging, "_default_pool", pool)
     import importlib
-    am = importlib.import_module("shardckpt.async_save")
+    am = importlib.import_module("shardckpt.saving.async_save")
     am.reset()
     yield pool
     am.reset()
@@ -56,7 +56,7 @@ def test_async_save_streams_and_keeps_snapshot_semantics(tmp_path, bounded_pool)
     m = shardckpt.read_manifest(tmp_path / "b")
     chunks = read_chunks(storage_for(tmp_path / "b"), m)
     assert len(chunks["big"]) > 1  # 1.2 MB > the 256 KiB bound: written as slabs of rows
-    pools = [p for s in __import__("importlib").import_module("shardckpt.async_save")._savers.values()
+    pools = [p for s in __import__("importlib").import_module("shardckpt.saving.async_save")._savers.values()
              for p in s.pools]
     assert pools and all(p.capacity <= BOUND for p in pools)
 
@@ -64,7 +64,7 @@ def test_async_save_streams_and_keeps_snapshot_semantics(tmp_path, bounded_pool)
 def test_pool_is_reused_across_saves(tmp_path):
     pool = staging.HostBufferPool(max_bytes=None)
     st = {"w": torch.randn(500, 500)}
-    from shardckpt.plan import plan_tensor
+    from shardckpt.plan.save_plan import plan_tensor
     _, item = plan_tensor("w", st["w"], "auto", 0, 1)
     for _ in range(3):
         (v,) = staging.stage([item], pool)

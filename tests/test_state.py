@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 import shardckpt
-from shardckpt.state import (DataPosition, GradScalerState, ModelOptimizerState, ResumableSampler, RNGState,
-                             SchedulerState, Stateful, load_training_state)
+from shardckpt.loading.state import (DataPosition, GradScalerState, ModelOptimizerState, ResumableSampler, RNGState,
+    SchedulerState, Stateful, load_training_state)
 from harness import run_ranks
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from shardckpt.errors import CheckpointExistsError, StorageError
-from shardckpt.storage import LocalStorage, ReadRange, local, storage_for
+from shardckpt.storage import LocalStorage, ReadRange, storage_for
+from shardckpt.storage import local
 from shardckpt.storage.fsspec import FsspecStorage
 from shardckpt.storage.s3 import MIN_PART_SIZE, PartBuffers, S3MultipartWriter
 from shardckpt.testing.storage import MIB, StorageConformance

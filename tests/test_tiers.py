@@ -12,7 +12,7 @@ import torch
 
 from harness import run_ranks
 from shardckpt.errors import CheckpointExistsError
-from shardckpt.format import data_file_name, index_file_name
+from shardckpt.format.records import data_file_name, index_file_name
 from scenarios import distributed_state, full_of, full_state, make_mesh, zeros_like_state
 
 STEPS = 12
@@ -29,8 +29,8 @@ def _node_dir(base: str) -> str:
 
 
 def _train(rank, world, local_base, durable):
-    from shardckpt.layout import committed_steps
-    from shardckpt.tiers import LocalTier
+    from shardckpt.lifecycle.layout import committed_steps
+    from shardckpt.tiers.local_tier import LocalTier
     mesh = make_mesh(world, 1)
     tier = LocalTier(_node_dir(local_base), keep_last=2)
     for step in range(1, STEPS + 1):
@@ -49,7 +49,7 @@ def _train(rank, world, local_base, durable):
 def _manager(world, mesh, local_base, durable):
     """CheckpointManager with both tiers: local every step, durable every 3 (promoted), retention in each."""
     import shardckpt
-    from shardckpt.layout import committed_steps
+    from shardckpt.lifecycle.layout import committed_steps
     kw = dict(save_every_steps=3, keep_last=1, local_root=_node_dir(local_base), local_every_steps=1,
               local_keep_last=2)
     with shardckpt.CheckpointManager(durable, **kw) as mgr:
@@ -67,7 +67,7 @@ def _manager(world, mesh, local_base, durable):
 
 def _restore(rank, world, cases, durable):
     """Each case: a local base dir (its node dirs as the case left them); returns (tier, step, exact)."""
-    from shardckpt.tiers import LocalTier
+    from shardckpt.tiers.local_tier import LocalTier
     mesh = make_mesh(world, 1)
     out = []
     for base in cases:
@@ -82,8 +82,8 @@ def _restore(rank, world, cases, durable):
 
 def _promote(rank, world, base, durable):
     """Promote local step 12 from a tier whose node 1 was lost: ranks 2 and 3 have no files to upload."""
-    from shardckpt.layout import committed_steps
-    from shardckpt.tiers import LocalTier
+    from shardckpt.lifecycle.layout import committed_steps
+    from shardckpt.tiers.local_tier import LocalTier
     make_mesh(world, 1)
     try:
         LocalTier(_node_dir(base)).promote(12, durable)
@@ -143,7 +143,7 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
     got = run_ranks(4, _promote, lost1, str(tmp_path / "durable-promoted"), nodes=2)
     assert all(r[0] == "SaveError" and "local file of the step is missing" in r[1] and not r[2] for r in got), got
 
-    from shardckpt import cli  # `shardckpt ls` shows both tiers
+    from shardckpt.tools import cli  # `shardckpt ls` shows both tiers
     assert cli.main(["ls", durable, "--local", os.path.join(local, "node0"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [s["step"] for s in listed["durable"]] == [10]
@@ -152,7 +152,7 @@ def test_local_tier_saves_replicates_and_restores_from_survivors(tmp_path, capsy
 
 def _save_steps(rank, world, local_base, steps):
     os.environ["GROUP_RANK"] = str(rank // 2)  # faultkit.launch starts one node: simulate two here
-    from shardckpt.tiers import LocalTier
+    from shardckpt.tiers.local_tier import LocalTier
     mesh = make_mesh(world, 1)
     tier = LocalTier(_node_dir(local_base), keep_last=2)
     for step in steps:
@@ -241,8 +241,9 @@ def _background(rank, world, local_base, durable):
     reports, then (node 1's dir wiped) a restore from node 0's files and replicas."""
     import threading
     import shardckpt
-    from shardckpt import replicas, tiers
-    from shardckpt.events import CheckpointCallback
+    from shardckpt.tiers import replicas
+    from shardckpt.tiers import local_tier as tiers
+    from shardckpt.manager.events import CheckpointCallback
     replicas.ROUND_BYTES = 4096  # every rank's files take many rounds
     uploads, copy_file = [], tiers.copy_file
 
@@ -294,5 +295,5 @@ def test_async_local_saves_replicate_in_rounds_and_report_both_tiers(tmp_path):
     assert ("restored", 4, "local", None) in events
     deleted = [e[:3] for e in events if e[0] == "deleted"]  # local_keep_last=2 on node 0; durable keep_last=2
     assert deleted == [("deleted", 1, "local"), ("deleted", 2, "local")], deleted
-    from shardckpt.layout import committed_steps
+    from shardckpt.lifecycle.layout import committed_steps
     assert committed_steps(durable) == [3]

@@ -25,7 +25,7 @@ def _restored(rank, ws, ckpt):
     """Restore the latest step at this world size and return the full model and optimizer tensors."""
     import torch.distributed as dist
     import train
-    from shardckpt.state import ModelOptimizerState, ResumableSampler, RNGState, SchedulerState
+    from shardckpt.loading.state import ModelOptimizerState, ResumableSampler, RNGState, SchedulerState
     args = train.parse(["--ckpt", ckpt] + SMALL)
     data = train.CharData(train.make_corpus(args.seed), args.seq)
     model, opt, sched, dp_rank, dp_size = train.build(args, len(data.vocab), ws)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import _ext, cli
+from shardckpt.native import kernels as _ext
+from shardckpt.tools import cli
 from shardckpt.api import read_chunks
-from shardckpt.manager import CheckpointManager, step_dir, verify_checkpoint
+from shardckpt.manager.checkpoint_manager import CheckpointManager, step_dir, verify_checkpoint
 from shardckpt.storage import storage_for
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import format as fmt
-from shardckpt import writer
+from shardckpt.format import records as fmt
+from shardckpt.saving import writer
 from shardckpt.storage import local
 
 
@@ -86,7 +86,7 @@ def test_without_gc_restores_on_error():
 
 
 def test_repeat_saves_reuse_the_plan_but_write_the_new_tensors(tmp_path, monkeypatch):
-    from shardckpt import plan
+    from shardckpt.plan import save_plan as plan
     g = torch.Generator().manual_seed(3)
     st = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g).bfloat16()}
     shardckpt.save(st, tmp_path / "a")

@@ -46,13 +46,13 @@ except ImportError:  # the unified `lightning` package
 
 from lightning_fabric.utilities.data import AttributeDict as FabricAttributeDict
 
-from .. import api
-from ..async_save import AsyncSaveHandle, async_save
-from ..deleter import retire
-from ..errors import UnsupportedValueError
-from ..format import MANIFEST_NAME
-from ..storage import storage_for
-from ..tree import is_stateful
+from shardckpt import api
+from shardckpt.saving.async_save import AsyncSaveHandle, async_save
+from shardckpt.lifecycle.deleter import retire
+from shardckpt.errors import UnsupportedValueError
+from shardckpt.format.records import MANIFEST_NAME
+from shardckpt.storage import storage_for
+from shardckpt.format.tree import is_stateful
 
 # container type <-> name recorded in user_metadata; the exact types only (a subclass is refused)
 _CONTAINERS = {AttributeDict: "AttributeDict", FabricAttributeDict: "FabricAttributeDict",

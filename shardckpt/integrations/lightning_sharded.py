@@ -46,9 +46,9 @@ try:  # the framework is imported here, never by the core
 except ImportError:  # the unified `lightning` package
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-from .. import api
-from ..errors import IncompleteCheckpointError
-from .lightning import ShardckptCheckpointIO
+from shardckpt import api
+from shardckpt.errors import IncompleteCheckpointError
+from shardckpt.integrations.lightning import ShardckptCheckpointIO
 
 # Lightning's keys whose values the strategy loads into the live objects instead of returning them
 _LIVE = ("state_dict", "optimizer_states")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from ..events import CheckpointCallback, CheckpointEvent
+from shardckpt.manager.events import CheckpointCallback, CheckpointEvent
 
 
 class MLflowCallback(CheckpointCallback):

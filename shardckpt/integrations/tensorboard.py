@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch.utils.tensorboard import SummaryWriter
 
-from ..events import CheckpointCallback, CheckpointEvent
+from shardckpt.manager.events import CheckpointCallback, CheckpointEvent
 
 
 class TensorBoardCallback(CheckpointCallback):

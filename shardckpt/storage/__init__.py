@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from .base import FileWriter, ReadRange, Storage
-from .local import LocalStorage
+from shardckpt.storage.base import FileWriter, ReadRange, Storage
+from shardckpt.storage.local import LocalStorage
 
 __all__ = ["FileWriter", "ReadRange", "Storage", "LocalStorage", "storage_for"]
 
@@ -18,6 +18,6 @@ def storage_for(path, storage_options: dict | None = None) -> Storage:
     if path.startswith("file://"):
         return LocalStorage(path[len("file://"):])
     if "://" in path:
-        from .fsspec import FsspecStorage
+        from shardckpt.storage.fsspec import FsspecStorage
         return FsspecStorage(path, storage_options=storage_options)
     return LocalStorage(path)

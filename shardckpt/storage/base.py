@@ -28,7 +28,7 @@ import abc
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import StorageError
+from shardckpt.errors import StorageError
 
 
 @dataclass(frozen=True)

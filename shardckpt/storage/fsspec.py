@@ -16,13 +16,13 @@ from typing import Sequence
 
 import fsspec
 
-from ..errors import CheckpointExistsError, StorageError
-from .base import FileWriter, ReadRange, Storage, storage_error
-from .create_only import create_only, store_kind
-from .fsspec_writers import BufferedWriter, StreamWriter
-from .local import LocalStorage, _fsync_dir
-from .s3 import (DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE, S3MultipartWriter,
-                 is_invalid_range, s3_options)
+from shardckpt.errors import CheckpointExistsError, StorageError
+from shardckpt.storage.base import FileWriter, ReadRange, Storage, storage_error
+from shardckpt.storage.create_only import create_only, store_kind
+from shardckpt.storage.fsspec_writers import BufferedWriter, StreamWriter
+from shardckpt.storage.local import LocalStorage, _fsync_dir
+from shardckpt.storage.s3 import (DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE,
+    S3MultipartWriter, is_invalid_range, s3_options)
 
 MANIFEST_NAME = "manifest.json"  # deleted first by delete_tree (see docs/FORMAT.md)
 _COALESCE_GAP = 1 << 20          # read the hole between two ranges rather than issue another request

@@ -10,7 +10,7 @@ import posixpath
 
 from fsspec.spec import AbstractBufferedFile
 
-from .base import FileWriter, check_open, storage_error
+from shardckpt.storage.base import FileWriter, check_open, storage_error
 
 
 class BufferedWriter(FileWriter):

@@ -15,9 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import _ext, config
-from ..errors import CheckpointExistsError, StorageError
-from .base import FileWriter, ReadRange, Storage
+from shardckpt.native import kernels as _ext
+from shardckpt import config
+from shardckpt.errors import CheckpointExistsError, StorageError
+from shardckpt.storage.base import FileWriter, ReadRange, Storage
 
 _READ_THREADS = 8
 _READ_PIECE = 8 << 20  # ranges are read in pieces of at most this, in parallel: one 64 MB pread runs at

@@ -14,8 +14,8 @@ import concurrent.futures
 import os
 import threading
 
-from ..errors import StorageError
-from .base import FileWriter, check_open, storage_error
+from shardckpt.errors import StorageError
+from shardckpt.storage.base import FileWriter, check_open, storage_error
 
 MIN_PART_SIZE = 5 << 20          # S3 rejects smaller parts (except the last)
 MAX_PART_SIZE = 5 << 30          # ... and larger ones

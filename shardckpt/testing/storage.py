@@ -24,8 +24,8 @@ import time
 import numpy as np
 import pytest
 
-from ..errors import CheckpointExistsError, StorageError
-from ..storage.base import ReadRange
+from shardckpt.errors import CheckpointExistsError, StorageError
+from shardckpt.storage.base import ReadRange
 
 MIB = 1 << 20
 

@@ -76,7 +76,7 @@ def _save_2ranks(rank: int, world_size: int, out: str) -> bool:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import shardckpt
-    from shardckpt import codec
+    from shardckpt.format import codec
     mesh = init_device_mesh("cpu", (world_size,))
     state = golden_2ranks_state()
     for key, (_, _, _, placement) in TWO_RANK_TENSORS.items():
@@ -120,7 +120,7 @@ def main() -> None:
         make_incremental(incremental)
         print("wrote", incremental)
     import shardckpt
-    from shardckpt.format import FORMAT_VERSION
+    from shardckpt.format.records import FORMAT_VERSION
     single = os.path.join(HERE, f"v{FORMAT_VERSION}")
     two = os.path.join(HERE, f"v{FORMAT_VERSION}-2ranks")
     if os.path.exists(single) and os.path.exists(two):
