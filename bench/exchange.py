@@ -183,7 +183,7 @@ def _dcp_save_job(rank, ws, args, scenario):
 
 
 def _stored(url, opts):
-    from shardckpt.api import read_manifest
+    from shardckpt.format.metadata import read_manifest
     return read_manifest(url, storage_options=opts).stored_bytes
 
 

@@ -68,7 +68,8 @@ def _job(rank, ws, args, mode):
 def _needed_bytes(url, opts, state):
     """Stored bytes of exactly the rows this rank holds: for each overlap of a saved chunk with a local box,
     the chunk's stored bytes times the fraction of its rows needed."""
-    from shardckpt.api import _target_box, read_chunks, read_manifest
+    from shardckpt.loading.load import target_box, read_chunks
+    from shardckpt.format.metadata import read_manifest
     from shardckpt.plan.geometry import intersect
     from shardckpt.storage import storage_for
     from shardckpt.format.tree import flatten
@@ -79,7 +80,7 @@ def _needed_bytes(url, opts, state):
     for key, leaf in flatten(state).leaves.items():
         if not isinstance(leaf.value, torch.Tensor):
             continue
-        off, size, _ = _target_box(leaf.value)
+        off, size, _ = target_box(leaf.value)
         for c in chunks[key]:
             inter = intersect(c.offsets, c.sizes, off, size)
             if inter and c.sizes:

@@ -6,7 +6,8 @@
     full = shardckpt.load_full("ckpt/step-100")          # one process, full tensors
 """
 from shardckpt.native import kernels as _ext
-from shardckpt.api import LoadResult, load, load_full, read_manifest, save
+from shardckpt.api import LoadResult, load, load_full, save
+from shardckpt.format.metadata import read_manifest
 from shardckpt.errors import (CheckpointError, CheckpointExistsError, ChecksumError, ConfigError, CoordinationError,
     CorruptDataError, DtypeMismatchError, FormatError, IncompleteCheckpointError, KeyMismatchError, MetricError,
     PlanMismatchError, SaveError, ShapeMismatchError, StorageError, UnsupportedValueError, UnsupportedVersionError)

@@ -85,7 +85,7 @@ class Comm:
             raise error_from(record["error"])
         return record["ok"]
 
-    # ---- bulk collectives of a read-once restore (shardckpt.exchange); the group's timeout applies to each
+    # ---- bulk collectives of a read-once restore (shardckpt.loading.exchange); the group's timeout applies to each
 
     def broadcast_bytes(self, data: bytes | None, nbytes: int) -> bytes:
         """Broadcast `nbytes` bytes (agreed beforehand, e.g. through broadcast_json) from the coordinator."""

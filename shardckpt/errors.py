@@ -2,6 +2,8 @@
 the key (fqn), the file and the rank involved."""
 from __future__ import annotations
 
+import json
+
 
 class CheckpointError(Exception):
     """Base class of every error raised by shardckpt."""
@@ -110,7 +112,6 @@ class UnsupportedValueError(CheckpointError):
 
 def error_record(e: BaseException, rank: int) -> dict:
     """A failure on `rank` as a small JSON record for a collective, so every rank can raise it (error_from)."""
-    from shardckpt.lifecycle.commit import bounded_text, error_text
     if isinstance(e, CheckpointError):
         cls, msg, at = type(e).__name__, bounded_text(e.message, 1200), e.rank
     else:
@@ -133,3 +134,19 @@ def error_from(record: dict) -> CheckpointError:
     if isinstance(err, ConfigError):
         err.name = record.get("name")
     return err
+
+
+def error_text(e: BaseException, limit: int = 1500) -> str:
+    """An exception as one bounded line for a coordination record ("Type: message"): a record holds at
+    most dist.RECORD_BYTES, and an error must reach every rank however long its message is."""
+    return bounded_text(f"{type(e).__name__}: {e}", limit)
+
+
+def bounded_text(text: str, limit: int = 1500) -> str:
+    """`text` cut so that it takes at most `limit` bytes as JSON in a coordination record (measured
+    encoded: an escaped character can take 6 bytes, so cutting characters alone is not enough)."""
+    if len(json.dumps(text)) <= limit:
+        return text
+    while len(json.dumps(text)) > limit - 20:
+        text = text[:max(0, min(len(text) - 1, (limit - 20) * len(text) // len(json.dumps(text))))]
+    return text + " ...(truncated)"

@@ -73,13 +73,14 @@ def test_errors_raise_on_wait_and_on_next_save(tmp_path):
 
 def _slow_writes(delay):
     """Make every background write wait `delay` seconds first, so it overlaps what the caller does next."""
+    from shardckpt.saving import pipeline
     from shardckpt import api
-    orig = api.write_rank
+    orig = pipeline.write_rank
 
     def slow(*a, **kw):
         time.sleep(delay)
         return orig(*a, **kw)
-    api.write_rank = slow
+    pipeline.write_rank = slow
     return orig
 
 
@@ -87,6 +88,7 @@ def _multirank(rank, ws, root):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+    from shardckpt.saving import pipeline
     from shardckpt import api
     mesh = init_device_mesh("cpu", (ws,))
     full = _state()
@@ -108,9 +110,9 @@ def _multirank(rank, ws, root):
             assert x[0].item() == sum(r + i for r in range(ws))
         state["w"]._local_tensor.mul_(-1)
         state["b"].add_(5)
-        api.write_rank = orig
+        pipeline.write_rank = orig
         shardckpt.save({"x": torch.arange(10) + rank * 0}, os.path.join(root, "sync"))
-        api.write_rank = _slow_writes(0.2)
+        pipeline.write_rank = _slow_writes(0.2)
         # two saves in flight at once, then a bounded third
         hs = [shardckpt.async_save({"v": torch.full((100,), float(i))}, os.path.join(root, f"m{i}"),
                                    max_in_flight=2) for i in range(3)]
@@ -119,7 +121,7 @@ def _multirank(rank, ws, root):
         m = h.wait()
         out["meta"] = m.user_metadata
     finally:
-        api.write_rank = orig
+        pipeline.write_rank = orig
     # a failure in the background raises on every rank, at wait()
     bad = os.path.join(root, "bad")
     if rank == 0:

@@ -71,7 +71,7 @@ def test_verify_ok_then_flipped_byte_is_reported_precisely(root, tmp_path, capsy
     shutil.copytree(root / "step-0000000100", path)
     code, out, _ = run(capsys, "verify", path)
     assert code == 0 and out.startswith("OK")
-    from shardckpt.api import read_chunks
+    from shardckpt.loading.load import read_chunks
     from shardckpt.storage import storage_for
     m = shardckpt.read_manifest(str(path))
     chunks = read_chunks(storage_for(str(path)), m)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import shardckpt
+from shardckpt import errors
 from shardckpt.lifecycle import commit
 from shardckpt.errors import CheckpointExistsError, KeyMismatchError, SaveError, StorageError
 from shardckpt.storage import local as local_storage
@@ -23,13 +24,13 @@ def _state():
 
 def _fsync_dir_fails_after_link(monkeypatch):
     """The directory fsync that follows link() in LocalStorage.commit raises EIO (the manifest is in place)."""
-    real = local_storage._fsync_dir
+    real = local_storage.fsync_dir
 
     def flaky(path):
         if os.path.exists(os.path.join(path, "manifest.json")):
             raise OSError(errno.EIO, "Input/output error")
         real(path)
-    monkeypatch.setattr(local_storage, "_fsync_dir", flaky)
+    monkeypatch.setattr(local_storage, "fsync_dir", flaky)
 
 
 def test_late_local_commit_error_keeps_the_committed_checkpoint(tmp_path, monkeypatch):
@@ -92,7 +93,7 @@ def test_error_text_fits_a_coordination_record():
     import json
     from shardckpt.dist import RECORD_BYTES
     for msg in ("x" * 20000, "\u00e9" * 20000, '"' * 20000):
-        text = commit.error_text(RuntimeError(msg))
+        text = errors.error_text(RuntimeError(msg))
         assert len(json.dumps({"rank": 1, "ok": False, "error": text})) < RECORD_BYTES // 2
         assert text.startswith("RuntimeError: ") and text.endswith("(truncated)")
         # a typed error's record (the exchange and the restore agreement send these) fits too

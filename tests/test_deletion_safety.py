@@ -1,4 +1,4 @@
-"""The one deleter (shardckpt.deleter, FORMAT.md §9): nothing is deleted on a guess. One process each; the
+"""The one deleter (shardckpt.lifecycle.deleter, FORMAT.md §9): nothing is deleted on a guess. One process each; the
 multi-rank cases (direct-read agreement, prompt errors, local-tier timelines) are in test_safety_ranks.py and
 the model-checked sequences in test_safety_model.py."""
 from __future__ import annotations
@@ -144,16 +144,17 @@ def test_a_base_retired_before_the_pin_fails_the_save_instead_of_dangling(tmp_pa
 
 def test_a_data_dir_removed_during_the_save_fails_its_commit(tmp_path, monkeypatch):
     """Defect 5, a deleter that honours no pin (a person, another tool): checked again before the commit."""
+    from shardckpt.saving import pipeline
     from shardckpt import api
     st = _state()
     shardckpt.save(st, tmp_path / "a", content_hash=True)
-    real = api._build_manifest
+    real = pipeline._build_manifest
 
     def remove_base_then_build(p, files):
         import shutil
         shutil.rmtree(tmp_path / "a" / "data")
         return real(p, files)
-    monkeypatch.setattr(api, "_build_manifest", remove_base_then_build)
+    monkeypatch.setattr(pipeline, "_build_manifest", remove_base_then_build)
     with pytest.raises(SaveError, match="is gone"):
         shardckpt.save(st, tmp_path / "b", base=tmp_path / "a")
     assert not (tmp_path / "b" / "manifest.json").exists()

@@ -116,11 +116,11 @@ def test_corrupt_frame_names_key_and_file(tmp_path):
 
 
 def _rank_fails_mid_write(rank, ws, path):
-    import shardckpt.api as api
+    from shardckpt.saving import pipeline
     if rank == 1:
         def boom(*a, **k):
             raise OSError(28, "No space left on device")
-        api.write_rank = boom
+        pipeline.write_rank = boom
     with pytest.raises(shardckpt.SaveError) as e:
         shardckpt.save(_state(), path)
     assert e.value.rank == 1 and "No space" in str(e.value)

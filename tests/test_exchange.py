@@ -91,7 +91,8 @@ def _count_reads(counts: list):
 
 def _stored_frames(path):
     """(file, offset, stored_len) of every frame of a checkpoint."""
-    from shardckpt.api import read_chunks, read_manifest
+    from shardckpt.loading.load import read_chunks
+    from shardckpt.format.metadata import read_manifest
     from shardckpt.storage import storage_for
     st_ = storage_for(path)
     m = read_manifest(st_)
@@ -221,7 +222,8 @@ def _fail_during_exchange(rank, ws, path, what):
 
 
 def _corrupt_one_frame(path):
-    from shardckpt.api import read_chunks, read_manifest
+    from shardckpt.loading.load import read_chunks
+    from shardckpt.format.metadata import read_manifest
     from shardckpt.storage import storage_for
     st_ = storage_for(path)
     chunk = read_chunks(st_, read_manifest(st_))["big"][0]

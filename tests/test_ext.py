@@ -1,4 +1,4 @@
-"""Kernel contract tests (shardckpt._ext): every function on both backends, native == twin, hostile input.
+"""Kernel contract tests (shardckpt.native.kernels): every function on both backends, native == twin, hostile input.
 
 The native backend is skipped (with the import error as reason) when shardckpt._native is not built;
 set SHARDCKPT_REQUIRE_NATIVE=1 (CI does) to make that a failure instead.
@@ -114,14 +114,14 @@ def _run_py(code: str, **env) -> str:
 
 
 def test_env_forces_python_backend():
-    out = _run_py("import shardckpt._ext as e; print(e.BACKEND, e.NATIVE_ERROR)", SHARDCKPT_BACKEND="python")
+    out = _run_py("import shardckpt.native.kernels as e; print(e.BACKEND, e.NATIVE_ERROR)", SHARDCKPT_BACKEND="python")
     assert out.startswith("python SHARDCKPT_BACKEND=python")
 
 
 @needs_native
 def test_native_without_libzstd_falls_back_to_zstandard():
     code = (
-        "import numpy as np, shardckpt._ext as e\n"
+        "import numpy as np, shardckpt.native.kernels as e\n"
         "assert e.BACKEND == 'native', e.NATIVE_ERROR\n"
         "assert 'zstandard' in e.ZSTD_SOURCE, e.ZSTD_SOURCE\n"
         "src = (np.arange(100000) % 7).astype(np.float32).view(np.uint8)\n"

@@ -68,7 +68,7 @@ def _restore(rank, ws, path, mesh_shape):
     msd2, osd2 = get_state_dict(model, opt)
     n = 0
     for prefix, sd in (("model", msd2), ("optim", osd2)):
-        flat = shardckpt.tree.flatten(sd).leaves
+        flat = shardckpt.format.tree.flatten(sd).leaves
         for k, leaf in flat.items():
             v = leaf.value
             if isinstance(v, torch.Tensor):

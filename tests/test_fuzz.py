@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 import shardckpt
 from shardckpt.native import kernels as _ext
 from shardckpt.errors import CheckpointError
-from shardckpt.format.records import canonical_json, check_coverage, parse_index, parse_manifest
+from shardckpt.format.records import canonical_json
+from shardckpt.plan.geometry import check_coverage
+from shardckpt.format.parse import parse_index, parse_manifest
 from shardckpt.format.tree import decode_value
 
 EXAMPLES = int(os.environ.get("SHARDCKPT_FUZZ_EXAMPLES", "150"))

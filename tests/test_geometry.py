@@ -110,7 +110,8 @@ def test_row_batches_cover_range_and_cut_at_aligned_rows(lo, n, row_bytes, targe
 def test_check_coverage_rejects_gaps_and_overlaps():
     import torch
     from shardckpt.errors import FormatError
-    from shardckpt.format.records import Chunk, TensorMeta, check_coverage
+    from shardckpt.format.records import Chunk, TensorMeta
+    from shardckpt.plan.geometry import check_coverage
     meta = TensorMeta("w", torch.float32, (4, 4))
     c = lambda off, size, r=0: Chunk("w", off, size, "raw/1", (), "f", r, 8)
     check_coverage(meta, [c((0, 0), (2, 4)), c((2, 0), (2, 4), 1)])

@@ -127,7 +127,7 @@ def guarded(root: pathlib.Path):
     mp.setattr(builtins, "open", g_open)
     mp.setattr(os, "open", g_os_open)
     mp.setattr("shardckpt.loading.reader.np.empty", g_np_empty)
-    mp.setattr("shardckpt.api.torch.empty", g_torch_empty)
+    mp.setattr("shardckpt.saving.pipeline.torch.empty", g_torch_empty)
     try:
         yield seen
     finally:

@@ -29,6 +29,8 @@ import pytorch_lightning as pl
 import torch
 
 import shardckpt
+from shardckpt.loading.load import read_chunks
+from shardckpt.storage import storage_for
 from shardckpt.integrations.lightning_sharded import ShardckptModelParallelStrategy
 from test_integrations_lightning import Regressor, _data
 
@@ -103,7 +105,7 @@ def _differences(a: dict, b: dict) -> list:
 
 def _checkpoint_facts(path, key="state_dict.net.0.weight") -> dict:
     manifest = shardckpt.read_manifest(path)
-    chunks = shardckpt.api.read_chunks(shardckpt.api.storage_for(str(path)), manifest, [key])
+    chunks = read_chunks(storage_for(str(path)), manifest, [key])
     data = os.path.join(path, "data")
     saves = os.listdir(data)  # one directory of data files per save; replaced saves' are deleted
     return {"world_size": manifest.world_size, "saves": len(saves),

@@ -44,23 +44,24 @@ def test_retention_survives_restart_and_never_drops_latest_or_best(tmp_path):
 
 
 def test_never_deletes_before_the_new_checkpoint_commits(tmp_path):
+    from shardckpt.saving import pipeline
     from shardckpt import api
     m = CheckpointManager(tmp_path, keep_last=1, preemption_signals=())
     m.save(1, _state(1))
     m.wait()
-    orig = api.write_rank
+    orig = pipeline.write_rank
 
     def slow(*a, **kw):
         time.sleep(0.5)
         return orig(*a, **kw)
-    api.write_rank = slow
+    pipeline.write_rank = slow
     try:
         m.save(2, _state(2))
         assert not m.maybe_save(3, _state(3))  # not due; the pending save is still running
         assert m.steps() == [1]  # step 2 has not committed: step 1 stays
     finally:
         m.wait()
-        api.write_rank = orig
+        pipeline.write_rank = orig
     assert m.steps() == [2]
     m.close()
 

@@ -82,7 +82,7 @@ def test_load_full_matches_every_saved_layout(saved):
 
 def test_replicated_data_written_once_and_split(saved):
     """Plain tensors and Replicate dims are written exactly once in total, spread over the replicas."""
-    from shardckpt.api import read_chunks
+    from shardckpt.loading.load import read_chunks
     from shardckpt.storage import storage_for
     path = [p for p in saved if "ws4-m1" in p][0]
     m = shardckpt.read_manifest(path)

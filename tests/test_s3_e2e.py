@@ -45,7 +45,7 @@ def test_save_reshard_load_on_real_s3(s3_server):
     m = shardckpt.read_manifest(url, storage_options=opts)
     assert m.world_size == 2
     read = run_ranks(3, _load, url, opts, env=env)
-    from shardckpt.api import read_chunks
+    from shardckpt.loading.load import read_chunks
     from shardckpt.storage import storage_for
     chunks = read_chunks(storage_for(url, opts), m)["big"]
     big_stored = sum(f.stored_len for c in chunks for f in c.frames)

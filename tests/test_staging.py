@@ -7,7 +7,7 @@ import torch
 
 import shardckpt
 from shardckpt.saving import staging
-from shardckpt.api import read_chunks
+from shardckpt.loading.load import read_chunks
 from shardckpt.storage import storage_for
 
 BOUND = 256 << 10

@@ -13,7 +13,7 @@ import torch
 import shardckpt
 from shardckpt.native import kernels as _ext
 from shardckpt.tools import cli
-from shardckpt.api import read_chunks
+from shardckpt.loading.load import read_chunks
 from shardckpt.manager.checkpoint_manager import CheckpointManager, step_dir, verify_checkpoint
 from shardckpt.storage import storage_for
 

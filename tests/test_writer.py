@@ -55,7 +55,7 @@ def test_gathering_respects_buffer_capacity(tmp_path, monkeypatch):
 
 def test_without_gc_pauses_and_restores_the_collector():
     seen = []
-    probe = fmt._without_gc(lambda: seen.append(gc.isenabled()))
+    probe = fmt.without_gc(lambda: seen.append(gc.isenabled()))
     assert gc.isenabled()
     probe()
     assert seen == [False] and gc.isenabled()
@@ -68,7 +68,7 @@ def test_without_gc_pauses_and_restores_the_collector():
 
     # overlapping calls from several threads: off while any runs, back on after the last
     barrier = threading.Barrier(4)
-    slow = fmt._without_gc(lambda: (barrier.wait(), seen.append(gc.isenabled())))
+    slow = fmt.without_gc(lambda: (barrier.wait(), seen.append(gc.isenabled())))
     threads = [threading.Thread(target=slow) for _ in range(4)]
     for t in threads:
         t.start()
@@ -81,7 +81,7 @@ def test_without_gc_restores_on_error():
     def boom():
         raise ValueError("bad manifest")
     with pytest.raises(ValueError):
-        fmt._without_gc(boom)()
+        fmt.without_gc(boom)()
     assert gc.isenabled()
 
 
@@ -107,10 +107,10 @@ def test_repeat_saves_reuse_the_plan_but_write_the_new_tensors(tmp_path, monkeyp
 
 
 def _save_and_report(rank, ws, path):
-    from shardckpt import api
+    from shardckpt.saving import pipeline
     reads = []
-    real = api.read_manifest
-    api.read_manifest = lambda *a, **k: (reads.append(1), real(*a, **k))[1]
+    real = pipeline.read_manifest
+    pipeline.read_manifest = lambda *a, **k: (reads.append(1), real(*a, **k))[1]
     m = shardckpt.save({"w": torch.arange(10.0) + rank * 0, "step": 3}, path)
     during = len(reads)
     return type(m).__name__, during, m.save_id, m.keys(), len(reads), m == real(path)

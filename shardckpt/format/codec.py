@@ -1,6 +1,6 @@
 """Codecs: how a chunk's bytes become frames and back. Plug-ins keyed by the "name/version" descriptor saved
 per chunk, so a load never guesses. The kernels live in csrc/ (native) or shardckpt/_twin.py (pure Python);
-shardckpt._ext picks one."""
+shardckpt.native.kernels picks one."""
 from __future__ import annotations
 
 import os

@@ -19,7 +19,7 @@ from typing import Any
 from shardckpt.native import kernels as _ext
 from shardckpt.errors import ChecksumError, FormatError, UnsupportedVersionError
 from shardckpt.format.records import (CODECS, DTYPES, FORMAT_NAME, MANIFEST_NAME, MAX_FRAME_SIZE, MAX_MANIFEST_BYTES,
-    MAX_NDIM, MAX_NUMEL, SUPPORTED_MAJORS, Base, Chunk, FileEntry, Frame, Manifest, TensorMeta, _without_gc,
+    MAX_NDIM, MAX_NUMEL, SUPPORTED_MAJORS, Base, Chunk, FileEntry, Frame, Manifest, TensorMeta, without_gc,
     canonical_json, data_file_name, index_file_name)
 
 def _fail(msg: str, file: str | None = None, key: str | None = None):
@@ -205,7 +205,7 @@ def _check_value(v, file: str, key: str, depth: int = 0) -> None:
     _fail(f"unknown value type {t!r:.40}", file, key)
 
 
-@_without_gc
+@without_gc
 def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
     """Validate and parse manifest bytes. The checksum is verified before any other field is trusted
     (FORMAT.md §3), so a flipped byte anywhere, the version included, is a ChecksumError; then the format
@@ -283,7 +283,7 @@ def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
                     tuple(files), user, backend, _bases(obj, ver, save_id, file))
 
 
-@_without_gc
+@without_gc
 def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk]:
     """Validate one rank's index against the manifest that pins it (size and crc32c first, then version)
     and against the tensors table: boxes inside the tensor, frames back to back inside the data file.
@@ -389,23 +389,3 @@ def _reference(ref, manifest: Manifest, file: str, key: str) -> tuple[Base, int]
         _fail(f"chunk refers to {base.dir}/{base.save_id:.64}, which the manifest's bases table does not list",
               file, key)
     return base, _int(ref.get("rank"), "ref rank", file, 0, (1 << 24) - 1, key)
-
-
-def check_coverage(meta: TensorMeta, chunks: list[Chunk], file: str = MANIFEST_NAME) -> None:
-    """Chunks MUST cover the tensor exactly once: no overlap and total volume equal to numel."""
-    total = sum(c.numel for c in chunks)
-    if total != meta.numel:
-        _fail(f"chunks cover {total} of {meta.numel} elements", file, meta.key)
-    if len(chunks) < 2 or not meta.shape:
-        if len(chunks) > 1:
-            _fail("a 0-d tensor has more than one chunk", file, meta.key)
-        return
-    from shardckpt.plan.geometry import boxes_overlap
-    ordered = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets[0])
-    active: list[Chunk] = []
-    for c in ordered:
-        active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
-        for a in active:
-            if boxes_overlap(a.offsets, a.sizes, c.offsets, c.sizes):
-                _fail(f"chunks of ranks {a.rank} and {c.rank} overlap", file, meta.key)
-        active.append(c)

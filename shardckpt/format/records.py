@@ -7,7 +7,7 @@ A checkpoint directory holds:
 
 This module holds the format's constants, the frozen records the phases hand each other (Frame, Chunk,
 TensorMeta, FileEntry, Manifest) and the builders a save calls (build_index on every rank, build_manifest on
-the coordinator). Everything read from storage goes through a parse_* function of shardckpt.parse, which
+the coordinator). Everything read from storage goes through a parse_* function of shardckpt.format.parse, which
 validates it completely (checksum first, then version, types, names, ranges, overflow) before any file is
 opened or any buffer is allocated; they are re-exported here so `shardckpt.format` stays the one import.
 """
@@ -58,7 +58,7 @@ _gc_depth = 0
 _gc_was_enabled = False
 
 
-def _without_gc(fn):
+def without_gc(fn):
     """Run fn with the cyclic garbage collector paused. Parsing or building a manifest or index allocates
     tens of thousands of small containers, none of them garbage; in a training process whose heap holds a
     large object graph, the collections they trigger cost 10-30x the parse itself (measured: 57 ms against
@@ -218,7 +218,7 @@ class Manifest:
         return sorted(list(self.tensors) + list(self.values))
 
 
-@_without_gc
+@without_gc
 def build_manifest(*, save_id: str, created: float, world_size: int, frame_size: int, tree: dict,
                    tensors: dict[str, dict], values: dict[str, Any], files: list[dict],
                    user_metadata: dict, backend: str, bases: list[dict] | None = None) -> bytes:
@@ -238,7 +238,7 @@ def build_manifest(*, save_id: str, created: float, world_size: int, frame_size:
     return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False).encode()
 
 
-@_without_gc
+@without_gc
 def build_index(*, save_id: str, rank: int, chunks: list[dict], hashed: bool = False) -> bytes:
     """One rank's index bytes (FORMAT.md §4, canonical JSON). Called by every rank that wrote data, once its
     frames are written (writer.RankWriter), before the rank's summary goes to the coordinator. `hashed`:
@@ -249,4 +249,3 @@ def build_index(*, save_id: str, rank: int, chunks: list[dict], hashed: bool = F
 
 
 # The validators live in parse.py (which imports the records above); re-exported so callers keep one import.
-from shardckpt.format.parse import check_coverage, check_relative_name, parse_index, parse_manifest  # noqa: E402,F401

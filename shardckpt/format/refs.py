@@ -14,16 +14,11 @@ parsed, so a reference can never leave the parent directory.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-from dataclasses import dataclass
 
-from shardckpt.errors import CorruptDataError, IncompleteCheckpointError, SaveError
-from shardckpt.format.records import Chunk, Manifest
-from shardckpt.format.parse import BASE_DIR
+from shardckpt.errors import CorruptDataError
+from shardckpt.format.records import Chunk
 from shardckpt.storage import Storage, storage_for
-
-log = logging.getLogger("shardckpt")
 
 HASH_BYTES = 16  # blake2b-128: exact change detection (a collision needs ~2^64 work)
 
@@ -34,7 +29,7 @@ def chunk_hash(data) -> str:
     return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
 
 
-def _parent_and_name(storage: Storage) -> tuple[str, str]:
+def parent_and_name(storage: Storage) -> tuple[str, str]:
     url = storage.url.rstrip("/")
     parent, _, name = url.rpartition("/")
     return parent, name
@@ -42,16 +37,16 @@ def _parent_and_name(storage: Storage) -> tuple[str, str]:
 
 def parent_storage(storage: Storage) -> Storage:
     """The Storage of the directory holding the checkpoint `storage` (where its siblings, their references
-    and the pins of in-flight saves are: shardckpt.deleter), built without I/O, same filesystem and options."""
+    and the pins of in-flight saves are: shardckpt.lifecycle.deleter), built without I/O, same filesystem and options."""
     from shardckpt.storage.local import LocalStorage
     if isinstance(storage, LocalStorage):
         return LocalStorage(os.path.dirname(storage.root), storage.direct_io)
     from shardckpt.storage.fsspec import FsspecStorage
     if isinstance(storage, FsspecStorage):
-        return FsspecStorage(_parent_and_name(storage)[0], storage.storage_options, part_size=storage.part_size,
+        return FsspecStorage(parent_and_name(storage)[0], storage.storage_options, part_size=storage.part_size,
                              upload_concurrency=storage.upload_concurrency, _fs=storage.fs,
                              _root=storage.root.rstrip("/").rpartition("/")[0] or "/")
-    return storage_for(_parent_and_name(storage)[0])
+    return storage_for(parent_and_name(storage)[0])
 
 
 def base_storage(storage: Storage, dir_name: str) -> Storage:
@@ -77,54 +72,3 @@ def reference_error(storage: Storage, chunk: Chunk, what: str) -> CorruptDataErr
     return CorruptDataError(f"{what}; checkpoint {storage.url} refers to these frames of earlier checkpoint "
                             f"{chunk_storage(storage, chunk).url}", key=chunk.key, file=chunk_url(storage, chunk),
                             rank=chunk.rank)
-
-
-@dataclass
-class BaseChunks:
-    """What a save compares its chunks against: the base checkpoint's manifest and this rank's chunks of
-    it, by (key, offsets, sizes). Built by load_base on every rank of a save with `base=`."""
-    dir: str
-    manifest: Manifest
-    chunks: dict[tuple, Chunk]
-
-    def match(self, key: str, offsets: tuple, sizes: tuple, dtype, digest: str) -> Chunk | None:
-        """The base chunk whose bytes equal this chunk's (same key, box, dtype, content hash), or None."""
-        c = self.chunks.get((key, tuple(offsets), tuple(sizes)))
-        meta = self.manifest.tensors.get(key)
-        if c is None or not c.hash or c.hash != digest or meta is None or meta.dtype != dtype:
-            return None
-        return c
-
-    @staticmethod
-    def ref_of(c: Chunk, base_dir: str, base_save_id: str) -> tuple[str, str]:
-        """(dir, save_id) of the checkpoint that holds base chunk c's bytes: references always point at the
-        holder, never through a chain."""
-        if c.base:
-            return c.base, c.file.split("/")[1]
-        return base_dir, base_save_id
-
-
-def load_base(storage: Storage, base, rank: int, storage_options: dict | None = None) -> BaseChunks:
-    """Every rank of a save with `base=`: the base's manifest and this rank's index of it. The base MUST be
-    a committed checkpoint in the same parent directory as the save (references are sibling names).
-    Raises SaveError naming both paths otherwise."""
-    from shardckpt import api
-    from shardckpt.format.records import parse_index
-    bst = storage_for(base, storage_options)
-    parent, name = _parent_and_name(bst)
-    if parent != _parent_and_name(storage)[0] or not BASE_DIR.fullmatch(name) or name == _parent_and_name(storage)[1]:
-        raise SaveError(f"base {bst.url} must be another checkpoint directory beside {storage.url} "
-                        f"(same parent directory)", file=storage.url)
-    try:
-        m = api.read_manifest(bst)
-    except IncompleteCheckpointError as e:
-        raise SaveError(f"base {bst.url} is not a committed checkpoint", file=storage.url) from e
-    if m.format_version.split(".")[0] == "1" and rank == 0:  # said once per save, by the coordinator
-        log.warning("base %s has no content hashes (it was saved without content_hash=True): this save "
-                    "writes everything and refers to nothing", bst.url)
-    chunks: dict[tuple, Chunk] = {}
-    entry = next((f for f in m.files if f.rank == rank), None)
-    if entry is not None and m.format_version.split(".")[0] != "1":  # 1.x chunks carry no hashes
-        for c in parse_index(bst.read_file(entry.index), entry, m):
-            chunks[(c.key, c.offsets, c.sizes)] = c
-    return BaseChunks(name, m, chunks)

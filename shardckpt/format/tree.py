@@ -161,19 +161,19 @@ def rebuild(tree: dict, leaf: Callable[[str, str], Any], keep: Callable[[str], b
     key `keep` rejects are left out (with containers that end up empty)."""
     t = tree["t"]
     if t in ("tensor", "value"):
-        return leaf(t, tree["key"]) if keep(tree["key"]) else _SKIP
+        return leaf(t, tree["key"]) if keep(tree["key"]) else SKIP
     if t == "dict":
         out = {}
         for k, node in tree["items"]:
             v = rebuild(node, leaf, keep)
-            if v is not _SKIP:
+            if v is not SKIP:
                 out[k] = v
-        return out if out or not tree["items"] else _SKIP
+        return out if out or not tree["items"] else SKIP
     items = [rebuild(n, leaf, keep) for n in tree["items"]]
-    items = [x for x in items if x is not _SKIP]
+    items = [x for x in items if x is not SKIP]
     if not items and tree["items"]:
-        return _SKIP
+        return SKIP
     return tuple(items) if t == "tuple" else items
 
 
-_SKIP = object()
+SKIP = object()

@@ -18,7 +18,7 @@ Call sequence (DCP drives it; "coordinator" is DCP's coordinator rank):
         3. coordinator: prepare_global_plan (a fresh save_id for the save, each plan told its rank)
         4. all: write_data (encode + write this rank's data file and index under data/<save_id>/, durable on
            return; an older checkpoint's data/<old save_id>/ is never touched)
-        5. coordinator: finish (check every rank's summary, then shardckpt.commit.commit_manifest: manifest.json
+        5. coordinator: finish (check every rank's summary, then shardckpt.lifecycle.commit.commit_manifest: manifest.json
            created, or atomically replaced when overwriting; the replaced checkpoint's data is deleted only
            after the new manifest is durable)
   load  0. all: reset   1. all: read_metadata (manifest + every index, validated and crc-checked)
@@ -46,7 +46,8 @@ from torch.futures import Future
 from shardckpt.native import kernels as _ext
 from shardckpt.lifecycle import commit
 from shardckpt.lifecycle import deleter
-from shardckpt.api import read_chunks, read_manifest
+from shardckpt.loading.load import read_chunks
+from shardckpt.format.metadata import read_manifest
 from shardckpt.format.codec import choose
 from shardckpt.errors import CheckpointExistsError, FormatError, SaveError, UnsupportedValueError
 from shardckpt.format.records import DEFAULT_FRAME_SIZE, MANIFEST_NAME, build_manifest, dtype_name
@@ -179,7 +180,7 @@ class Writer(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator only: check the ranks' summaries against DCP's metadata, then commit manifest.json
-        through shardckpt.commit (create-only, or an atomic replace when overwriting). Until this returns
+        through shardckpt.lifecycle.commit (create-only, or an atomic replace when overwriting). Until this returns
         the checkpoint does not exist for any reader; on any failure the typed error says whether anything
         was committed, and a replaced checkpoint stays loadable."""
         storage = self._storage()

@@ -209,7 +209,7 @@ class ShardckptCheckpointIO(CheckpointIO):
         return storage_for(os.fspath(path), self.storage_options).exists(MANIFEST_NAME)
 
     def remove_checkpoint(self, path) -> None:
-        """Global rank 0: delete a checkpoint through shardckpt.deleter.retire: its manifest first, then the
+        """Global rank 0: delete a checkpoint through shardckpt.lifecycle.deleter.retire: its manifest first, then the
         data no committed sibling refers to (ModelCheckpoint's top-k, save_last). A
         plain file there (a torch.save checkpoint) is deleted as a file. The sharded strategies use this
         one too (Strategy.remove_checkpoint calls its checkpoint_io on global rank 0)."""

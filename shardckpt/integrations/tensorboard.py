@@ -5,7 +5,7 @@
 
 Scalars (under `prefix`, default "checkpoint/"): stall_s (training blocked), durable_s (save start to
 commit), stored_gb (bytes this save wrote / 1e9), compression_ratio (raw / stored), the same under
-local/ for saves of the node-local tier, and restore_s at a restore. Called on the CheckpointManager's event thread of the coordinator (shardckpt.events); the event
+local/ for saves of the node-local tier, and restore_s at a restore. Called on the CheckpointManager's event thread of the coordinator (shardckpt.manager.events); the event
 file is flushed after each save and closed by CheckpointManager.close. Needs the `tensorboard` package
 (pip install "shardckpt[tensorboard]"); imported only here.
 """

@@ -22,14 +22,14 @@ out to be uncommitted).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
 from shardckpt.lifecycle import deleter
-from shardckpt.errors import CheckpointError, CheckpointExistsError, SaveError
-from shardckpt.format.records import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
+from shardckpt.errors import CheckpointError, CheckpointExistsError, SaveError, error_text
+from shardckpt.format.records import MANIFEST_NAME, data_file_name, index_file_name
+from shardckpt.format.parse import parse_manifest
 from shardckpt.storage import Storage
 
 log = logging.getLogger("shardckpt")
@@ -57,22 +57,6 @@ class CommitOutcome:
     def from_json(cls, obj: dict) -> "CommitOutcome":
         return cls(bool(obj["committed"]), bool(obj["certain"]), bool(obj["exists"]), str(obj["message"]),
                    int(obj["rank"]))
-
-
-def error_text(e: BaseException, limit: int = 1500) -> str:
-    """An exception as one bounded line for a coordination record ("Type: message"): a record holds at
-    most dist.RECORD_BYTES, and an error must reach every rank however long its message is."""
-    return bounded_text(f"{type(e).__name__}: {e}", limit)
-
-
-def bounded_text(text: str, limit: int = 1500) -> str:
-    """`text` cut so that it takes at most `limit` bytes as JSON in a coordination record (measured
-    encoded: an escaped character can take 6 bytes, so cutting characters alone is not enough)."""
-    if len(json.dumps(text)) <= limit:
-        return text
-    while len(json.dumps(text)) > limit - 20:
-        text = text[:max(0, min(len(text) - 1, (limit - 20) * len(text) // len(json.dumps(text))))]
-    return text + " ...(truncated)"
 
 
 def file_entry(save_id: str, rank: int, summary: dict) -> dict:

@@ -21,7 +21,7 @@ coordinator, a node's local rank 0, or one CLI process):
                                   uploads): its fresh save_id is named by no manifest
   gc_uncommitted(root, ...)       CheckpointManager (coordinator) and `shardckpt gc`: leftovers of crashed
                                   saves older than a grace period, and pins that expired
-  pin(...) / unpin(...)           api._prepare / api._write_and_commit (coordinator) around a save with
+  pin(...) / unpin(...)           api._prepare / pipeline.write_and_commit (coordinator) around a save with
                                   base=: the base's data stays while the save is in flight
   remove_export_files(dst, names) export --overwrite: a previous export's files, never checkpoint data
 """
@@ -54,7 +54,7 @@ def references(parent: Storage, grace_s: float | None = DEFAULT_GC_GRACE_S) -> s
     (its own, and every base it refers to: FORMAT.md §7), or that a live pin names. Every directory name
     counts, not only step-<N>. Pins older than `grace_s` (known to be older) have expired; None: none has.
     Raises Unknown when anything needed to tell could not be read."""
-    from shardckpt.loading.load import read_manifest
+    from shardckpt.format.metadata import read_manifest
     try:
         names = parent.list_dir("")
     except Exception as e:

@@ -38,9 +38,10 @@ from shardckpt.native import kernels as _ext
 from shardckpt.format.codec import threads
 from shardckpt.errors import CheckpointError, ChecksumError, IncompleteCheckpointError, error_from, error_record
 from shardckpt.plan.exchange_plan import ExchangePlan, plan_exchange
-from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest, parse_manifest
+from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest
+from shardckpt.format.parse import parse_manifest
 from shardckpt.plan.geometry import frame_span
-from shardckpt.loading.reader import ReadStats, ReadTask, _decode_task, run_reads
+from shardckpt.loading.reader import ReadStats, ReadTask, decode_task, run_reads
 from shardckpt.format.refs import base_storage
 from shardckpt.storage.base import ReadRange, Storage
 
@@ -52,7 +53,7 @@ MODES = ("auto", "always", "never")
 def read_metadata(storage: Storage, comm) -> tuple[bytes, list[bytes]]:
     """All ranks: the manifest's bytes and every index file's bytes (manifest order), read by the
     coordinator only and broadcast. A failure to read them raises the same typed error on every rank."""
-    from shardckpt.loading.load import manifest_bytes
+    from shardckpt.format.metadata import manifest_bytes
     blob, head = None, None
     if comm.is_coordinator:
         try:
@@ -325,7 +326,7 @@ def _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, p
         while failure is None and pending and pending[0].ready <= k:
             t = pending.pop(0)
             try:
-                _decode_task(t.task, t.span, _assemble(t, plan, files, held, piece_at), nthreads, stats,
+                decode_task(t.task, t.span, _assemble(t, plan, files, held, piece_at), nthreads, stats,
                              storage.url)
             except Exception as e:  # noqa: BLE001 - reported at the next round's check or the agreement
                 failure = e

@@ -2,8 +2,8 @@
 package). Orchestration only: reader.py decodes, exchange.py shares reads over a group.
 
 load, in order (all ranks of the group; without one, the same with no collectives):
-  1. the manifest and index files: read by the coordinator and broadcast (_read_metadata)
-  2. this rank's targets: the caller's keys mapped to saved keys, shapes and dtypes checked (_resolve)
+  1. the manifest and index files: read by the coordinator and broadcast (read_group_metadata)
+  2. this rank's targets: the caller's keys mapped to saved keys, shapes and dtypes checked (resolve_targets)
   3. reads planned (reader.plan_reads) and run: directly, or through exchange.run, which fetches each
      needed stored byte once for the group; any rank's failure raises the same typed error on every rank
   4. plain values replaced in their containers, Stateful objects given load_state_dict
@@ -21,31 +21,13 @@ import torch
 
 from shardckpt import dist as sdist
 from shardckpt.errors import DtypeMismatchError, IncompleteCheckpointError, KeyMismatchError, ShapeMismatchError
-from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest, check_coverage, parse_index, parse_manifest
+from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest
+from shardckpt.plan.geometry import check_coverage
+from shardckpt.format.parse import parse_index, parse_manifest
 from shardckpt.loading.reader import ReadStats, Target, plan_reads, run_reads
+from shardckpt.format.metadata import manifest_bytes, read_manifest  # noqa: F401 (shardckpt.read_manifest)
 from shardckpt.storage import Storage, storage_for
 from shardckpt.format.tree import decode_value, flatten, rebuild
-
-
-def read_manifest(path, *, storage_options: dict | None = None) -> Manifest:
-    """The committed manifest at `path`, validated. Raises IncompleteCheckpointError if there is none."""
-    storage = storage_for(path, storage_options)
-    return parse_manifest(manifest_bytes(storage), file=f"{storage.url}/{MANIFEST_NAME}")
-
-
-def manifest_bytes(storage: Storage) -> bytes:
-    """The committed manifest's bytes (one read), unparsed: read_manifest's, and what exchange.read_metadata
-    broadcasts. Raises IncompleteCheckpointError if there is none."""
-    try:
-        return storage.read_file(MANIFEST_NAME)
-    except FileNotFoundError:
-        partial = bool(storage.list_dir("data"))
-        raise IncompleteCheckpointError(
-            "no committed checkpoint here" + (" (data files but no manifest: a save that never committed, or a "
-                                              "step retention retired whose data a later incremental step "
-                                              "still refers to; `shardckpt ls` on the root tells which)"
-                                              if partial else ""),
-            file=f"{storage.url}/{MANIFEST_NAME}") from None
 
 
 def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None = None,
@@ -78,7 +60,7 @@ def read_chunks(storage: Storage, manifest: Manifest, keys: Iterable[str] | None
 KeyMap = Callable[[str], str | None] | dict[str, str] | None
 
 
-def _map_key(key: str, key_map: KeyMap) -> str | None:
+def map_key(key: str, key_map: KeyMap) -> str | None:
     """The saved key a caller's key reads from. A dict maps prefixes ({"model.": ""}) or, for keys starting
     with "re:", regular expressions ({"re:^layers\\.(\\d+)": "blocks.\\1"}); a callable maps each key (None
     skips it)."""
@@ -96,7 +78,7 @@ def _map_key(key: str, key_map: KeyMap) -> str | None:
     return key
 
 
-def _key_filter(keys) -> Callable[[str], bool]:
+def key_filter(keys) -> Callable[[str], bool]:
     if keys is None:
         return lambda k: True
     if callable(keys):
@@ -116,7 +98,7 @@ def _few(names, n: int = 5) -> str:
 def check_selection(keys, names, *, whose: str, saved=None, file: str | None = None) -> None:
     """A key selection (keys= patterns of load and load_full, export's keys / --keys) that selects none of
     `names` is a mistake, never an empty success: raise KeyMismatchError naming the patterns and a few of
-    the keys there are (a predicate, or no names at all, is not checked). Called by _resolve (names: the
+    the keys there are (a predicate, or no names at all, is not checked). Called by resolve_targets (names: the
     caller's keys), load_full and export (the saved keys).
 
     Args:
@@ -128,7 +110,7 @@ def check_selection(keys, names, *, whose: str, saved=None, file: str | None = N
     if keys is None or callable(keys):  # a predicate is code (shardckpt's own callers pass some): its business
         return
     names = list(names)
-    wanted = _key_filter(keys)
+    wanted = key_filter(keys)
     if not names or any(wanted(k) for k in names):  # an empty state selects nothing and needs nothing
         return
     pats = repr([keys] if isinstance(keys, str) else list(keys))
@@ -139,14 +121,14 @@ def check_selection(keys, names, *, whose: str, saved=None, file: str | None = N
 
 def _caller_names(saved: str, key_map: KeyMap) -> list[str]:
     """The caller keys that key_map maps to saved key `saved`, where they can be told: the key itself and,
-    for each plain prefix pair (src, dst) of a dict key_map, src + the rest; each kept only if _map_key
+    for each plain prefix pair (src, dst) of a dict key_map, src + the rest; each kept only if map_key
     maps it back to `saved`. A regex or callable key_map is not inverted (only the key itself is tried)."""
     cands = [saved]
     if key_map is not None and not callable(key_map):
         for src, dst in (key_map.items() if isinstance(key_map, dict) else key_map):
             if not src.startswith("re:") and saved.startswith(dst):
                 cands.append(src + saved[len(dst):])
-    return [c for c in cands if _map_key(c, key_map) == saved]
+    return [c for c in cands if map_key(c, key_map) == saved]
 
 
 @dataclass
@@ -158,10 +140,10 @@ class LoadResult:
     bytes_read: int = 0
 
 
-def _target_box(t: torch.Tensor):
+def target_box(t: torch.Tensor):
     """(offsets, sizes, local tensor) of what this rank holds of a caller's tensor."""
-    from shardckpt.plan.save_plan import _is_dtensor
-    if _is_dtensor(t):
+    from shardckpt.plan.save_plan import is_dtensor
+    if is_dtensor(t):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         return tuple(offset), tuple(shape), t._local_tensor
@@ -178,7 +160,7 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
     Under torch.distributed the load is collective over `process_group` (default: the whole job): the
     coordinator reads the manifest and index files once for the group, and every stored byte that some
     rank needs is fetched from storage by one rank only and sent to the others that need it
-    (shardckpt.exchange), so data-parallel replicas do not each read the checkpoint. Without an
+    (shardckpt.loading.exchange), so data-parallel replicas do not each read the checkpoint. Without an
     initialised process group, each rank reads the frames it needs on its own.
 
     Args:
@@ -187,7 +169,7 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
         keys: load only these keys (exact names, glob patterns, prefixes, or a predicate), named as the
             caller names them (before key_map and prefix), also when deciding which saved keys are
             unexpected; a selection that selects none of the caller's keys raises KeyMismatchError.
-        key_map: maps each caller key to the saved key (see _map_key): for loading into a renamed model.
+        key_map: maps each caller key to the saved key (see map_key): for loading into a renamed model.
         prefix: load from the part of the checkpoint under this prefix only: caller key k reads saved key
             prefix + k, and saved keys outside the prefix are not "unexpected". For weights only out of a
             full training-state checkpoint: load(model.state_dict(), path, prefix="model.").
@@ -202,12 +184,12 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
         raise ValueError(f"exchange must be one of {xchg.MODES}")
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group) if exchange != "never" else sdist.Comm(None, 0, 1, 0)
-    metadata = _read_metadata(storage, comm)
-    return _load(state_dict, storage, comm, metadata, strict=strict, keys=keys, key_map=key_map, prefix=prefix,
+    metadata = read_group_metadata(storage, comm)
+    return load_with_metadata(state_dict, storage, comm, metadata, strict=strict, keys=keys, key_map=key_map, prefix=prefix,
                  convert_dtype=convert_dtype, exchange=exchange)
 
 
-def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, keys, key_map, prefix,
+def load_with_metadata(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, keys, key_map, prefix,
           convert_dtype, exchange, holders=None) -> LoadResult:
     """load, once the group has the checkpoint's metadata (state.load_training_state reads it first).
     `holders`: see exchange.run (a node-local tier's restore; `storage` is then this rank's own copy)."""
@@ -216,7 +198,7 @@ def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, k
     error, chunks, tasks, value_slots, flat = None, {}, [], [], None
     try:  # in a group, any failure here must reach the exchange's first collective (every rank raises)
         flat = flatten(state_dict)
-        targets, value_slots, missing, unexpected = _resolve(flat, manifest, storage, keys=keys, key_map=key_map,
+        targets, value_slots, missing, unexpected = resolve_targets(flat, manifest, storage, keys=keys, key_map=key_map,
                                                              prefix=prefix, convert_dtype=convert_dtype,
                                                              strict=strict)
         if strict and (missing or unexpected):
@@ -242,7 +224,7 @@ def _load(state_dict, storage: Storage, comm: sdist.Comm, metadata, *, strict, k
     return LoadResult(missing, unexpected if not strict else [], stats.bytes_read)
 
 
-def _read_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[bytes] | None]:
+def read_group_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[bytes] | None]:
     """The manifest, and in a group the index files' bytes too, read once by the coordinator for all.
     Every rank of comm's group calls it."""
     if comm.group is None:
@@ -252,18 +234,18 @@ def _read_metadata(storage: Storage, comm: sdist.Comm) -> tuple[Manifest, list[b
     return parse_manifest(data, file=f"{storage.url}/{MANIFEST_NAME}"), index_data
 
 
-def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool,
+def resolve_targets(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefix: str, convert_dtype: bool,
              strict: bool = False):
     """What a load fills: (targets, value slots, missing keys, unexpected keys), shapes and dtypes checked.
     A key saved as a tensor and given as a plain value (or the other way) raises under `strict`, else it
     is missing (only)."""
-    wanted = _key_filter(keys)  # keys= names the caller's keys (before key_map and prefix), everywhere
+    wanted = key_filter(keys)  # keys= names the caller's keys (before key_map and prefix), everywhere
     check_selection(keys, flat.leaves, whose="the state's", saved=manifest.keys(), file=storage.url)
     targets, value_slots, missing, used = [], [], [], set()
     for key, leaf in flat.leaves.items():
         if not wanted(key):
             continue
-        saved = _map_key(key, key_map)
+        saved = map_key(key, key_map)
         if saved is None:
             continue
         saved = prefix + saved
@@ -291,7 +273,7 @@ def _resolve(flat, manifest: Manifest, storage: Storage, *, keys, key_map, prefi
             if t.dtype != meta.dtype and not convert_dtype:
                 raise DtypeMismatchError(f"checkpoint has {meta.dtype}, the state has {t.dtype} "
                                          f"(pass convert_dtype=True to cast)", key=key, file=storage.url)
-            off, size, local = _target_box(t)
+            off, size, local = target_box(t)
             if math.prod(size) or not size:
                 targets.append(Target(saved, off, size, local))
         else:
@@ -318,8 +300,8 @@ def load_full(path, *, keys=None, storage_options: dict | None = None, device: s
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group) if process_group is not None and exchange != "never" \
         else sdist.Comm(None, 0, 1, 0)
-    manifest, index_data = _read_metadata(storage, comm)
-    wanted = _key_filter(keys)
+    manifest, index_data = read_group_metadata(storage, comm)
+    wanted = key_filter(keys)
     check_selection(keys, manifest.keys(), whose="the checkpoint's", file=storage.url)
     # indexes validated (coverage included) before any tensor is allocated from the manifest's shapes
     chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)], index_data)
@@ -334,5 +316,5 @@ def load_full(path, *, keys=None, storage_options: dict | None = None, device: s
         tensors = {k: v.to(device) for k, v in tensors.items()}
     out = rebuild(manifest.tree, lambda kind, k: tensors[k] if kind == "tensor" else
                   decode_value(manifest.values[k]), wanted)
-    from shardckpt.format.tree import _SKIP
-    return {} if out is _SKIP else out
+    from shardckpt.format.tree import SKIP
+    return {} if out is SKIP else out

@@ -212,7 +212,7 @@ def _decode_batch(batch: list[_Fetch], buf: np.ndarray, merged: list[list[int]],
     for f in batch:
         m = merged[bisect.bisect_right(starts, f.start) - 1]
         pos = m[2] + f.start - m[0]
-        _decode_task(f.task, f.span, buf[pos:pos + f.stored], nthreads, stats, where)
+        decode_task(f.task, f.span, buf[pos:pos + f.stored], nthreads, stats, where)
 
 
 def _short_file_error(storage: Storage, batch: list[_Fetch]) -> CorruptDataError | None:
@@ -274,7 +274,7 @@ def _decode(task: ReadTask, first: int, frames, src: np.ndarray, start: int, dst
         raise frame_error(e, ch, frames, first, where) from None
 
 
-def _decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: ReadStats | None, where: str) -> None:
+def decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: ReadStats | None, where: str) -> None:
     ch, meta = task.chunk, task.meta
     frames = ch.frames[span.first:span.last]
     start = frames[0].offset

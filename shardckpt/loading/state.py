@@ -338,18 +338,18 @@ def load_training_state(state: dict, path, *, process_group=None, storage_option
     method (RNGState) may opt out of the load when they cannot be restored as saved (another world size)
     and restore themselves instead. Everything else loads as shardckpt.load does. Call on every rank."""
     from shardckpt import dist as sdist
-    from shardckpt.api import _read_metadata
+    from shardckpt.loading.load import read_group_metadata
     from shardckpt.storage import storage_for
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group)
-    metadata = _read_metadata(storage, comm)  # once for the group, and once for the hooks and the load
+    metadata = read_group_metadata(storage, comm)  # once for the group, and once for the hooks and the load
     return load_training_state_from(state, storage, comm, metadata, strict=strict)
 
 
 def load_training_state_from(state: dict, storage, comm, metadata, *, strict: bool = True, holders=None):
     """load_training_state once the group has the metadata; shardckpt.tiers calls it for a local-tier restore
     (`storage` this rank's own copy, `holders` which ranks hold each file: exchange.run)."""
-    from shardckpt.api import _load
+    from shardckpt.loading.load import load_with_metadata
     manifest = metadata[0]
     skip = []
     for k, v in state.items():
@@ -359,7 +359,7 @@ def load_training_state_from(state: dict, storage, comm, metadata, *, strict: bo
     kw = dict(strict=strict, key_map=None, prefix="", convert_dtype=False,
               exchange="auto" if holders is None else "always", holders=holders)
     if not skip:
-        return _load(state, storage, comm, metadata, keys=None, **kw)
+        return load_with_metadata(state, storage, comm, metadata, keys=None, **kw)
     rest = {k: v for k, v in state.items() if str(k) not in skip}
     keep = lambda key: not any(key == p or key.startswith(p + ".") for p in skip)  # noqa: E731
-    return _load(rest, storage, comm, metadata, keys=keep, **kw)
+    return load_with_metadata(rest, storage, comm, metadata, keys=keep, **kw)

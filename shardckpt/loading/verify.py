@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shardckpt.native import kernels as _ext
-from shardckpt import api
+from shardckpt.format.metadata import read_manifest
 from shardckpt.format.codec import CODEC_IDS, plane_size, threads
 from shardckpt.errors import ChecksumError, CheckpointError, CorruptDataError, IncompleteCheckpointError, StorageError
-from shardckpt.format.records import Chunk, check_coverage, parse_index
+from shardckpt.format.records import Chunk
+from shardckpt.plan.geometry import check_coverage
+from shardckpt.format.parse import parse_index
 from shardckpt.progress import Progress
 from shardckpt.format.refs import chunk_storage, reference_error
 from shardckpt.storage import ReadRange, storage_for
@@ -113,7 +115,7 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
             stored bytes on `workers` threads; default min(8, CPUs)).
         progress: draw a progress bar on stderr (None: only when it is a terminal).
         rank, world_size: the share of the files this caller checks.
-        metadata: (Manifest, index files' bytes or None) already read for the group (loading._read_metadata,
+        metadata: (Manifest, index files' bytes or None) already read for the group (loading.read_group_metadata,
             as CheckpointManager.restore does, so a restore reads the manifest and each index once in all);
             None: read here.
 
@@ -125,7 +127,7 @@ def verify_checkpoint(path, *, full: bool = True, storage_options: dict | None =
     storage = storage_for(path, storage_options)
     report = VerifyReport(storage.url, True)
     try:
-        m = metadata[0] if metadata is not None else api.read_manifest(storage)
+        m = metadata[0] if metadata is not None else read_manifest(storage)
     except (IncompleteCheckpointError, StorageError):
         raise
     except CheckpointError as e:

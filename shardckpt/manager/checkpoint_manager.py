@@ -9,16 +9,16 @@
             break                                  # every rank saved and the checkpoint committed
     manager.close()
 
-Policies (shardckpt.policy, decided on the coordinator and broadcast): save_best_only skips a save whose
+Policies (shardckpt.manager.policy, decided on the coordinator and broadcast): save_best_only skips a save whose
 monitored metric does not improve on the best committed one by more than min_delta; early_stopping_patience
 sets `should_stop` on every rank once that many monitored saves in a row did not improve. Events
-(shardckpt.events: save started, snapshot done, committed, skipped, deleted, restored, failed) go to
+(shardckpt.manager.events: save started, snapshot done, committed, skipped, deleted, restored, failed) go to
 `callbacks` on the coordinator's event thread, never on the training thread.
 
 Layout: `root/step-<10-digit step>/` per checkpoint (a normal shardckpt checkpoint); the manifest's
 user_metadata holds {"step": N, "metrics": {...}} (and {"monitor": {"metric", "mode"}} when one is set,
 {"policy": {"best", "wait"}} with save_best_only or early stopping). A step
-exists once its manifest.json is committed (shardckpt.layout); shardckpt.deleter's gc collects what crashed saves left.
+exists once its manifest.json is committed (shardckpt.lifecycle.layout); shardckpt.lifecycle.deleter's gc collects what crashed saves left.
 
 Who does what:
   all ranks     maybe_save / save / restore / wait / close, in the same order (they run collectives on
@@ -48,7 +48,7 @@ from shardckpt import dist as sdist
 from shardckpt.manager import restoring
 from shardckpt.tiers import local_tier as tiers
 from shardckpt.saving.async_save import AsyncSaveHandle, async_save
-from shardckpt.lifecycle.commit import error_text
+from shardckpt.errors import error_text
 from shardckpt.errors import CheckpointExistsError, ConfigError, CoordinationError, MetricError, StorageError
 from shardckpt.manager.events import EventBus, report_commit
 from shardckpt.format.records import DEFAULT_FRAME_SIZE, MANIFEST_NAME
@@ -64,7 +64,7 @@ log = logging.getLogger("shardckpt")
 
 
 # verify_checkpoint(path, *, full=False, storage_options=None, rank=0, world_size=1) -> list[str]: restore's
-# check, shardckpt.verify's one verifier (the same rules and error classes as `shardckpt verify` and load)
+# check, shardckpt.loading.verify's one verifier (the same rules and error classes as `shardckpt verify` and load)
 verify_checkpoint = list_problems
 
 
@@ -88,7 +88,7 @@ class CheckpointManager:
         keep_best: keep the K best steps by metrics[monitor] (steps without that metric do not compete).
         monitor, mode: the metric and whether lower ("min") or higher ("max") is better.
         keep_every_steps: also keep every step that is a multiple of this forever.
-        async_save: save in the background (shardckpt.async_save); else save() blocks until committed.
+        async_save: save in the background (shardckpt.saving.async_save); else save() blocks until committed.
         process_group: the group that saves together (default: the whole job).
         preemption_signals: signals (names or numbers) whose handler only sets a flag; at the next maybe_save
             all ranks agree, save, wait for the commit and return True with `preempted` set. Default SIGTERM
@@ -109,7 +109,7 @@ class CheckpointManager:
         full_every: with incremental, every full_every-th save of this manager (and its first) writes
             everything, so references never reach further back than full_every saves and retention can
             free old steps' data (default 8; without incremental=True it is a ConfigError).
-        callbacks: shardckpt.events callbacks (TensorBoardCallback, MLflowCallback, yours), called on the
+        callbacks: shardckpt.manager.events callbacks (TensorBoardCallback, MLflowCallback, yours), called on the
             coordinator's event thread; one that raises is logged and never fails a save.
         save_best_only: skip a save (nothing written, maybe_save returns False) unless metrics[monitor]
             improves on the best committed value by more than min_delta; the first save always happens, and
@@ -300,7 +300,7 @@ class CheckpointManager:
         due = force or preempt or time_due or bool(self.save_every_steps and step % self.save_every_steps == 0)
         if self.tier is not None and not preempt and step % self.local_every_steps == 0 \
                 and step != self._last_saved_step:
-            return tiers.save_step(self, step, state, metrics, durable=due)
+            return _save_local_step(self, step, state, metrics, durable=due)
         if not due:
             return False
         if step == self._last_saved_step and not preempt:  # nothing is written: say so, never True
@@ -498,7 +498,7 @@ class CheckpointManager:
                                            keep_every_steps=self.keep_every_steps) if s not in unknown]
 
     def _delete_step(self, step: int) -> None:
-        # manifest first, then the data nothing needs any more (shardckpt.deleter, the one deleter)
+        # manifest first, then the data nothing needs any more (shardckpt.lifecycle.deleter, the one deleter)
         retire(self.storage, step_dir(step), self.gc_grace_s)
         log.info("deleted checkpoint step %d", step)
 
@@ -521,7 +521,7 @@ class CheckpointManager:
         Returns the step restored, or None if there is no (valid) checkpoint. A step number never falls
         back: it raises IncompleteCheckpointError when that step was never committed, and the check's or
         the load's typed error (ChecksumError, CorruptDataError, ...) naming the step and file otherwise.
-        (shardckpt.restoring does the work.)"""
+        (shardckpt.manager.restoring does the work.)"""
         self._reap(block=True)
         if self.tier is not None and step == "latest":  # the local tier when it holds a step >= the durable latest
             t0 = time.monotonic()
@@ -536,3 +536,58 @@ class CheckpointManager:
         if self.tier is not None and got is not None:
             self.tier.set_aside_newer(got)
         return got
+
+
+def _save_local_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:
+    """CheckpointManager.maybe_save, every rank, on a step of its local tier (local_every_steps): a local
+    save (in the background when the manager's async_save), then, when the durable tier is due too, its
+    promotion (the same encoded files and manifest, no second snapshot), queued behind it; the manager
+    applies durable retention once the promotion committed (_reap). Events: save_started, snapshot_done and
+    committed with tier "local", then committed (durable_s: from the snapshot's start to durable) with tier
+    "durable". Returns True (saved)."""
+    mgr._reap(block=False)
+    meta = {"step": int(step), "metrics": json_metrics(metrics)}
+    local_url, durable_url = mgr.tier.storage.child(step_dir(step)).url, mgr._path(step).url
+    bus, t0 = mgr.events, time.monotonic()
+
+    def report(url, tier, stall):
+        def done(manifest, err):
+            if bus.enabled and (manifest is not None or err is not None):  # None, None: nothing was committed
+                report_commit(bus, step, url, meta["metrics"], t0, stall, manifest, err, tier=tier)
+        return done
+
+    def failed(url, tier, e):
+        bus.emit("failed", step, path=url, error=f"{type(e).__name__}: {e}"[:2000], tier=tier)
+
+    upload_to = mgr.storage if durable else None
+    bus.emit("save_started", step, path=local_url, metrics=meta["metrics"], tier="local")
+    try:
+        if mgr.async_save:
+            handle = mgr.tier.save_async(step, state, meta, upload_to=upload_to)
+            mgr._pending.append((step, handle, "local"))
+            stall = handle.stall_s
+            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
+            handle.add_done_callback(report(local_url, "local", stall))
+        else:
+            manifest = mgr.tier.save(step, state, meta, upload_to=upload_to)
+            stall = time.monotonic() - t0
+            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
+            report(local_url, "local", stall)(manifest, None)
+    except Exception as e:
+        failed(local_url, "local", e)
+        raise
+    if not durable:
+        return True
+    try:
+        if mgr.async_save:  # a promotion behind a failed local save commits nothing and reports nothing
+            handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True, after=handle)
+            handle.add_done_callback(report(durable_url, "durable", stall))
+            mgr._pending.append((step, handle, "durable"))
+        else:
+            report(durable_url, "durable", stall)(mgr.tier.promote(step, mgr.storage, exist_ok=True), None)
+            mgr._after_commit(step)
+    except Exception as e:
+        failed(durable_url, "durable", e)
+        raise
+    mgr._last_saved_step, mgr._last_save_time = step, time.monotonic()
+    return True

@@ -1,6 +1,6 @@
 """CheckpointManager's events for experiment trackers (shardckpt.integrations.tensorboard / .mlflow, or yours).
 
-    class Printer(shardckpt.events.CheckpointCallback):
+    class Printer(shardckpt.manager.events.CheckpointCallback):
         def on_committed(self, e):
             print(e.step, e.durable_s, e.stored_bytes)
     mgr = CheckpointManager(root, ..., callbacks=[Printer()])

@@ -2,7 +2,7 @@
 
 Who calls it: CheckpointManager.restore on every rank, after the pending save was reaped. The coordinator
 picks the order of steps to try and broadcasts each choice; the coordinator reads the step's manifest and
-index files once for the group (loading._read_metadata) and the verify and the load both use those bytes,
+index files once for the group (loading.read_group_metadata) and the verify and the load both use those bytes,
 verification work is shared across ranks (verify.verify_checkpoint) and every rank agrees on the outcome of
 each try, so all ranks restore the same step or all raise. After a restore the manager's policy state (best value, patience count) resumes from that
 step's manifest and the async-save pools are warmed up in the background.
@@ -14,11 +14,11 @@ import time
 
 from shardckpt import errors
 from shardckpt.saving.async_save import warm_up
-from shardckpt.lifecycle.commit import bounded_text
+from shardckpt.errors import bounded_text
 from shardckpt.errors import (CheckpointError, ChecksumError, ConfigError, CorruptDataError, FormatError,
     IncompleteCheckpointError, KeyMismatchError, StorageError)
 from shardckpt.lifecycle.layout import step_dir
-from shardckpt.loading.load import _read_metadata
+from shardckpt.loading.load import read_group_metadata
 from shardckpt.manager.policy import metric_value, rank_steps, recorded_monitor
 from shardckpt.loading.state import load_training_state_from
 from shardckpt.loading.verify import verify_checkpoint
@@ -155,7 +155,7 @@ def _check_and_load(mgr, step: int, state) -> dict | None:
     the first problem as {"p": text, "cls": the typed error's class name, "file": the file it names}."""
     path = mgr._path(step)
     try:  # the manifest and the index files, read once for the group, serve the verify and the load
-        metadata = _read_metadata(path, mgr.comm)
+        metadata = read_group_metadata(path, mgr.comm)
     except CheckpointError as e:  # every rank raises it (the coordinator's read is broadcast)
         return {"p": f"manifest: {type(e).__name__}: {e}", "cls": type(e).__name__, "file": e.file}
     mine = None

@@ -1,6 +1,6 @@
 """The kernel backend: the compiled module shardckpt._native (csrc/) or its pure-Python twin (_twin.py).
 
-Who calls it: shardckpt.codec, staging and storage call the functions below; tests switch backends with
+Who calls it: shardckpt.format.codec, staging and storage call the functions below; tests switch backends with
 SHARDCKPT_BACKEND=python or compare both through `backend(name)`.
 
 Selection, once at import: native unless SHARDCKPT_BACKEND=python or the compiled module fails to import

@@ -1,6 +1,6 @@
 """Pure-Python twin of the native kernels (csrc/): same functions, same signatures, same bytes.
 
-Who calls it: shardckpt._ext, when the compiled module is missing or SHARDCKPT_BACKEND=python, and the tests,
+Who calls it: shardckpt.native.kernels, when the compiled module is missing or SHARDCKPT_BACKEND=python, and the tests,
 which run every kernel on both backends. Nothing here imports another shardckpt module.
 
 Output is byte-identical to the native module for raw frames, crc32c and byte planes. zstd frames are

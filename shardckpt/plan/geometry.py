@@ -7,6 +7,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
+from shardckpt.errors import FormatError
+
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) in global coordinates
 
 # Replicated boxes smaller than this are written whole by one replica instead of being split.
@@ -118,3 +120,22 @@ def row_batches(row_lo: int, row_hi: int, row_bytes: int, target_bytes: int, ali
         out.append((r, nxt))
         r = nxt
     return out
+
+
+def check_coverage(meta, chunks, file: str = "manifest.json") -> None:
+    """Chunks MUST cover the tensor exactly once: no overlap and total volume equal to numel."""
+    total = sum(c.numel for c in chunks)
+    if total != meta.numel:
+        raise FormatError(f"chunks cover {total} of {meta.numel} elements", file=file, key=meta.key)
+    if len(chunks) < 2 or not meta.shape:
+        if len(chunks) > 1:
+            raise FormatError("a 0-d tensor has more than one chunk", file=file, key=meta.key)
+        return
+    ordered = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets[0])
+    active: list = []
+    for c in ordered:
+        active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
+        for a in active:
+            if boxes_overlap(a.offsets, a.sizes, c.offsets, c.sizes):
+                raise FormatError(f"chunks of ranks {a.rank} and {c.rank} overlap", file=file, key=meta.key)
+        active.append(c)

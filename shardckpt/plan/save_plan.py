@@ -40,13 +40,13 @@ class TensorInfo:
     layout: dict | None
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "placements")
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (shares storage with it), or the tensor itself."""
-    if _is_dtensor(t):
+    if is_dtensor(t):
         return t._local_tensor
     return t
 
@@ -94,7 +94,7 @@ _MEMO_MAX = 1 << 16
 def plan_tensor(key: str, t: torch.Tensor, codec: str, rank: int, world_size: int):
     """(TensorInfo, WriteItem or None) for one tensor on this rank. Raises UnsupportedValueError naming the
     key for a tensor kind shardckpt does not save (sparse, quantized, a dtype outside FORMAT.md's table)."""
-    dt = _is_dtensor(t)
+    dt = is_dtensor(t)
     local = t._local_tensor if dt else t
     _check_kind(key, local)
     sig = (key, tuple(t.shape), t.dtype, codec, rank, world_size, dt,
@@ -132,7 +132,7 @@ def _plan_tensor(key: str, t: torch.Tensor, codec: str, rank: int, world_size: i
     """(TensorInfo, WriteItem or None, offsets of the local tensor's box) for one tensor on this rank."""
     dtype_name(t.dtype)  # raises for unsupported dtypes
     chosen = codecs.choose(codec, t.dtype)
-    if _is_dtensor(t):
+    if is_dtensor(t):
         for p in t.placements:
             if p.is_partial():
                 raise UnsupportedValueError("DTensor with a Partial placement: reduce it before saving", key=key)

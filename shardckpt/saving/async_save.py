@@ -8,10 +8,10 @@ the background.
 async_save, in order (all ranks of the group, in the same order):
   1. caller thread: re-raise the error of a finished save nobody has waited for; wait until fewer than
      `max_in_flight` saves are running (their host buffers are about to be reused)
-  2. caller thread: api._prepare(stage=True): flatten, plan, agree (two small collectives on the
+  2. caller thread: pipeline.prepare(stage=True): flatten, plan, agree (two small collectives on the
      foreground companion gloo group, dist.comm_for), snapshot every chunk into a reused HostBufferPool
      (memcpy on CPU, D2H into pinned memory on GPU). This is the whole stall.
-  3. background thread (one per group, FIFO): api._write_and_commit on a second gloo group used by nothing
+  3. background thread (one per group, FIFO): pipeline.write_and_commit on a second gloo group used by nothing
      else: encode + write in the native kernels (GIL released), gather summaries, commit the manifest.
 
 Why a second group: the background collectives (gather write summaries, broadcast the commit result) run
@@ -35,7 +35,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from shardckpt import api
+
+from shardckpt.saving import pipeline
 from shardckpt import dist as sdist
 from shardckpt.errors import CoordinationError
 from shardckpt.format.records import DEFAULT_FRAME_SIZE, Manifest
@@ -172,18 +173,18 @@ def async_save(state_dict, path, *, process_group=None, codec: str = "auto", met
     """
     if frame_size <= 0 or frame_size % 8:
         raise ValueError("frame_size must be a positive multiple of 8")
-    return start(state_dict, path, api._write_and_commit, process_group=process_group, codec=codec,
+    return start(state_dict, path, pipeline.write_and_commit, process_group=process_group, codec=codec,
                  metadata=metadata, frame_size=frame_size, storage_options=storage_options, timeout_s=timeout_s,
                  max_in_flight=max_in_flight, base=base, content_hash=content_hash, overwrite=overwrite)
 
 
 def start(state_dict, path, job, *, process_group=None, timeout_s: float | None = None, max_in_flight: int = 1,
           **prepare) -> AsyncSaveHandle:
-    """async_save's body, with the background part given: plan and snapshot here (api._prepare with
+    """async_save's body, with the background part given: plan and snapshot here (pipeline.prepare with
     stage=True and `prepare`'s arguments: codec, frame_size, metadata, storage_options, ...), then
     job(prepared) on the group's background thread, with prepared.comm the background group; its return
     value (a Manifest) is what handle.wait() returns.
-    Called by async_save (job = api._write_and_commit) and shardckpt.tiers (a local save, replicated)."""
+    Called by async_save (job = pipeline.write_and_commit) and shardckpt.tiers (a local save, replicated)."""
     t0 = time.perf_counter()
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be >= 1")
@@ -192,7 +193,7 @@ def start(state_dict, path, job, *, process_group=None, timeout_s: float | None 
     while len(saver.pools) < max_in_flight:
         saver.pools.append(HostBufferPool())
     pool = _free_pool(saver)
-    prepared = api._prepare(state_dict, path, process_group=process_group, timeout_s=timeout_s, stage=True,
+    prepared = pipeline.prepare(state_dict, path, process_group=process_group, timeout_s=timeout_s, stage=True,
                             pool=pool, **prepare)
     prepared = replace(prepared, comm=saver.background)
     future = saver.executor.submit(job, prepared)

@@ -15,7 +15,8 @@ from shardckpt._faults import fault_point
 from shardckpt.format.codec import CODEC_IDS, RAW, plane_size, threads, zstd_level
 from shardckpt.format.records import build_index, chunk_frame_size, data_file_name, index_file_name
 from shardckpt.plan.save_plan import WriteItem
-from shardckpt.format.refs import BaseChunks, chunk_hash
+from shardckpt.saving.incremental import BaseChunks
+from shardckpt.format.refs import chunk_hash
 from shardckpt.storage.base import Storage
 
 BATCH_FRAMES = 16  # most frames encoded per native call; two batches in flight (encode one, write the other)

@@ -122,7 +122,7 @@ class Storage(abc.ABC):
     def replace(self, relpath: str, data: bytes) -> None:
         """Atomically put `data` at `relpath` whether or not a file is there: readers see the old file or the
         whole new one, never neither and never a mix. Raises StorageError if the store fails (the old file is
-        then still in place). Called only by shardckpt.commit.commit_manifest on the coordinator, as the last
+        then still in place). Called only by shardckpt.lifecycle.commit.commit_manifest on the coordinator, as the last
         step of a save that overwrites a committed checkpoint (shardckpt.dcp.Writer with overwrite=True);
         the caller deletes the old checkpoint's data only after this returns. This default refuses: a
         backend without an atomic replace cannot overwrite."""

@@ -17,7 +17,7 @@ what differs is whether two committers racing for one name can both succeed.
                      exists() then one write: two concurrent committers can both succeed, the later winning.
                      A warning says so, once per filesystem class.
 A retried request whose first attempt did land finds its own object and reports it as existing (S3, GCS and
-Azure alike): the caller reads the manifest back to tell (shardckpt.commit).
+Azure alike): the caller reads the manifest back to tell (shardckpt.lifecycle.commit).
 
 Who calls what: FsspecStorage.__init__ calls store_kind() once per root; FsspecStorage.commit calls
 create_only() on the coordinator, once per save.

@@ -20,7 +20,7 @@ from shardckpt.errors import CheckpointExistsError, StorageError
 from shardckpt.storage.base import FileWriter, ReadRange, Storage, storage_error
 from shardckpt.storage.create_only import create_only, store_kind
 from shardckpt.storage.fsspec_writers import BufferedWriter, StreamWriter
-from shardckpt.storage.local import LocalStorage, _fsync_dir
+from shardckpt.storage.local import LocalStorage, fsync_dir
 from shardckpt.storage.s3 import (DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE,
     S3MultipartWriter, is_invalid_range, s3_options)
 
@@ -128,7 +128,7 @@ class FsspecStorage(Storage):
     def replace(self, relpath: str, data: bytes) -> None:
         """Put `data` at `relpath` over whatever is there: one whole-object write (a single PUT on object
         stores, which readers see whole or not at all; file:// goes through LocalStorage.replace). Called
-        only by shardckpt.commit.commit_manifest, on the coordinator, when a save overwrites a checkpoint."""
+        only by shardckpt.lifecycle.commit.commit_manifest, on the coordinator, when a save overwrites a checkpoint."""
         path, url = self._path(relpath), self._url(relpath)
         try:
             if self._kind == "local":
@@ -303,7 +303,7 @@ class FsspecStorage(Storage):
         """Nothing to do on object stores (an object is durable when its PUT returns); fsyncs a local dir."""
         if self._kind == "local":
             try:
-                _fsync_dir(self._path(relpath))
+                fsync_dir(self._path(relpath))
             except OSError as e:
                 raise storage_error(e, "fsync", self._url(relpath)) from e
 

@@ -25,7 +25,7 @@ _READ_PIECE = 8 << 20  # ranges are read in pieces of at most this, in parallel:
                        # half the speed of eight 8 MB ones on a cold virtio disk
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     """fsync a directory, so the entries made in it are durable. Called by commit, delete_tree and sync_dir
     here and by FsspecStorage.sync_dir for fsspec's local filesystem."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -239,7 +239,7 @@ class LocalStorage(Storage):
                 raise CheckpointExistsError("a committed manifest already exists", file=path) from None
             finally:
                 os.unlink(tmp)
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         except OSError as e:
             raise _storage_error(e, "commit", path) from e
 
@@ -254,7 +254,7 @@ class LocalStorage(Storage):
             except BaseException:
                 os.unlink(tmp)
                 raise
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         except OSError as e:
             raise _storage_error(e, "replace", path) from e
 
@@ -376,7 +376,7 @@ class LocalStorage(Storage):
         for m in manifests:
             try:
                 os.unlink(m)
-                _fsync_dir(os.path.dirname(m))
+                fsync_dir(os.path.dirname(m))
             except FileNotFoundError:
                 pass
             except OSError as e:  # the manifest stays, so its data must too
@@ -386,4 +386,4 @@ class LocalStorage(Storage):
             raise StorageError("delete failed: could not delete everything below the directory", file=base)
 
     def sync_dir(self, relpath: str = "") -> None:
-        _fsync_dir(self._path(relpath))
+        fsync_dir(self._path(relpath))

@@ -15,9 +15,10 @@ import json
 import logging
 import struct
 
-from shardckpt.lifecycle.commit import error_text
+from shardckpt.errors import error_text
 from shardckpt.errors import ChecksumError, CorruptDataError, FormatError, StorageError, error_from, error_record
-from shardckpt.format.records import MANIFEST_NAME, parse_manifest
+from shardckpt.format.records import MANIFEST_NAME
+from shardckpt.format.parse import parse_manifest
 from shardckpt.lifecycle.layout import STEP_DIR, step_dir
 
 log = logging.getLogger("shardckpt")

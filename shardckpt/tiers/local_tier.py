@@ -4,9 +4,9 @@ other nodes, restored (onto any world size and layout) from whichever nodes surv
 
 Who calls what, and when (every rank of the group, collectively):
   LocalTier.save(step, state) / save_async(step, state)  a local save: an ordinary save into
-      local_root/step-<N>/ on this node's disk (api._prepare, then _commit: api._write_and_commit), with
+      local_root/step-<N>/ on this node's disk (saving.pipeline.prepare, then _commit: pipeline.write_and_commit), with
       replication between the write and the commit round: every rank streams its data and index files to
-      its peers (the same local rank on the nodes `jump`, 2*jump, ... further on; shardckpt.replicas, in
+      its peers (the same local rank on the nodes `jump`, 2*jump, ... further on; shardckpt.tiers.replicas, in
       bounded rounds over all_to_all) and writes the files it receives under the same names in its own
       node's dir. Only then does commit.finish run (a rank dying while writing or replicating fails the
       save on every rank, nothing is committed). The coordinator commits manifest.json in its node's dir;
@@ -23,7 +23,7 @@ Who calls what, and when (every rank of the group, collectively):
   LocalTier.restore(state, durable_root)  every rank lists the committed steps its node's dir holds and which
       rank files of each; the newest step that the surviving dirs hold completely, and not older than the
       durable tier's latest, is restored through the exchange (exchange.run with `holders`: each file is
-      fetched from its holders' own disks and sent to the ranks that need it; shardckpt.local_restore);
+      fetched from its holders' own disks and sent to the ranks that need it; shardckpt.tiers.local_restore);
       else the durable tier's latest.
 
 Nothing records which node holds which file: a restore learns it from the listings, so a lost node's dir
@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from shardckpt import api
+from shardckpt.format.records import DEFAULT_FRAME_SIZE
+from shardckpt.saving import pipeline
 from shardckpt.lifecycle import commit
 from shardckpt import dist as sdist
 from shardckpt.tiers import local_restore
-from shardckpt.lifecycle.commit import error_text
+from shardckpt.errors import error_text
 from shardckpt.errors import CheckpointExistsError, SaveError, StorageError
-from shardckpt.format.records import MANIFEST_NAME, data_file_name, index_file_name, parse_manifest
+from shardckpt.format.records import MANIFEST_NAME, data_file_name, index_file_name
+from shardckpt.format.parse import parse_manifest
 from shardckpt.lifecycle.deleter import DEFAULT_GC_GRACE_S, drop_uncommitted, gc_uncommitted, retire
 from shardckpt.lifecycle.layout import committed_steps, step_dir
 from shardckpt.tiers.replicas import Nodes, copy_file, mirror, node_map, replicate
@@ -95,7 +96,7 @@ class LocalTier:
         SaveError on every rank if any failed."""
         comm = self._comm()
         self._nodes(comm)
-        p = api._prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
+        p = pipeline.prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
                          timeout_s=self.timeout_s, stage=False, pool=None, **self._prepare_kw(metadata))
         dst = _step_storage(upload_to, step)
         try:
@@ -106,7 +107,7 @@ class LocalTier:
             raise
 
     def save_async(self, step: int, state, metadata: dict | None = None, *, upload_to=None):
-        """Like save, but return once `state` is snapshotted (shardckpt.async_save's staging pools and
+        """Like save, but return once `state` is snapshotted (shardckpt.saving.async_save's staging pools and
         background thread): the write, the replication to peers, the commit on every node and the local
         retention run in the background. Returns an AsyncSaveHandle (wait() gives the Manifest or raises
         the save's error on every rank)."""
@@ -117,7 +118,7 @@ class LocalTier:
                      process_group=self.process_group, timeout_s=self.timeout_s, **self._prepare_kw(metadata))
 
     def _prepare_kw(self, metadata: dict | None) -> dict:
-        return dict(codec=self.codec, frame_size=api.DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
+        return dict(codec=self.codec, frame_size=DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
                     overwrite=True)
 
     def _commit(self, p, step: int, upload_dst=None):
@@ -134,7 +135,7 @@ class LocalTier:
                 except Exception as e:  # into the commit round like any write error: every rank goes on
                     summary = {"rank": p.comm.rank, "ok": False, "error": f"starting the upload: {error_text(e)}"}
             return replicate(p.comm, p.storage, p.save_id, nodes, self.replicas, self.jump, summary)
-        manifest = api._write_and_commit(p, after_write=after_write)
+        manifest = pipeline.write_and_commit(p, after_write=after_write)
         mirror(p.comm, nodes, p.storage, p.save_id)
         if nodes.local_rank(p.comm.rank) == 0:
             self._retain(step)
@@ -348,60 +349,3 @@ def _drop_upload(early, dst, rank: int) -> None:
     except Exception:
         pass
     drop_uncommitted(dst, save_id, rank)
-
-
-def save_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:
-    """CheckpointManager.maybe_save, every rank, on a step of its local tier (local_every_steps): a local
-    save (in the background when the manager's async_save), then, when the durable tier is due too, its
-    promotion (the same encoded files and manifest, no second snapshot), queued behind it; the manager
-    applies durable retention once the promotion committed (_reap). Events: save_started, snapshot_done and
-    committed with tier "local", then committed (durable_s: from the snapshot's start to durable) with tier
-    "durable". Returns True (saved)."""
-    from shardckpt.manager.events import report_commit
-    from shardckpt.manager.policy import json_metrics
-    mgr._reap(block=False)
-    meta = {"step": int(step), "metrics": json_metrics(metrics)}
-    local_url, durable_url = mgr.tier.storage.child(step_dir(step)).url, mgr._path(step).url
-    bus, t0 = mgr.events, time.monotonic()
-
-    def report(url, tier, stall):
-        def done(manifest, err):
-            if bus.enabled and (manifest is not None or err is not None):  # None, None: nothing was committed
-                report_commit(bus, step, url, meta["metrics"], t0, stall, manifest, err, tier=tier)
-        return done
-
-    def failed(url, tier, e):
-        bus.emit("failed", step, path=url, error=f"{type(e).__name__}: {e}"[:2000], tier=tier)
-
-    upload_to = mgr.storage if durable else None
-    bus.emit("save_started", step, path=local_url, metrics=meta["metrics"], tier="local")
-    try:
-        if mgr.async_save:
-            handle = mgr.tier.save_async(step, state, meta, upload_to=upload_to)
-            mgr._pending.append((step, handle, "local"))
-            stall = handle.stall_s
-            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
-            handle.add_done_callback(report(local_url, "local", stall))
-        else:
-            manifest = mgr.tier.save(step, state, meta, upload_to=upload_to)
-            stall = time.monotonic() - t0
-            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
-            report(local_url, "local", stall)(manifest, None)
-    except Exception as e:
-        failed(local_url, "local", e)
-        raise
-    if not durable:
-        return True
-    try:
-        if mgr.async_save:  # a promotion behind a failed local save commits nothing and reports nothing
-            handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True, after=handle)
-            handle.add_done_callback(report(durable_url, "durable", stall))
-            mgr._pending.append((step, handle, "durable"))
-        else:
-            report(durable_url, "durable", stall)(mgr.tier.promote(step, mgr.storage, exist_ok=True), None)
-            mgr._after_commit(step)
-    except Exception as e:
-        failed(durable_url, "durable", e)
-        raise
-    mgr._last_saved_step, mgr._last_save_time = step, time.monotonic()
-    return True

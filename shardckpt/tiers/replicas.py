@@ -5,7 +5,7 @@ Who calls what, and when (every rank of the group, collectively, on the thread t
 the caller's thread for LocalTier.save, the group's background thread for LocalTier.save_async):
   node_map(comm)      once per LocalTier (it caches the answer): every rank's node, from the launcher's
                       environment.
-  replicate(...)      between a local save's write and its commit round (api._write_and_commit's
+  replicate(...)      between a local save's write and its commit round (pipeline.write_and_commit's
                       after_write): this rank's data and index files streamed to its peers in rounds of at
                       most ROUND_BYTES per sender over all_to_all, the files received written under the same
                       names. A failure anywhere is carried into the commit round, which then fails on every
@@ -26,7 +26,7 @@ import torch
 
 from shardckpt.lifecycle import commit
 from shardckpt._faults import fault_point
-from shardckpt.lifecycle.commit import error_text
+from shardckpt.errors import error_text
 from shardckpt.format.records import MANIFEST_NAME, data_file_name, index_file_name
 from shardckpt.storage import Storage
 from shardckpt.storage.base import ReadRange

@@ -6,8 +6,8 @@ finding (verify found a problem, diff found a difference), 2 an error (missing o
 or root, a destination that holds an earlier export, bad arguments). docs/CLI.md has examples.
 
 This module only parses arguments and prints; the work is library code any process may call:
-shardckpt.inspection (ls, inspect), shardckpt.verify, shardckpt.diff, shardckpt.export and
-shardckpt.importers, shardckpt.manager (gc). The names tests and docs import from here are re-exported.
+shardckpt.tools.inspection (ls, inspect), shardckpt.loading.verify, shardckpt.tools.diff, shardckpt.tools.export and
+shardckpt.tools.importers, shardckpt.manager (gc). The names tests and docs import from here are re-exported.
 
 Progress: anything that can run for more than a second (verify, diff, export) draws a one-line progress
 bar on stderr once it has run for a second, and only when stderr is a terminal (shardckpt.progress: a small
@@ -223,7 +223,7 @@ def _nan_last(v):
 
 
 def cmd_export(args) -> int:
-    from shardckpt.tools.export import CheckpointReader, _selected, export_safetensors, export_torch, parse_dtype
+    from shardckpt.tools.export import CheckpointReader, selected_keys, export_safetensors, export_torch, parse_dtype
     # --overwrite replaces an earlier export; without it one is refused (CheckpointExistsError, exit 2)
     bad = [r for r in args.rename or () if "=" not in r]
     if bad:
@@ -235,7 +235,7 @@ def cmd_export(args) -> int:
     total = sum(src.manifest.tensors[k].numel * (dtype.itemsize if dtype is not None and
                                                   src.manifest.tensors[k].dtype.is_floating_point
                                                   else src.manifest.tensors[k].itemsize)
-                for k, _ in _selected(src.manifest, args.keys, rename))
+                for k, _ in selected_keys(src.manifest, args.keys, rename))
     bar = Progress(total, "export")
     if args.format == "safetensors":
         res = export_safetensors(args.ckpt, args.out, keys=args.keys, dtype=dtype, rename=rename,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardckpt.api import _key_filter
+from shardckpt.loading.load import key_filter
 from shardckpt.tools.export import CheckpointReader, piece_boxes
 from shardckpt.progress import Progress
 from shardckpt.loading.verify import check_frames
@@ -94,7 +94,7 @@ def diff_checkpoints(a, b, *, key=None, storage_options=None, budget: int = DIFF
     ||b-a||/||a|| and cos(a, b) accumulated in float64. Plain values compare by equality."""
     ra = CheckpointReader(a, storage_options=storage_options)
     rb = CheckpointReader(b, storage_options=storage_options)
-    wanted = _key_filter(key)
+    wanted = key_filter(key)
     ka = {k for k in ra.manifest.keys() if wanted(k)}
     kb = {k for k in rb.manifest.keys() if wanted(k)}
     out: list[TensorDiff] = []

@@ -1,5 +1,5 @@
 """Moving tensors out of shardckpt: Hugging Face-style (sharded) safetensors and torch.save files. The CLI's
-`export` command calls these; imports live in shardckpt.importers (re-exported here).
+`export` command calls these; imports live in shardckpt.tools.importers (re-exported here).
 
 Who calls what:
   export_safetensors / export_torch   one process, reading a committed checkpoint (any storage URL)
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from shardckpt import config
-from shardckpt.api import _key_filter, _map_key, read_chunks, read_manifest
+from shardckpt.loading.load import key_filter, map_key, read_chunks
+from shardckpt.format.metadata import read_manifest
 from shardckpt.lifecycle.deleter import remove_export_files
 from shardckpt.errors import CheckpointError, CheckpointExistsError, ConfigError, UnsupportedValueError
 from shardckpt.format.records import Manifest
 from shardckpt.plan.geometry import row_batches
-from shardckpt.tools.importers import (_DCP_ALLOWED, _RestrictedUnpickler, _safetensors_files,  # noqa: F401
+from shardckpt.tools.importers import (DCP_ALLOWED, RestrictedUnpickler, safetensors_files,  # noqa: F401
     detect_source, import_checkpoint, load_dcp, read_dcp_metadata)
 from shardckpt.lifecycle.layout import is_file
 from shardckpt.loading.load import check_selection
@@ -101,13 +102,13 @@ def rename_keys(rename: dict[str, str] | Iterable[tuple[str, str]] | Callable | 
     if rename is None or callable(rename):
         return rename or (lambda k: k)
     pairs = list(rename.items()) if isinstance(rename, dict) else list(rename)
-    return lambda key: _map_key(key, pairs)
+    return lambda key: map_key(key, pairs)
 
 
-def _selected(manifest: Manifest, keys, rename) -> list[tuple[str, str]]:
+def selected_keys(manifest: Manifest, keys, rename) -> list[tuple[str, str]]:
     """(saved key, exported name) of the selected tensors, in saved order; refuses name collisions."""
     check_selection(keys, manifest.keys(), whose="the checkpoint's")  # an empty export is a mistake
-    wanted, ren = _key_filter(keys), rename_keys(rename)
+    wanted, ren = key_filter(keys), rename_keys(rename)
     out, seen = [], {}
     for k in manifest.tensors:
         if wanted(k):
@@ -219,7 +220,7 @@ def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_sha
     dtype, limit = parse_dtype(dtype), parse_size(max_shard_size)
     src = CheckpointReader(ckpt, storage_options=storage_options)
     dst = storage_for(out, out_storage_options)
-    sel = _selected(src.manifest, keys, rename)
+    sel = selected_keys(src.manifest, keys, rename)
     metas = [src.manifest.tensors[k] for k, _ in sel]
     out_types = [_out_dtype(m.dtype, dtype) for m in metas]
     for (k, _), t in zip(sel, out_types):
@@ -229,7 +230,7 @@ def export_safetensors(ckpt, out, *, keys=None, dtype=None, rename=None, max_sha
     shards = plan_shards(sizes, limit)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    wanted = _key_filter(keys)
+    wanted = key_filter(keys)
     skipped = [k for k in src.manifest.values if wanted(k)]
     stale = _clear_destination(dst, overwrite)
     created = not dst.exists("")  # a directory this export makes is removed again if the export fails
@@ -308,7 +309,7 @@ def export_torch(ckpt, out, *, keys=None, dtype=None, rename=None, include_value
     CheckpointExistsError unless `overwrite`."""
     dtype = parse_dtype(dtype)
     src = CheckpointReader(ckpt, storage_options=storage_options)
-    sel = _selected(src.manifest, keys, rename)
+    sel = selected_keys(src.manifest, keys, rename)
     path = os.fspath(out)
     parent, base = (path.rsplit("/", 1) if "/" in path.rstrip("/") else ("", path))
     dst = storage_for(parent or ".", out_storage_options)
@@ -328,7 +329,7 @@ def export_torch(ckpt, out, *, keys=None, dtype=None, rename=None, include_value
         if progress:
             progress(t.numel() * t.element_size())
     if include_values:
-        wanted, ren = _key_filter(keys), rename_keys(rename)
+        wanted, ren = key_filter(keys), rename_keys(rename)
         for key, v in src.manifest.values.items():
             if wanted(key):
                 state[ren(key)] = decode_value(v)

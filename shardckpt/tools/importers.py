@@ -3,8 +3,8 @@
 checkpoint with shardckpt.save. Imports memory-map safetensors and torch.save files.
 
 Nothing here unpickles untrusted data: safetensors headers are JSON validated before use; torch.save files
-are read with weights_only=True; a DCP checkpoint's `.metadata` pickle goes through _RestrictedUnpickler, which
-only builds DCP's own metadata dataclasses, torch.Size, dtypes and paths (see _DCP_ALLOWED), and its data
+are read with weights_only=True; a DCP checkpoint's `.metadata` pickle goes through RestrictedUnpickler, which
+only builds DCP's own metadata dataclasses, torch.Size, dtypes and paths (see DCP_ALLOWED), and its data
 through DCP's FileSystemReader with a planner that unpickles BYTE_IO entries with weights_only=True.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from shardckpt.tools.safetensors_layout import read_safetensors
 
 # ------------------------------------------------------------------------------------------ safetensors in
 
-def _safetensors_files(src: str) -> list[str]:
+def safetensors_files(src: str) -> list[str]:
     if os.path.isfile(src):
         return [src]
     index = os.path.join(src, "model.safetensors.index.json")
@@ -43,13 +43,13 @@ def _safetensors_files(src: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ DCP in
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a DCP `.metadata` file and nothing else: find_class resolves only the names in _DCP_ALLOWED
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file and nothing else: find_class resolves only the names in DCP_ALLOWED
     (DCP's metadata dataclasses and enums, torch.Size, torch dtypes, the layout helper torch.serialization
     uses, path classes, OrderedDict). Any other global raises, so a crafted file cannot call os.system &c."""
 
     def find_class(self, module, name):
-        if (module, name) in _DCP_ALLOWED:
+        if (module, name) in DCP_ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -57,7 +57,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                           f"(refusing to unpickle it)")
 
 
-_DCP_ALLOWED = {
+DCP_ALLOWED = {
     ("torch.distributed.checkpoint.metadata", n) for n in
     ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
      "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
@@ -78,7 +78,7 @@ def read_dcp_metadata(path: str):
                           file=path) if os.path.exists(path) else FileNotFoundError(path)
     with open(os.path.join(path, ".metadata"), "rb") as f:
         try:
-            md = _RestrictedUnpickler(f).load()
+            md = RestrictedUnpickler(f).load()
         except FormatError as e:
             raise FormatError(e.message, file=os.path.join(path, ".metadata")) from None
         except Exception as e:  # truncated or not a pickle at all
@@ -136,7 +136,7 @@ def detect_source(src: str) -> str:
             return "dcp"
         if os.path.exists(os.path.join(src, MANIFEST_NAME)):
             return "shardckpt"
-        if _safetensors_files(src):
+        if safetensors_files(src):
             return "safetensors"
         raise FormatError("directory holds neither a DCP checkpoint (.metadata) nor safetensors files", file=src)
     if not os.path.exists(src):
@@ -157,7 +157,7 @@ def import_checkpoint(src, dst, *, kind: str | None = None, codec: str = "auto",
         state = load_dcp(src)
     elif kind == "safetensors":
         state, meta = {}, {}
-        for f in _safetensors_files(src):
+        for f in safetensors_files(src):
             tensors, m = read_safetensors(f)
             dup = set(tensors) & set(state)
             if dup:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shardckpt.api import _key_filter, read_chunks, read_manifest
+from shardckpt.loading.load import key_filter, read_chunks
+from shardckpt.format.metadata import read_manifest
 from shardckpt.errors import CheckpointError, IncompleteCheckpointError
 from shardckpt.format.records import MANIFEST_NAME
 from shardckpt.lifecycle.layout import STEP_DIR, existing_root
@@ -119,7 +120,7 @@ def inspect_checkpoint(path, *, key=None, storage_options=None) -> dict:
     layout and ranks (tensors) or its value."""
     storage = storage_for(path, storage_options)
     m = read_manifest(storage)
-    wanted = _key_filter(key)
+    wanted = key_filter(key)
     chunks = read_chunks(storage, m, [])
     tensors = {}
     for k, t in m.tensors.items():
