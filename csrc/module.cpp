@@ -259,7 +259,7 @@ long long py_pwrite_from(int fd, long long offset, py::handle src) {
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "shardckpt native kernels (see shardckpt/_ext.py for the contract)";
+    m.doc() = "shardckpt native kernels (see shardckpt/native/kernels.py for the contract)";
     m.attr("CODEC_RAW") = int(CODEC_RAW);
     m.attr("CODEC_ZSTD") = int(CODEC_ZSTD);
     m.attr("CODEC_ZSTD_BYTEPLANE") = int(CODEC_ZSTD_BYTEPLANE);

@@ -547,7 +547,7 @@ def test_reports_agree_on_an_incremental_step(tmp_path, capsys):
     report = verify_checkpoint(tmp_path / "step-0000000002", full=False)
     assert sorted(p.key for p in report.problems if p.kind == "reference") == refs
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md"), encoding="utf-8").read()
-    src = open(os.path.join(os.path.dirname(shardckpt.__file__), "verify.py"), encoding="utf-8").read()
+    src = open(os.path.join(os.path.dirname(shardckpt.__file__), "loading", "verify.py"), encoding="utf-8").read()
     kinds = set(re.findall(r'(?:Problem|_problem)\(\s*"(\w+)"', src)) | {"checksum", "corrupt"}
     listed = doc.split("each with its kind", 1)[1].split("key, file", 1)[0]
     assert kinds - {k for k in kinds if f"`{k}`" in listed} == set(), "kinds verify reports but docs/CLI.md omits"
