@@ -497,3 +497,37 @@ def _explicit_step_ranks(rank, ws, root):
 def test_an_explicit_missing_step_raises_the_same_typed_error_on_every_rank(tmp_path):
     (c0, f0), (c1, f1) = run_ranks(2, _explicit_step_ranks, str(tmp_path), timeout=120)
     assert c0 == c1 == "IncompleteCheckpointError" and f0 == f1 and step_dir(3) in f0
+
+
+def test_grouped_options_mean_the_same_as_the_keywords(tmp_path):
+    """CheckpointManager(retention=, policy=, local_tier=): frozen groups checked when made; the flat
+    keywords build the same groups; one spelling per option."""
+    from dataclasses import FrozenInstanceError
+
+    from shardckpt.manager import LocalTierOptions, Retention, SavePolicy
+    grouped = CheckpointManager(tmp_path / "a", retention=Retention(keep_last=2, keep_best=1, monitor="loss"),
+                                policy=SavePolicy(save_best_only=True, min_delta=0.5), preemption_signals=())
+    flat = CheckpointManager(tmp_path / "b", keep_last=2, keep_best=1, monitor="loss", save_best_only=True,
+                             min_delta=0.5, preemption_signals=())
+    assert grouped.retention == flat.retention and grouped.policy == flat.policy and flat.local_tier is None
+    assert (grouped.keep_last, grouped.keep_best, grouped.monitor) == (2, 1, "loss")
+    # min_delta=0.5 through the group: neither 0.9 nor 0.8 improves on 1.0 by more than that
+    assert [grouped.save(s, _state(s), metrics={"loss": v}) for s, v in ((1, 1.0), (2, 0.9), (3, 0.8))] == \
+        [True, False, False]
+    grouped.close()
+    with pytest.raises(FrozenInstanceError):
+        grouped.retention.keep_last = 5
+    with pytest.raises(ValueError, match="mode"):
+        Retention(mode="best")
+    with pytest.raises(ValueError, match="needs monitor"):
+        Retention(keep_best=1)
+    with pytest.raises(shardckpt.ConfigError, match="both given") as e:
+        CheckpointManager(tmp_path / "c", keep_last=3, retention=Retention(keep_last=2), preemption_signals=())
+    assert e.value.name == "keep_last"
+    with pytest.raises(shardckpt.ConfigError, match="local_jump need local_root") as e:
+        CheckpointManager(tmp_path / "c", local_jump=2, preemption_signals=())
+    with pytest.raises(ValueError, match="save_best_only needs monitor"):
+        CheckpointManager(tmp_path / "c", policy=SavePolicy(save_best_only=True), preemption_signals=())
+    tiered = CheckpointManager(tmp_path / "d", local_tier=LocalTierOptions(tmp_path / "local", every_steps=2),
+                               preemption_signals=())
+    assert tiered.local_every_steps == 2 and tiered.tier is not None

@@ -3,5 +3,6 @@
 `shardckpt.manager.CheckpointManager` and `shardckpt.manager.gc_uncommitted` are public paths."""
 from shardckpt.manager.checkpoint_manager import (CheckpointManager, gc_uncommitted,  # noqa: F401
                                                   verify_checkpoint)
+from shardckpt.manager.options import LocalTierOptions, Retention, SavePolicy  # noqa: F401
 from shardckpt.lifecycle.deleter import DEFAULT_GC_GRACE_S  # noqa: F401
 from shardckpt.lifecycle.layout import STEP_DIGITS, STEP_DIR, committed_steps, step_dir  # noqa: F401

@@ -50,7 +50,9 @@ from shardckpt.tiers import local_tier as tiers
 from shardckpt.saving.async_save import AsyncSaveHandle, async_save
 from shardckpt.errors import error_text
 from shardckpt.errors import CheckpointExistsError, ConfigError, CoordinationError, MetricError, StorageError
+from shardckpt.manager import options
 from shardckpt.manager.events import EventBus, report_commit
+from shardckpt.manager.options import LocalTierOptions, Retention, SavePolicy
 from shardckpt.format.records import DEFAULT_FRAME_SIZE, MANIFEST_NAME
 from shardckpt.lifecycle.deleter import (  # noqa: F401 (README and the CLI name manager.gc_uncommitted)
     DEFAULT_GC_GRACE_S, gc_uncommitted, retire)
@@ -126,6 +128,8 @@ class CheckpointManager:
             on a local step uploads that step's files instead of saving again; restore("latest") takes the
             newest step the surviving nodes hold when it is not older than the durable latest
             (restored_tier says which).
+        retention, policy, local_tier: the same options grouped (shardckpt.manager.options: Retention,
+            SavePolicy, LocalTierOptions; frozen, checked when made), instead of their flat keywords.
     """
 
     def __init__(self, root, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
@@ -138,7 +142,9 @@ class CheckpointManager:
                  timeout_s: float | None = None, incremental: bool = False, full_every: int | None = None,
                  callbacks: Iterable = (), save_best_only: bool = False, min_delta: float = 0.0,
                  early_stopping_patience: int | None = None, local_root=None, local_every_steps: int = 1,
-                 local_keep_last: int | None = 2, local_replicas: int = 1, local_jump: int = 1):
+                 local_keep_last: int | None = 2, local_replicas: int = 1, local_jump: int = 1,
+                 retention: Retention | None = None, policy: SavePolicy | None = None,
+                 local_tier: LocalTierOptions | None = None):
         if full_every is not None and not incremental:  # it would be silently ignored
             raise ConfigError("full_every applies to incremental saves only: pass incremental=True too",
                               name="full_every")
@@ -146,26 +152,24 @@ class CheckpointManager:
         if full_every < 1:
             raise ValueError("full_every must be >= 1")
         self.incremental, self.full_every, self._since_full = incremental, full_every, None
-        if mode not in ("min", "max"):
-            raise ValueError("mode must be 'min' or 'max'")
-        for name, v in (("keep_best", keep_best), ("save_best_only", save_best_only),
-                        ("early_stopping_patience", early_stopping_patience)):
-            if v and not monitor:
-                raise ValueError(f"{name} needs monitor= (the metric to rank steps by)")
-        if min_delta < 0:
-            raise ValueError("min_delta must be >= 0")
         if verify not in ("index", "full"):
             raise ValueError("verify must be 'index' or 'full'")
-        for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("save_every_steps", save_every_steps),
-                        ("keep_every_steps", keep_every_steps), ("preemption_check_every", preemption_check_every),
-                        ("early_stopping_patience", early_stopping_patience)):
-            if v is not None and v < 1 and not (name == "keep_best" and v == 0):
+        for name, v in (("save_every_steps", save_every_steps), ("preemption_check_every", preemption_check_every)):
+            if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1")
+        self.retention, self.policy, self.local_tier = options.from_keywords(
+            {"retention": retention, "policy": policy, "local_tier": local_tier},
+            {"keep_last": keep_last, "keep_best": keep_best, "monitor": monitor, "mode": mode,
+             "keep_every_steps": keep_every_steps, "save_best_only": save_best_only, "min_delta": min_delta,
+             "early_stopping_patience": early_stopping_patience, "local_root": local_root,
+             "local_every_steps": local_every_steps, "local_keep_last": local_keep_last,
+             "local_replicas": local_replicas, "local_jump": local_jump})
+        r, pol, loc = self.retention, self.policy, self.local_tier
         self.storage = storage_for(root, storage_options)
         self.root = self.storage.url
         self.save_every_steps, self.save_every_seconds = save_every_steps, save_every_seconds
-        self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
-        self.keep_every_steps = keep_every_steps
+        self.keep_last, self.keep_best, self.monitor, self.mode = r.keep_last, r.keep_best, r.monitor, r.mode
+        self.keep_every_steps = r.keep_every_steps
         self.async_save = async_save
         self.process_group = process_group
         self.preemption_check_every = preemption_check_every
@@ -173,16 +177,16 @@ class CheckpointManager:
         self._save_kw = {"codec": codec, "frame_size": frame_size, "timeout_s": timeout_s}
         self.comm = sdist.comm_for(process_group, timeout_s)
         self.events = EventBus(callbacks, enabled=self.comm.is_coordinator)
-        self._monitor = Monitor(mode, min_delta, save_best_only, early_stopping_patience) \
-            if save_best_only or early_stopping_patience else None
+        self._monitor = Monitor(r.mode, pol.min_delta, pol.save_best_only, pol.early_stopping_patience) \
+            if pol.active else None
         self.should_stop = False  # early stopping: set on every rank together
         self._check_writable()
-        self.tier = None if local_root is None else tiers.LocalTier(  # the node-local tier (shardckpt.tiers)
-            local_root, keep_last=local_keep_last, replicas=local_replicas, jump=local_jump,
+        self.tier = None if loc is None else tiers.LocalTier(  # the node-local tier (shardckpt.tiers)
+            loc.root, keep_last=loc.keep_last, replicas=loc.replicas, jump=loc.jump,
             process_group=process_group, timeout_s=timeout_s, codec=codec, gc_grace_s=gc_grace_s)
         if self.tier is not None and self.events.enabled:  # the coordinator's node: its local deletions
             self.tier.on_retired = lambda step, url: self.events.emit("deleted", step, path=url, tier="local")
-        self.local_every_steps = local_every_steps
+        self.local_every_steps = loc.every_steps if loc is not None else local_every_steps
         self.restored_tier: tuple[str, int] | None = None  # ("local" | "durable", step) of the last restore
         self.preempted = False
         self._signalled: int | None = None
