@@ -1,0 +1,226 @@
+"""shardckpt.integrations.transformers with the real transformers Trainer (CPU, a tiny GPT-2 built from a
+config, no download): checkpoint-N is one committed shardckpt checkpoint; train(resume_from_checkpoint=True)
+resumes bit-exactly (weights and Adam state equal to an uninterrupted run) on 1 process and on 2 (DDP,
+gloo), and resharded from 2 processes to 1; retention keeps the newest and the best whatever the names or
+mtimes, also when a restarted run counts steps again; save_model and export_pretrained give the same
+model.safetensors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
+
+import shardckpt  # noqa: E402
+from shardckpt.integrations.transformers import (ShardckptTrainer, export_pretrained,  # noqa: E402
+                                                 latest_checkpoint)
+
+MAX_STEPS = 8
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        self.x = torch.randint(0, 64, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)  # a resumed run starts from other weights: only the checkpoint can make it equal
+    cfg = GPT2Config(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)  # GPT-2's dropout is on: resuming must restore the RNG too
+
+
+class StopAt(TrainerCallback):
+    """Ends training after global step `at` (the same max_steps, so the LR schedule is the same)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.at is not None and state.global_step == self.at:
+            control.should_training_stop = True
+
+
+class Capture(TrainerCallback):
+    """The weights and Adam state as training (re)starts, after the checkpoint was loaded."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.model = {k: v.clone() for k, v in model.state_dict().items()}
+        self.optim = _adam(optimizer)
+
+
+def _adam(optimizer) -> dict:
+    opt = getattr(optimizer, "optimizer", optimizer)
+    return {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())}
+
+
+def _trainer(out, *, stop=None, seed=0, scores=None, batch=4, **kw):
+    args = dict(max_steps=MAX_STEPS, per_device_train_batch_size=batch, save_steps=2, eval_strategy="steps",
+                eval_steps=2, save_total_limit=2, metric_for_best_model="loss", report_to=[], use_cpu=True,
+                seed=0, logging_steps=1, disable_tqdm=True, learning_rate=1e-2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args["ddp_backend"] = "gloo"
+    args.update(kw)
+    box = {}
+    if scores is not None:  # a metric the test controls: score by global step
+        args.update(metric_for_best_model="score", greater_is_better=True)
+        kw_cm = {"compute_metrics": lambda p: {"score": scores[box["t"].state.global_step]}}
+    else:
+        kw_cm = {}
+    cap = Capture()
+    t = ShardckptTrainer(model=_model(seed), args=TrainingArguments(str(out), **args), train_dataset=Tokens(64, 1),
+                         eval_dataset=Tokens(8, 2), callbacks=[StopAt(stop), cap], **kw_cm)
+    box["t"] = t
+    t.capture = cap
+    return t
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_adam(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+
+def _full(path, keys=None) -> dict:
+    """shardckpt.load_full, flattened to the saved dotted keys (train.model.transformer.wte.weight, ...)."""
+    out = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}{k}.", x)
+        else:
+            out[prefix[:-1]] = v
+    walk("", shardckpt.load_full(path, keys=keys))
+    return out
+
+
+def _checkpoints(out) -> list[str]:
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+
+
+def test_resume_bit_exact_and_no_pickle(tmp_path):
+    ref = _trainer(tmp_path / "ref")
+    ref.train()
+    _trainer(tmp_path / "run", stop=4).train()
+    assert _checkpoints(tmp_path / "run") == ["checkpoint-2", "checkpoint-4"]
+    ck = tmp_path / "run" / "checkpoint-4"
+    files = {os.path.relpath(os.path.join(d, f), ck) for d, _, fs in os.walk(ck) for f in fs}
+    assert "manifest.json" in files and "trainer_state.json" in files
+    # no torch.save files (optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin): shardckpt's data only
+    assert {f for f in files if not f.startswith("data/")} == {"manifest.json", "trainer_state.json"}
+    man = shardckpt.read_manifest(ck)
+    assert {k.split(".")[0] for k in man.keys()} == {"train", "sched", "rng"}
+    assert json.load(open(ck / "trainer_state.json"))["global_step"] == 4
+    os.remove(ck / "trainer_state.json")  # a crash after the commit: rewritten from the manifest at resume
+
+    res = _trainer(tmp_path / "run", seed=5)
+    res.train(resume_from_checkpoint=True)
+    assert res.state.global_step == ref.state.global_step == MAX_STEPS
+    assert _same(res.model.state_dict(), ref.model.state_dict())
+    assert _same_adam(_adam(res.optimizer), _adam(ref.optimizer))
+    assert res.lr_scheduler.get_last_lr() == ref.lr_scheduler.get_last_lr()
+    assert [e["loss"] for e in res.state.log_history if "loss" in e] == \
+        [e["loss"] for e in ref.state.log_history if "loss" in e]  # the same batches, dropout masks, losses
+    # explicit path, and the checkpoint-8 of the resumed run equals the uninterrupted run's
+    a, b = _full(tmp_path / "ref" / "checkpoint-8", "train"), _full(tmp_path / "run" / "checkpoint-8", "train")
+    assert len(a) > 10 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_retention_restart_counting_again_keeps_newest_and_best(tmp_path):
+    out = tmp_path / "out"
+    _trainer(out, scores={2: 0.1, 4: 0.9, 6: 0.2, 8: 0.3}).train()
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-8"]  # best (4) + newest
+    # names and mtimes that mislead: the best looks newest, the newest oldest
+    os.utime(out / "checkpoint-8", (1, 1))
+    os.utime(out / "checkpoint-4", (4e9, 4e9))
+    # a new run in the same output_dir counting steps from 0 again (not resumed), saving every 3 steps
+    t = _trainer(out, scores={3: 0.5, 6: 0.4}, save_steps=3, eval_steps=3, max_steps=6, load_best_model_at_end=True)
+    t.train()
+    # the newest save (checkpoint-6) and the best (checkpoint-4, 0.9) are kept; checkpoint-8 (step number
+    # highest) and checkpoint-3 went
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-6"]
+    assert t.state.best_model_checkpoint == str(out / "checkpoint-4")
+    assert latest_checkpoint(out) == str(out / "checkpoint-6")  # what resume_from_checkpoint=True takes
+    best = _full(out / "checkpoint-4", "train.model.")
+    now = t.model.state_dict()  # load_best_model_at_end loaded checkpoint-4 through shardckpt
+    assert all(torch.equal(now[k], best["train.model." + k]) for k in now)
+
+
+def test_save_model_and_export_give_the_same_files(tmp_path):
+    from safetensors.torch import load_file
+    t = _trainer(tmp_path / "out", save_total_limit=None)
+    t.train()
+    t.save_model(str(tmp_path / "hf"))  # Hugging Face's own output, untouched
+    ck = str(tmp_path / "out" / f"checkpoint-{MAX_STEPS}")
+    files = export_pretrained(ck, tmp_path / "exported")
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    hf, ex = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert hf.keys() == ex.keys() and all(torch.equal(hf[k], ex[k]) for k in hf)
+    subprocess.run([sys.executable, "-m", "shardckpt", "export", ck, str(tmp_path / "cli"), "--keys", "train.model.",
+                    "--rename", "train.model.="], check=True, capture_output=True, timeout=120)
+    cli = load_file(tmp_path / "cli" / "model.safetensors")
+    assert cli.keys() == hf.keys() and all(torch.equal(hf[k], cli[k]) for k in hf)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "exported")  # from_pretrained keeps working
+    x = torch.randint(0, 64, (2, 8))
+    again.eval(), t.model.eval()
+    assert torch.equal(again(x).logits, t.model(x).logits)
+
+
+# ------------------------------------------------------------------------------------- 2 processes (DDP)
+
+def _ddp(rank, world_size, out, stop, resume):
+    t = _trainer(out, stop=stop, seed=5 if resume else 0, batch=2)
+    t.train(resume_from_checkpoint=resume)
+    return {"model": {k: v.clone() for k, v in t.model.state_dict().items()}, "adam": _adam(t.optimizer),
+            "steps": t.state.global_step, "losses": [e["loss"] for e in t.state.log_history if "loss" in e],
+            "world": t.args.world_size}
+
+
+def _ddp_scenarios(rank, world_size, root):
+    ref = _ddp(rank, world_size, os.path.join(root, "ref"), None, None)
+    _ddp(rank, world_size, os.path.join(root, "run"), 4, None)
+    res = _ddp(rank, world_size, os.path.join(root, "run"), None, True)
+    return ref, res
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_resume_and_reshard_to_one(tmp_path):
+    from harness import run_ranks
+    results = run_ranks(2, _ddp_scenarios, str(tmp_path), env={"ACCELERATE_USE_CPU": "true"}, timeout=240)
+    for ref, res in results:
+        assert ref["world"] == res["world"] == 2 and ref["steps"] == res["steps"] == MAX_STEPS
+        assert _same(ref["model"], res["model"]) and _same_adam(ref["adam"], res["adam"])
+        assert ref["losses"] == res["losses"]
+    ck = tmp_path / "run" / "checkpoint-4"
+    man = shardckpt.read_manifest(ck)
+    # DDP: every replicated tensor written once in total, split across the 2 ranks' files
+    params = sum(v.numel() * v.element_size() for k, v in results[0][0]["model"].items())
+    model_bytes = sum(t.numel * t.dtype.itemsize for k, t in man.tensors.items() if k.startswith("train.model."))
+    assert model_bytes == params
+    # resharded: the 2-process checkpoint-4 resumed on 1 process (the same global batch of 4)
+    one = _trainer(tmp_path / "run", seed=7, batch=4)
+    one.train(resume_from_checkpoint=str(ck))
+    saved = _full(ck)
+    assert all(torch.equal(one.capture.model[k], saved["train.model." + k]) for k in one.capture.model)
+    exp_avg = {k: v for k, v in saved.items() if k.startswith("train.optim.state.") and k.endswith(".exp_avg")}
+    got = [s["exp_avg"] for s in one.capture.optim.values()]
+    assert len(got) == len(exp_avg) and sorted(float(g.sum()) for g in got) == \
+        sorted(float(v.sum()) for v in exp_avg.values())
+    assert one.state.global_step == MAX_STEPS
