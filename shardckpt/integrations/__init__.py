@@ -6,8 +6,9 @@ only when imported itself (the core never imports these):
   shardckpt.integrations.tensorboard   TensorBoardCallback (CheckpointManager callbacks=)
   shardckpt.integrations.mlflow        MLflowCallback (CheckpointManager callbacks=)
   shardckpt.integrations.transformers  ShardckptTrainer, ShardckptTrainerMixin (Hugging Face Trainer)
+  shardckpt.integrations.keras         ModelCheckpoint, BackupAndRestore (Keras 3, torch backend)
   shardckpt.integrations.wandb         WandbCallback (CheckpointManager callbacks=)
 
 Install the framework with the matching extra: pip install "shardckpt[lightning]" / "[tensorboard]" /
-"[mlflow]" / "[wandb]" / "[transformers]".
+"[mlflow]" / "[wandb]" / "[transformers]" / "[keras]".
 """
