@@ -44,7 +44,8 @@ export_pretrained(checkpoint-N, out) writes the same model.safetensors (model we
 Face's names) plus config.json; `shardckpt export CKPT OUT --keys train.model. --rename train.model.=`
 writes the model.safetensors alone.
 
-Not supported (refused or warned): push_to_hub from checkpoints (the checkpoint is not in Hugging Face's
+Tested on CPU with 1 and 2 processes (DDP, gloo); FSDP2 is not (accelerate enables FSDP on accelerator
+devices only). Not supported (refused or warned): push_to_hub from checkpoints (the checkpoint is not in Hugging Face's
 layout: push save_model()'s output), DeepSpeed, SageMaker MP and XLA (their own checkpoint engines).
 Needs transformers and accelerate (pip install "shardckpt[transformers]"); imported only here.
 """
