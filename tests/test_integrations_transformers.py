@@ -162,6 +162,15 @@ def test_retention_restart_counting_again_keeps_newest_and_best(tmp_path):
     assert all(torch.equal(now[k], best["train.model." + k]) for k in now)
 
 
+def test_save_total_limit_one_keeps_newest_and_best_at_the_end(tmp_path):
+    """Trainer itself would shutil.rmtree the newest checkpoint at the end (save_total_limit=1, the best
+    older); here the newest and the best stay, and only the deleter removed the others."""
+    out = tmp_path / "out"
+    _trainer(out, scores={2: 0.9, 4: 0.1, 6: 0.2, 8: 0.3}, save_total_limit=1, load_best_model_at_end=True).train()
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-8"]
+    assert latest_checkpoint(out) == str(out / "checkpoint-8")
+
+
 def test_save_model_and_export_give_the_same_files(tmp_path):
     from safetensors.torch import load_file
     t = _trainer(tmp_path / "out", save_total_limit=None)

@@ -11,7 +11,9 @@ Why a mixin over Trainer's checkpoint methods and not a TrainerCallback: a callb
 Trainer has already written checkpoint-N (torch.save of the optimizer, non-atomically, on rank 0) and it
 cannot change how train() loads one; the methods overridden here are exactly Trainer's own checkpoint
 hooks (_save_checkpoint, _load_from_checkpoint, _load_optimizer_and_scheduler, _load_scaler,
-_load_rng_state, _load_best_model) plus train() to resolve resume_from_checkpoint=True. Everything else
+_load_rng_state, _load_best_model) plus train() to resolve resume_from_checkpoint=True and
+_finalize_training to stop its own save_total_limit=1 clean-up (shutil.rmtree of every checkpoint but the
+best, the newest included). Everything else
 (loop, data skipping, logging, save_model) stays Trainer's. Written against transformers 5.x; the hooks
 are private API, so a transformers release may need this module updated.
 
@@ -308,6 +310,18 @@ class ShardckptTrainerMixin:
             resume_from_checkpoint = path
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """Trainer's end of training, without its save_total_limit=1 clean-up: that one shutil.rmtree's
+        every checkpoint-N but the best (the newest too), outside shardckpt.deleter. Retention after each
+        commit already kept only the newest and the best."""
+        limit = self.args.save_total_limit
+        if limit == 1:
+            self.args.save_total_limit = None  # the only use of it in Trainer._finalize_training
+        try:
+            return super()._finalize_training(trial, num_train_samples, start_time)
+        finally:
+            self.args.save_total_limit = limit
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """Trainer, every rank: the model weights of checkpoint-N (before accelerate wraps the model, or
