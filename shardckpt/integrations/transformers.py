@@ -59,7 +59,6 @@ import logging
 import os
 import re
 
-import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
