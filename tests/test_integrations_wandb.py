@@ -47,7 +47,7 @@ def test_wandb_scalars_and_reference_artifacts(tmp_path, monkeypatch):
     finally:
         run.finish()
     assert restored == 30 and m2.steps() == [20, 40]
-    recs = _records(run.dir.rsplit("/files", 1)[0] if run.dir.endswith("files") else run.dir)
+    recs = _records(os.path.dirname(run.dir))  # run.dir is the run directory's files/
 
     hist = [r["history"]["item"] for r in recs if r["type"] == "history"]
     saves = [h for h in hist if "checkpoint/durable_s" in h]
@@ -85,3 +85,24 @@ def test_wandb_callback_needs_a_run(monkeypatch):
     assert wandb.run is None
     with pytest.raises(ValueError, match="wandb.init"):
         WandbCallback()
+
+
+def test_wandb_checkpoint_deleted_before_its_event_gets_no_version(tmp_path, monkeypatch):
+    """Events are delivered after the fact: a checkpoint retention deleted before its committed event was
+    delivered gets no artifact version, and its deletion is logged."""
+    from shardckpt.events import CheckpointEvent
+    from shardckpt.integrations.wandb import WandbCallback
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(project="shardckpt-test", mode="offline", dir=str(tmp_path))
+    try:
+        cb = WandbCallback()
+        gone = str(tmp_path / "ckpt" / "step-0000000010")  # never committed here: no manifest
+        cb.on_event(CheckpointEvent("committed", 10, path=gone, stall_s=0.1, durable_s=0.2, tier="durable"))
+        cb.on_event(CheckpointEvent("deleted", 10, path=gone, tier="durable"))
+    finally:
+        run.finish()
+    recs = _records(os.path.dirname(run.dir))  # run.dir is the run directory's files/
+    assert not [r for r in recs if r["type"] == "artifact"] and cb.versions == {}
+    hist = [r["history"]["item"] for r in recs if r["type"] == "history"]
+    assert [h["checkpoint/durable_s"] for h in hist if "checkpoint/durable_s" in h] == [0.2]
+    assert [h["checkpoint/deleted_step"] for h in hist if "checkpoint/deleted_step" in h] == [10]

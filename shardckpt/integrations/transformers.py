@@ -289,15 +289,15 @@ class ShardckptTrainerMixin:
 
     # ---- resume ------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Trainer.train, with resume_from_checkpoint=True meaning the checkpoint saved last (by save
-        sequence) under output_dir; a shardckpt checkpoint's trainer_state.json is rewritten from its
-        manifest first when missing (a crash between the commit and that file)."""
+        """Trainer.train, with resume_from_checkpoint=True meaning the shardckpt checkpoint saved last (by
+        save sequence) under output_dir (when there is none, Trainer's own resolution: a checkpoint-N it
+        wrote itself is loaded its own way); a shardckpt checkpoint's trainer_state.json is rewritten from
+        its manifest first when missing (a crash between the commit and that file)."""
         comm = sdist.comm_for(None)
         if resume_from_checkpoint is True:
             out = self.args.output_dir
-            resume_from_checkpoint = comm.from_coordinator(lambda: latest_checkpoint(out))
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({out})")
+            # no shardckpt checkpoint there: True goes on to Trainer (its own checkpoint-N, loaded its way)
+            resume_from_checkpoint = comm.from_coordinator(lambda: latest_checkpoint(out)) or True
         if isinstance(resume_from_checkpoint, (str, os.PathLike)) and is_shardckpt_checkpoint(resume_from_checkpoint):
             path = str(resume_from_checkpoint)
 
