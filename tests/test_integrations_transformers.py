@@ -1,7 +1,7 @@
 """shardckpt.integrations.transformers with the real transformers Trainer (CPU, a tiny GPT-2 built from a
 config, no download): checkpoint-N is one committed shardckpt checkpoint; train(resume_from_checkpoint=True)
 resumes bit-exactly (weights and Adam state equal to an uninterrupted run) on 1 process and on 2 (DDP,
-gloo), and resharded from 2 processes to 1; retention keeps the newest and the best whatever the names or
+gloo), and resharded from 2 processes to 1 and from 1 to 2; retention keeps the newest and the best whatever the names or
 mtimes, also when a restarted run counts steps again; save_model and export_pretrained give the same
 model.safetensors."""
 from __future__ import annotations
@@ -216,7 +216,13 @@ def _torch(d: dict) -> dict:
 def _scenarios(rank, world_size, root):
     ref = _run2(os.path.join(root, "ref"), None, None)
     _run2(os.path.join(root, "run"), 4, None)
-    return ref, _run2(os.path.join(root, "run"), None, True)
+    res = _run2(os.path.join(root, "run"), None, True)
+    # resharded the other way: a 1-process checkpoint-4 resumed on these 2 (weights, Adam state at the start)
+    two = _trainer(os.path.join(root, "two"), seed=9, batch=2, save_total_limit=None)
+    two.train(resume_from_checkpoint=os.path.join(root, "solo", "checkpoint-4"))
+    np_ = lambda d: {k: v.numpy().copy() for k, v in d.items()}  # noqa: E731
+    return ref, res, {"model": np_(two.capture.model), "adam": {n: np_(st) for n, st in two.capture.optim.items()},
+                      "steps": two.state.global_step}
 
 
 def _assert_resharded_onto_one_process(tmp_path, ck):
@@ -234,11 +240,17 @@ def _assert_resharded_onto_one_process(tmp_path, ck):
 
 
 @pytest.mark.slow
-def test_two_processes_ddp_resume_bit_exact_and_reshard_to_one(tmp_path):
+def test_two_processes_ddp_resume_bit_exact_and_reshard_both_ways(tmp_path):
     from harness import run_ranks
+    _trainer(tmp_path / "solo", stop=4, save_total_limit=None).train()  # 1 process, global batch 4
     results = run_ranks(2, _scenarios, str(tmp_path), env={"ACCELERATE_USE_CPU": "true"}, timeout=240)
+    solo = _full(tmp_path / "solo" / "checkpoint-4")
     for r in results:
-        ref, res = ({**x, "model": _torch(x["model"]), "adam": _torch(x["adam"])} for x in r)
+        ref, res, two = ({**x, "model": _torch(x["model"]), "adam": _torch(x["adam"])} for x in r)
+        assert all(torch.equal(two["model"][k], solo["train.model." + k]) for k in two["model"])
+        assert len(two["adam"]) == len(two["model"]) and two["steps"] == MAX_STEPS
+        assert all(torch.equal(st[k], solo[f"train.optim.state.{n}.{k}"]) for n, st in two["adam"].items()
+                   for k in ("exp_avg", "exp_avg_sq", "step"))
         assert ref["world"] == res["world"] == 2 and ref["steps"] == res["steps"] == MAX_STEPS
         assert _same(ref["model"], res["model"]) and _same_adam(ref["adam"], res["adam"])
         assert ref["losses"] == res["losses"]
