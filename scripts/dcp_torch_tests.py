@@ -1,22 +1,30 @@
 """Run PyTorch's own DCP test files with FileSystemWriter / FileSystemReader replaced by shardckpt.dcp.Writer /
-Reader, beside a stock run of the same files, and print which tests pass in each.
+Reader, beside a stock run of the same files, and print which tests pass in each and both pass counts.
 
-    python scripts/dcp_torch_tests.py --tests DIR [--files a.py,b.py] [--shardckpt-root DIR] [--json OUT]
+    python scripts/dcp_torch_tests.py [--tests DIR | --fetch-to DIR] [--files a.py,e2e/b.py] [--json OUT]
 
-PyTorch's test utilities import `expecttest` (not a shardckpt dependency): install it, or put a
-`pip install --target` copy of it on PYTHONPATH, before running.
+Where the test files come from: without --tests, the files of the installed torch's release are fetched from
+GitHub (raw.githubusercontent.com/pytorch/pytorch/v<torch version>/test/distributed/checkpoint/<file>) into
+--fetch-to (default: a temporary directory), once; a file already there is not fetched again. --ref names
+another tag or commit (for a nightly or a source build). With --tests DIR, DIR holds them already (a checkout
+of the pytorch/pytorch repository at the tag of the installed torch, or single files downloaded from it),
+and nothing is fetched. The repository never holds these files.
 
-DIR holds PyTorch's test/distributed/checkpoint files (a checkout of the pytorch/pytorch repository at the tag of
-the installed torch, or single files downloaded from it); this script never copies them anywhere and the
-repository never holds them. --shardckpt-root runs the shardckpt run against another copy of the package
-(e.g. an older commit exported with `git archive`), to measure before/after.
+The default files are the DCP tests of the issue that asked for this script; files whose tests need a GPU
+skip them on a CPU-only machine (those count as skipped in both runs, not as passes). PyTorch's test
+utilities import `expecttest` (not a shardckpt dependency): `pip install expecttest`, or put a
+`pip install --target` copy of it on PYTHONPATH, before running. --shardckpt-root runs the shardckpt run
+against another copy of the package (e.g. an older commit exported with `git archive`), to measure
+before/after.
 
 How the swap works: a sitecustomize.py written to a temporary directory on PYTHONPATH (so it also runs in the
 processes MultiProcessTestCase spawns) rebinds the names FileSystemWriter / FileSystemReader in every
 torch.distributed.checkpoint module that imported them, dcp.save(checkpoint_id=...)'s default detection
 included, to thin subclasses of shardckpt's Writer / Reader that accept FileSystemWriter's constructor
 arguments (thread_count, sync_files, ... have no meaning for shardckpt and are ignored; `overwrite` is
-passed on). Each run is one pytest process per file with a junit report; the table lists every test case.
+passed on). Each run is one pytest process per file with a junit report; the table lists every test case,
+and the last line says how many tests pass with stock DCP and how many of those pass with shardckpt's
+(every one of them must; the exit status is 1 when one does not).
 """
 from __future__ import annotations
 
@@ -28,7 +36,42 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-DEFAULT_FILES = ("test_file_system_checkpoint_cpu.py", "test_compatibility.py")
+DEFAULT_FILES = ("test_file_system_checkpoint_cpu.py", "test_file_system_checkpoint.py", "test_dtensor_resharding.py",
+                 "test_dtensor_checkpoint.py", "test_list_stored_state_dict.py", "e2e/test_e2e_save_and_load.py",
+                 "test_format_utils.py", "test_dcp_to_torch_save.py", "test_compatibility.py",
+                 "test_tp_checkpoint.py", "test_fsdp_optim_state.py")
+RAW_URL = "https://raw.githubusercontent.com/pytorch/pytorch/{ref}/test/distributed/checkpoint/{name}"
+
+
+def torch_ref() -> str:
+    """The pytorch/pytorch tag of the installed torch ("v2.13.0" for 2.13.0+cpu)."""
+    import torch
+    return "v" + torch.__version__.split("+")[0]
+
+
+def fetch(names, dest: str, ref: str, timeout: float = 60.0) -> list[str]:
+    """Download each test file of `ref` into dest (keeping e2e/ subpaths); files already there are kept.
+    Returns the names that could not be fetched (each with its reason printed)."""
+    import urllib.error
+    import urllib.request
+    missing = []
+    for name in names:
+        path = os.path.join(dest, name)
+        if os.path.exists(path):
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        url = RAW_URL.format(ref=ref, name=name)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                data = r.read()
+        except (urllib.error.URLError, OSError) as e:
+            print(f"could not fetch {url}: {e}", file=sys.stderr)
+            missing.append(name)
+            continue
+        with open(path + ".part", "wb") as f:
+            f.write(data)
+        os.replace(path + ".part", path)
+    return missing
 
 SHIM = r'''
 import os, sys
@@ -96,19 +139,28 @@ def run_file(path: str, shim_dir: str, shardckpt: bool, root: str | None, timeou
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tests", required=True, help="directory holding PyTorch's DCP test files")
+    ap.add_argument("--tests", default=None, help="directory holding PyTorch's DCP test files (nothing fetched)")
+    ap.add_argument("--fetch-to", default=None, help="where fetched files go (default: a temporary directory)")
+    ap.add_argument("--ref", default=None, help="pytorch/pytorch tag or commit to fetch (default: v<torch version>)")
     ap.add_argument("--files", default=",".join(DEFAULT_FILES))
     ap.add_argument("--shardckpt-root", default=None, help="directory holding another copy of shardckpt/")
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    files = [f for f in args.files.split(",") if f]
+    tests = args.tests
+    if tests is None:
+        tests = args.fetch_to or tempfile.mkdtemp(prefix="dcp-tests-")
+        missing = fetch(files, tests, args.ref or torch_ref())
+        if missing:
+            sys.exit(f"could not fetch {missing}; pass --tests DIR with the files (or --ref for another tag)")
     shim_dir = tempfile.mkdtemp(prefix="dcp-shim-")
     with open(os.path.join(shim_dir, "sitecustomize.py"), "w") as f:
         f.write(SHIM)
     results: dict[str, dict[str, str]] = {"stock": {}, "shardckpt": {}}
-    for name in args.files.split(","):
-        path = os.path.abspath(os.path.join(args.tests, name))
+    for name in files:
+        path = os.path.abspath(os.path.join(tests, name))
         if not args.skip_stock:
             results["stock"].update(run_file(path, shim_dir, False, None, args.timeout))
         results["shardckpt"].update(run_file(path, shim_dir, True, args.shardckpt_root, args.timeout))
@@ -117,11 +169,18 @@ def main() -> None:
         print(f"{results['stock'].get(n, '-'):8} {results['shardckpt'].get(n, '-'):8} {n}")
     stock_pass = {n for n, r in results["stock"].items() if r == "passed"}
     ours = {n for n, r in results["shardckpt"].items() if r == "passed"}
-    print(f"stock: {len(stock_pass)} pass; shardckpt: {len(ours & stock_pass) if stock_pass else len(ours)} of "
-          f"those pass, {len(stock_pass - ours)} fail")
+    counts = {run: {k: sum(1 for r in results[run].values() if r == k) for k in ("passed", "failed", "skipped")}
+              for run in results}
+    print(f"stock DCP: {counts['stock']['passed']} passed, {counts['stock']['failed']} failed, "
+          f"{counts['stock']['skipped']} skipped; shardckpt.dcp: {counts['shardckpt']['passed']} passed, "
+          f"{counts['shardckpt']['failed']} failed, {counts['shardckpt']['skipped']} skipped; of the "
+          f"{len(stock_pass)} that pass with stock DCP, {len(ours & stock_pass)} pass with shardckpt's "
+          f"(failing: {sorted(stock_pass - ours) or 'none'})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, sort_keys=True)
+    if stock_pass - ours:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
