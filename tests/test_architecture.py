@@ -121,3 +121,19 @@ def test_no_private_names_across_modules():
                              if a.name.startswith("_") and not a.name.startswith("__")
                              and f"{node.module}.{a.name}" not in ("shardckpt._native", "shardckpt._faults")]
     assert crossing == []
+
+
+def test_long_modules_and_functions_say_why():
+    """Small files with one job (shared/STYLE.md 10): a module over ~400 lines or a function over ~80 says
+    why in its docstring ("Why one module", "Long because")."""
+    long = []
+    for mod, path in _modules().items():
+        src = open(path).read()
+        tree = ast.parse(src, path)
+        if src.count("\n") > 420 and "Why one module" not in (ast.get_docstring(tree) or ""):
+            long.append(f"{mod}: {src.count(chr(10))} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80 \
+                    and "Long because" not in (ast.get_docstring(node) or ""):
+                long.append(f"{mod}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []

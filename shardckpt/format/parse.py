@@ -287,6 +287,8 @@ def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
 def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk]:
     """Validate one rank's index against the manifest that pins it (size and crc32c first, then version)
     and against the tensors table: boxes inside the tensor, frames back to back inside the data file.
+    (Long because it checks FORMAT.md §4's record field by field, in the spec's order: one place to read
+    against the spec.)
 
     Args:
         data: the bytes of the index file, as read.

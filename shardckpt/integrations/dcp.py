@@ -23,6 +23,9 @@ Call sequence (DCP drives it; "coordinator" is DCP's coordinator rank):
            after the new manifest is durable)
   load  0. all: reset   1. all: read_metadata (manifest + every index, validated and crc-checked)
         2. all: set_up_storage_reader   3-4. plans pass through   5. all: read_data (only the needed frames)
+
+Why one module of ~440 lines: DCP's StorageWriter and StorageReader are one contract (docs/FORMAT-dcp.md)
+and share its record encoding; each class is the half of it DCP calls on one side.
 """
 from __future__ import annotations
 

@@ -30,6 +30,10 @@ applying the same rules; it never runs before the new checkpoint committed, and 
 step, the best `keep_best` steps or the multiples of `keep_every_steps`. Deleting a step removes its
 manifest first, so an interrupted delete leaves an uncommitted directory (which gc collects), never a
 half-deleted checkpoint that looks committed.
+
+Why one module of ~600 lines: it is one class whose methods share the manager's state (pending saves,
+the policy, the tier); its pure rules live in policy.py and options.py, restore orchestration in
+restoring.py, deletion in lifecycle/deleter.py.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from shardckpt import api
 from shardckpt import dist as sdist
 from shardckpt.manager import restoring
 from shardckpt.tiers import local_tier as tiers
-from shardckpt.saving.async_save import AsyncSaveHandle, async_save
+from shardckpt.saving.async_save import AsyncSaveHandle, async_save, warm_up
 from shardckpt.errors import error_text
 from shardckpt.errors import CheckpointExistsError, ConfigError, CoordinationError, MetricError, StorageError
 from shardckpt.manager import options
@@ -255,9 +259,9 @@ class CheckpointManager:
 
     def metadata(self, step: int) -> dict:
         """The user_metadata of a committed step ({"step": N, "metrics": {...}})."""
-        return api.read_manifest(self._path(step)).user_metadata
+        return api.read_manifest(self.step_path(step)).user_metadata
 
-    def _metric(self, step: int) -> float | None:
+    def step_metric(self, step: int) -> float | None:
         """The monitored metric of a committed step; None when it has none. Raises when its manifest
         cannot be read (a missing metric and an unreadable one are different evidence)."""
         return metric_value(self.metadata(step).get("metrics", {}), self.monitor)
@@ -270,7 +274,7 @@ class CheckpointManager:
         scored, unknown = [], []
         for s in steps:
             try:
-                m = self._metric(s)
+                m = self.step_metric(s)
             except Exception as e:
                 log.warning("checkpoint step %d under %s: its metric %r cannot be read (%s); retention keeps it",
                             s, self.root, self.monitor, error_text(e, 300))
@@ -280,11 +284,11 @@ class CheckpointManager:
                 scored.append((m, s))
         return rank_steps(scored, self.mode), unknown
 
-    def _ranked_by_metric(self, steps: list[int]) -> list[int]:
+    def ranked_steps(self, steps: list[int]) -> list[int]:
         """Steps with a readable monitored metric, best first (restore("best") tries them in this order)."""
         return self._ranking(steps)[0]
 
-    def _path(self, step: int) -> Storage:
+    def step_path(self, step: int) -> Storage:
         return self.storage.child(step_dir(step))
 
     # -------------------------------------------------------------------------------------------- save
@@ -358,7 +362,7 @@ class CheckpointManager:
         if policy is not None:  # what a job resumed from this step counts on from (policy.Monitor.load)
             self._monitor.apply(policy[1], policy[0])
             meta["policy"] = self._monitor.state()
-        path = self._path(step)
+        path = self.step_path(step)
         kw = dict(process_group=self.process_group, metadata=meta, overwrite=replace, **self._save_kw)
         if self.incremental:
             kw.update(self._incremental_kw(step))
@@ -394,7 +398,7 @@ class CheckpointManager:
             mon = self._monitor
             if not mon.known:  # a fresh manager on an existing root: the best committed value counts
                 best = self.best_step()
-                mon.load(None, None if best is None else self._metric(best))
+                mon.load(None, None if best is None else self.step_metric(best))
             value = metric_value(metrics, self.monitor)
             d = mon.decide(value)
             if mon.save_best_only and not always and metric_missing(metrics, self.monitor):
@@ -423,7 +427,7 @@ class CheckpointManager:
         prev = self._last_saved_step
 
         def base_state() -> list:  # coordinator: [prev committed?, since_full recorded in it]
-            if prev is None or prev == step or prev in self._bad_steps or not self._path(prev).exists(MANIFEST_NAME):
+            if prev is None or prev == step or prev in self._bad_steps or not self.step_path(prev).exists(MANIFEST_NAME):
                 return [False, None]
             since = self.metadata(prev).get("incremental", {}) if self._since_full is None else {}
             return [True, since.get("since_full") if isinstance(since, dict) else None]
@@ -434,7 +438,7 @@ class CheckpointManager:
             self._since_full = 0
             return {"content_hash": True}
         self._since_full += 1
-        return {"base": self._path(prev)}
+        return {"base": self.step_path(prev)}
 
     def _reap(self, block: bool) -> None:
         """Finish the pending async saves (durable saves, local saves and promotions, in order): raise the
@@ -486,7 +490,7 @@ class CheckpointManager:
         try:
             for s in self.to_delete():
                 self._delete_step(s)
-                self.events.emit("deleted", s, path=self._path(s).url, tier="durable")
+                self.events.emit("deleted", s, path=self.step_path(s).url, tier="durable")
             self._gc()
         except Exception as e:
             log.warning("checkpoint retention under %s failed: %s: %s", self.root, type(e).__name__, e)
@@ -517,6 +521,34 @@ class CheckpointManager:
             log.warning("removed uncommitted leftover %s/%s", self.root, rel)
 
     # ---------------------------------------------------------------------------------------- restore
+    def resume_from(self, step: int) -> None:
+        """All ranks, once `step` is restored (shardckpt.manager.restoring): the next incremental save refers
+        to it, and the save policy's state (best value, patience count) resumes from its manifest (the
+        coordinator reads it; an error raises on every rank at once)."""
+        self._last_saved_step = step
+        if self._monitor is None:
+            return
+
+        def read() -> dict:
+            saved = self.metadata(step).get("policy")
+            best = self.best_step() if not isinstance(saved, dict) else None
+            return {"state": saved, "fallback": None if best is None else self.step_metric(best)}
+        saved = self.comm.from_coordinator(read)
+        self._monitor.load(saved["state"], saved["fallback"])
+        self.should_stop = self._monitor.stopped
+
+    def mark_unreadable(self, step: int) -> None:
+        """All ranks, when a restore found committed `step` corrupt: a later save of that step replaces it
+        (overwrite) instead of being refused."""
+        self._bad_steps.add(step)
+
+    def warm_up(self, state) -> None:
+        """After a restore (every job's first call): create the async-save groups and pre-fault the staging
+        pool in the background, so the first save stalls no longer than later ones."""
+        if self.async_save:
+            warm_up(state, process_group=self.process_group, codec=self._save_kw["codec"],
+                    timeout_s=self._save_kw["timeout_s"])
+
     def restore(self, state, step: str | int = "latest") -> int | None:
         """Load `state` in place from a committed step (all ranks): "latest", "best" or a step number.
         The checkpoint is verified first (`verify`); for "latest" and "best", an unreadable or corrupt one
@@ -551,7 +583,7 @@ def _save_local_step(mgr, step: int, state, metrics: dict | None, durable: bool)
     "durable". Returns True (saved)."""
     mgr._reap(block=False)
     meta = {"step": int(step), "metrics": json_metrics(metrics)}
-    local_url, durable_url = mgr.tier.storage.child(step_dir(step)).url, mgr._path(step).url
+    local_url, durable_url = mgr.tier.storage.child(step_dir(step)).url, mgr.step_path(step).url
     bus, t0 = mgr.events, time.monotonic()
 
     def report(url, tier, stall):

@@ -13,7 +13,6 @@ import logging
 import time
 
 from shardckpt import errors
-from shardckpt.saving.async_save import warm_up
 from shardckpt.errors import bounded_text
 from shardckpt.errors import (CheckpointError, ChecksumError, ConfigError, CorruptDataError, FormatError,
     IncompleteCheckpointError, KeyMismatchError, StorageError)
@@ -50,22 +49,21 @@ def restore(mgr, state, step: str | int = "latest") -> int | None:
             if isinstance(step, int):
                 mgr.events.emit("failed", step, path=mgr.root, error="no such committed step")
                 raise CheckpointError(f"checkpoint step {step} cannot be restored", file=mgr.root)
-            _warm_up(mgr, state)
+            mgr.warm_up(state)
             return None
         tried += 1
         bad = _check_and_load(mgr, nxt, state)
         if bad is None:
             if comm.is_coordinator and tried > 1:
                 log.warning("restored step %d instead (fell back past %d bad step(s))", nxt, tried - 1)
-            mgr._last_saved_step = nxt
-            _resume_policy(mgr, nxt)
-            mgr.events.emit("restored", nxt, path=mgr._path(nxt).url, tier="durable", seconds=time.monotonic() - t0)
-            _warm_up(mgr, state)
+            mgr.resume_from(nxt)
+            mgr.events.emit("restored", nxt, path=mgr.step_path(nxt).url, tier="durable", seconds=time.monotonic() - t0)
+            mgr.warm_up(state)
             return nxt
         problem = bad["p"]
-        mgr.events.emit("failed", nxt, path=mgr._path(nxt).url, error=problem[:2000])
+        mgr.events.emit("failed", nxt, path=mgr.step_path(nxt).url, error=problem[:2000])
         if bad.get("cls") != "IncompleteCheckpointError":  # a committed step found corrupt: a save replaces it
-            mgr._bad_steps.add(nxt)
+            mgr.mark_unreadable(nxt)
         if isinstance(step, int):  # an explicit step never falls back: its own typed error, on every rank
             raise _step_error(mgr, nxt, bad)
         if comm.is_coordinator:
@@ -82,7 +80,7 @@ def _best_order(mgr, steps: list[int]) -> list[int]:
         ConfigError: the manager has no monitor= and no committed step recorded one.
     """
     if mgr.monitor or not steps:
-        return mgr._ranked_by_metric(steps)
+        return mgr.ranked_steps(steps)
     for s in reversed(steps):
         try:
             rec = recorded_monitor(mgr.metadata(s).get("monitor"))
@@ -104,25 +102,6 @@ def _best_order(mgr, steps: list[int]) -> list[int]:
     return rank_steps(scored, rec[1])
 
 
-def _resume_policy(mgr, step: int) -> None:
-    """All ranks: the policy state resumes from the restored step's metadata (the coordinator reads it)."""
-    if mgr._monitor is None:
-        return
-    def read() -> dict:  # coordinator; an error raises on every rank at once
-        saved = mgr.metadata(step).get("policy")
-        best = mgr.best_step() if not isinstance(saved, dict) else None
-        return {"state": saved, "fallback": None if best is None else mgr._metric(best)}
-    saved = mgr.comm.from_coordinator(read)
-    mgr._monitor.load(saved["state"], saved["fallback"])
-    mgr.should_stop = mgr._monitor.stopped
-
-
-def _warm_up(mgr, state) -> None:
-    """After restore (every job's first call): create the async-save groups and pre-fault the staging
-    pool in the background, so the first save stalls no longer than later ones."""
-    if mgr.async_save:
-        warm_up(state, process_group=mgr.process_group, codec=mgr._save_kw["codec"],
-                timeout_s=mgr._save_kw["timeout_s"])
 
 
 def _step_error(mgr, step: int, bad: dict) -> CheckpointError:
@@ -153,7 +132,7 @@ def _typed(cls_name: str | None, message: str, file: str | None) -> CheckpointEr
 def _check_and_load(mgr, step: int, state) -> dict | None:
     """Verify (work shared across ranks), then load; ranks agree on the outcome. None means restored, else
     the first problem as {"p": text, "cls": the typed error's class name, "file": the file it names}."""
-    path = mgr._path(step)
+    path = mgr.step_path(step)
     try:  # the manifest and the index files, read once for the group, serve the verify and the load
         metadata = read_group_metadata(path, mgr.comm)
     except CheckpointError as e:  # every rank raises it (the coordinator's read is broadcast)

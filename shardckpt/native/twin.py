@@ -7,6 +7,9 @@ Output is byte-identical to the native module for raw frames, crc32c and byte pl
 identical only when the `zstandard` package bundles the same libzstd version as the one the native module
 dlopens (e.g. zstandard 0.25 bundles 1.5.7 while a distro may ship 1.5.4): both are valid zstd frames that
 either backend decodes, which is all the format promises.
+
+Why one module of ~500 lines: it is the twin of csrc/ kernel for kernel, in the same order, so the two are
+read side by side; splitting it would break that correspondence.
 """
 from __future__ import annotations
 
