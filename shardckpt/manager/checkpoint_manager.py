@@ -308,7 +308,7 @@ class CheckpointManager:
         due = force or preempt or time_due or bool(self.save_every_steps and step % self.save_every_steps == 0)
         if self.tier is not None and not preempt and step % self.local_every_steps == 0 \
                 and step != self._last_saved_step:
-            return _save_local_step(self, step, state, metrics, durable=due)
+            return self._save_local(step, state, metrics, durable=due)
         if not due:
             return False
         if step == self._last_saved_step and not preempt:  # nothing is written: say so, never True
@@ -367,29 +367,64 @@ class CheckpointManager:
         if self.incremental:
             kw.update(self._incremental_kw(step))
             meta["incremental"] = {"since_full": self._since_full}  # read back after a restart
-        t0 = time.monotonic()
-        self.events.emit("save_started", step, path=path.url, metrics=meta["metrics"], tier="durable")
-        try:
-            if self.async_save:
-                handle = async_save(state, path, **kw)
-                self._pending.append((step, handle, "durable"))
-                self.events.emit("snapshot_done", step, path=path.url, stall_s=handle.stall_s, tier="durable")
-                if self.events.enabled:  # queued by the background thread that commits it
-                    stall = handle.stall_s
-                    handle.add_done_callback(lambda m, err: report_commit(self.events, step, path.url,
-                                                                          meta["metrics"], t0, stall, m, err))
-            else:
-                manifest = api.save(state, path, **kw)
-                stall = time.monotonic() - t0
-                self.events.emit("snapshot_done", step, path=path.url, stall_s=stall, tier="durable")
-                report_commit(self.events, step, path.url, meta["metrics"], t0, stall, manifest, None)
-                self._after_commit(step)
-        except Exception as e:
-            self.events.emit("failed", step, path=path.url, error=f"{type(e).__name__}: {e}"[:2000], tier="durable")
-            raise
+        self._save_through(step, path.url, "durable", meta["metrics"], time.monotonic(),
+                           lambda: (async_save if self.async_save else api.save)(state, path, **kw))
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         return True
+
+    def _save_local(self, step: int, state, metrics: dict | None, durable: bool) -> bool:
+        """maybe_save, every rank, on a step of its local tier (local_every_steps): a local save (in the
+        background when async_save), then, when the durable tier is due too, its promotion (the same encoded
+        files and manifest, no second snapshot), queued behind it. Events: save_started, snapshot_done and
+        committed with tier "local", then committed (durable_s: from the snapshot's start to durable) with
+        tier "durable". Returns True (saved)."""
+        self._reap(block=False)
+        meta = {"step": int(step), "metrics": json_metrics(metrics)}
+        tier, t0 = self.tier, time.monotonic()
+        upload_to = self.storage if durable else None
+        local, stall = self._save_through(
+            step, tier.storage.child(step_dir(step)).url, "local", meta["metrics"], t0,
+            lambda: (tier.save_async if self.async_save else tier.save)(step, state, meta, upload_to=upload_to))
+        if durable:  # a promotion behind a failed local save commits nothing and reports nothing
+            self._save_through(
+                step, self.step_path(step).url, "durable", meta["metrics"], t0,
+                lambda: tier.promote_async(step, self.storage, exist_ok=True, after=local) if self.async_save
+                else tier.promote(step, self.storage, exist_ok=True), stall=stall)
+        self._last_saved_step, self._last_save_time = step, time.monotonic()
+        return True
+
+    def _save_through(self, step: int, url: str, tier: str, metrics: dict, t0: float, start, *,
+                      stall: float | None = None):
+        """The one save -> events -> retention path of every save the manager makes (durable saves, local
+        saves, promotions), every rank. `start()` begins the save: an AsyncSaveHandle when async_save (queued
+        for _reap, which applies durable retention once it committed), else the committed Manifest (None:
+        nothing committed). Events: save_started and snapshot_done, unless `stall` is given (a promotion,
+        whose snapshot was its local save's); committed or failed when the commit reports, on the thread
+        that committed it; failed when start() raises. Returns (handle or manifest, the stall)."""
+        if stall is None:
+            self.events.emit("save_started", step, path=url, metrics=metrics, tier=tier)
+        snapshot = stall is None
+        try:
+            out = start()
+            if snapshot:
+                stall = out.stall_s if self.async_save else time.monotonic() - t0
+                self.events.emit("snapshot_done", step, path=url, stall_s=stall, tier=tier)
+        except Exception as e:
+            self.events.emit("failed", step, path=url, error=f"{type(e).__name__}: {e}"[:2000], tier=tier)
+            raise
+
+        def report(manifest, err):
+            if self.events.enabled and (manifest is not None or err is not None):  # None, None: not committed
+                report_commit(self.events, step, url, metrics, t0, stall, manifest, err, tier=tier)
+        if self.async_save:
+            self._pending.append((step, out, tier))
+            out.add_done_callback(report)
+        else:
+            report(out, None)
+            if tier == "durable":
+                self._after_commit(step)
+        return out, stall
 
     def _decide(self, step: int, metrics: dict | None, always: bool) -> tuple[Decision, float | None]:
         """All ranks: the coordinator's policy decision for this save and its metric value, broadcast (one
@@ -572,58 +607,3 @@ class CheckpointManager:
         if self.tier is not None and got is not None:
             self.tier.set_aside_newer(got)
         return got
-
-
-def _save_local_step(mgr, step: int, state, metrics: dict | None, durable: bool) -> bool:
-    """CheckpointManager.maybe_save, every rank, on a step of its local tier (local_every_steps): a local
-    save (in the background when the manager's async_save), then, when the durable tier is due too, its
-    promotion (the same encoded files and manifest, no second snapshot), queued behind it; the manager
-    applies durable retention once the promotion committed (_reap). Events: save_started, snapshot_done and
-    committed with tier "local", then committed (durable_s: from the snapshot's start to durable) with tier
-    "durable". Returns True (saved)."""
-    mgr._reap(block=False)
-    meta = {"step": int(step), "metrics": json_metrics(metrics)}
-    local_url, durable_url = mgr.tier.storage.child(step_dir(step)).url, mgr.step_path(step).url
-    bus, t0 = mgr.events, time.monotonic()
-
-    def report(url, tier, stall):
-        def done(manifest, err):
-            if bus.enabled and (manifest is not None or err is not None):  # None, None: nothing was committed
-                report_commit(bus, step, url, meta["metrics"], t0, stall, manifest, err, tier=tier)
-        return done
-
-    def failed(url, tier, e):
-        bus.emit("failed", step, path=url, error=f"{type(e).__name__}: {e}"[:2000], tier=tier)
-
-    upload_to = mgr.storage if durable else None
-    bus.emit("save_started", step, path=local_url, metrics=meta["metrics"], tier="local")
-    try:
-        if mgr.async_save:
-            handle = mgr.tier.save_async(step, state, meta, upload_to=upload_to)
-            mgr._pending.append((step, handle, "local"))
-            stall = handle.stall_s
-            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
-            handle.add_done_callback(report(local_url, "local", stall))
-        else:
-            manifest = mgr.tier.save(step, state, meta, upload_to=upload_to)
-            stall = time.monotonic() - t0
-            bus.emit("snapshot_done", step, path=local_url, stall_s=stall, tier="local")
-            report(local_url, "local", stall)(manifest, None)
-    except Exception as e:
-        failed(local_url, "local", e)
-        raise
-    if not durable:
-        return True
-    try:
-        if mgr.async_save:  # a promotion behind a failed local save commits nothing and reports nothing
-            handle = mgr.tier.promote_async(step, mgr.storage, exist_ok=True, after=handle)
-            handle.add_done_callback(report(durable_url, "durable", stall))
-            mgr._pending.append((step, handle, "durable"))
-        else:
-            report(durable_url, "durable", stall)(mgr.tier.promote(step, mgr.storage, exist_ok=True), None)
-            mgr._after_commit(step)
-    except Exception as e:
-        failed(durable_url, "durable", e)
-        raise
-    mgr._last_saved_step, mgr._last_save_time = step, time.monotonic()
-    return True
