@@ -28,6 +28,8 @@ import time
 
 import pytest
 
+os.environ.setdefault("KERAS_BACKEND", "torch")  # the Keras integration runs on the torch backend only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
                                                                  recursive=True))
