@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from shardckpt.errors import IncompleteCheckpointError, SaveError
 from shardckpt.format.parse import BASE_DIR
-from shardckpt.format.records import Chunk, Manifest
+from shardckpt.format.records import CHUNK_HASH, Chunk, Manifest
 from shardckpt.format.refs import parent_and_name
 from shardckpt.storage import Storage, storage_for
 
@@ -18,7 +18,9 @@ log = logging.getLogger("shardckpt")
 @dataclass
 class BaseChunks:
     """What a save compares its chunks against: the base checkpoint's manifest and this rank's chunks of
-    it, by (key, offsets, sizes). Built by load_base on every rank of a save with `base=`."""
+    it, by (key, offsets, sizes); none when the base hashed its chunks with another algorithm than
+    CHUNK_HASH (a 2.0 base: blake2b-128), whose digests cannot be compared with ours. Built by load_base
+    on every rank of a save with `base=`."""
     dir: str
     manifest: Manifest
     chunks: dict[tuple, Chunk]
@@ -58,9 +60,13 @@ def load_base(storage: Storage, base, rank: int, storage_options: dict | None = 
     if m.format_version.split(".")[0] == "1" and rank == 0:  # said once per save, by the coordinator
         log.warning("base %s has no content hashes (it was saved without content_hash=True): this save "
                     "writes everything and refers to nothing", bst.url)
+    elif m.chunk_hash != CHUNK_HASH and rank == 0:
+        log.warning("base %s hashed its chunks with %s, this save hashes with %s: it matches nothing there, "
+                    "writes everything and refers to nothing (the next save can refer to it)", bst.url,
+                    m.chunk_hash, CHUNK_HASH)
     chunks: dict[tuple, Chunk] = {}
     entry = next((f for f in m.files if f.rank == rank), None)
-    if entry is not None and m.format_version.split(".")[0] != "1":  # 1.x chunks carry no hashes
+    if entry is not None and m.chunk_hash == CHUNK_HASH:  # 1.x chunks carry no hashes, 2.0's other ones
         for c in parse_index(bst.read_file(entry.index), entry, m):
             chunks[(c.key, c.offsets, c.sizes)] = c
     return BaseChunks(name, m, chunks)

@@ -50,7 +50,7 @@ class Prepared:
     frame_size: int
     user_metadata: dict
     writer: RankWriter | None = None  # started on the caller's thread when the state overflows the pool
-    hashed: bool = False              # content hashes in the index (format 2.0, FORMAT.md §7)
+    hashed: bool = False              # content hashes in the index (format 2.1, FORMAT.md §7)
     base: Any = None                  # refs.BaseChunks: the earlier checkpoint unchanged chunks refer to
     error: str | None = None          # a failure of that early part, reported at the commit round
     committed: bytes | None = None    # coordinator: the manifest it committed

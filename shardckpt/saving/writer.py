@@ -16,7 +16,7 @@ from shardckpt.format.codec import CODEC_IDS, RAW, plane_size, threads, zstd_lev
 from shardckpt.format.records import build_index, chunk_frame_size, data_file_name, index_file_name
 from shardckpt.plan.save_plan import WriteItem
 from shardckpt.saving.incremental import BaseChunks
-from shardckpt.format.refs import chunk_hash
+from shardckpt.format.refs import chunk_hash, chunk_hashes
 from shardckpt.storage.base import Storage
 
 BATCH_FRAMES = 16  # most frames encoded per native call; two batches in flight (encode one, write the other)
@@ -24,6 +24,8 @@ BATCH_BYTES = 16 << 20  # smaller batches fill and drain that pipeline sooner, w
                         # native thread two frames
 FLUSH_BYTES = 4 << 20   # encoded bytes gathered in a buffer (the chunks of many small tensors) before it goes
                         # to storage: one hand-off per few MB instead of one per tensor
+HASH_BATCH_BYTES = 32 << 20  # chunk bytes hashed per native call, one call ahead of the encoder: the first
+                             # digests come after ~2 ms, and a call amortises its thread start-up
 
 
 @dataclass
@@ -223,17 +225,18 @@ def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem]
     """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
     index, continuing `writer` if a bounded-pool save already started it. Returns None if this rank has
     nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter; the
-    chunks' hashes are computed on a thread pool ahead of the encoder (blake2b releases the GIL), so hashing
-    overlaps encoding and writing."""
+    chunks' hashes (XXH3-128, at memory speed: the first pass over each chunk) are computed in native calls
+    of HASH_BATCH_BYTES on a thread that runs one batch ahead of the encoder, so that an unchanged chunk
+    costs one read of its bytes and a changed one is encoded while the next batch is hashed."""
     if writer is None:
         if not items:
             return None
         writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
-    hasher = ThreadPoolExecutor(max(1, threads()), thread_name_prefix="shardckpt-hash") if writer.hashed else None
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-hash") if writer.hashed else None
     try:
-        digests = [hasher.submit(chunk_hash, as_bytes(s)) for s in sources] if hasher else [None] * len(items)
+        digests = _hash_ahead(hasher, sources) if hasher else [None] * len(items)
         for item, src, d in zip(items, sources, digests):
-            writer.add(item, src, d.result() if d is not None else None)
+            writer.add(item, src, d)
     except BaseException:
         writer.abort()
         raise
@@ -241,3 +244,24 @@ def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem]
         if hasher is not None:
             hasher.shutdown(wait=True, cancel_futures=True)
     return writer.close()
+
+
+def _hash_ahead(hasher: ThreadPoolExecutor, sources: list[torch.Tensor]):
+    """Yields each source's content hash, in order; batch i+1 is being hashed on `hasher` while the caller
+    encodes the chunks of batch i."""
+    batches, cur, size = [], [], 0
+    for s in sources:
+        cur.append(as_bytes(s))
+        size += cur[-1].nbytes
+        if size >= HASH_BATCH_BYTES:
+            batches.append(cur)
+            cur, size = [], 0
+    if cur:
+        batches.append(cur)
+    nthreads = threads()
+    pending = [hasher.submit(chunk_hashes, b, nthreads) for b in batches[:2]]
+    for i in range(len(batches)):
+        digests = pending[i].result()
+        if i + 2 < len(batches):
+            pending.append(hasher.submit(chunk_hashes, batches[i + 2], nthreads))
+        yield from digests
