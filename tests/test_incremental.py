@@ -91,6 +91,29 @@ def test_one_ulp_change_in_a_frozen_tensor_is_written(tmp_path):
     assert torch.equal(got["frozen"]["w"].view(torch.int32), w.view(torch.int32))
 
 
+def test_bounded_pool_incremental_save_pairs_every_chunk_with_its_hash(tmp_path):
+    """An async-style save (stage=True) through a pool too small for the state: frozen.w streams through it
+    in slabs (hashed inline, written: their boxes are new), the rest is staged and hashed ahead; each chunk
+    must get its own hash, whichever path it took."""
+    from shardckpt.saving import pipeline
+    from shardckpt.saving.staging import HostBufferPool
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    _train(st, 1)
+
+    def save(name, base):
+        p = pipeline.prepare(st, str(tmp_path / name), process_group=None, codec="auto", frame_size=4 << 20,
+                             metadata=None, storage_options=None, timeout_s=None, stage=True,
+                             pool=HostBufferPool(max_bytes=40 << 10), base=str(tmp_path / base))
+        pipeline.write_and_commit(p)
+    save("b", "a")
+    assert _refs(tmp_path / "b") == {"frozen.w": False, "frozen.emb": True, "head": False, "ids": True}
+    assert _same(shardckpt.load_full(tmp_path / "b"), st)
+    save("c", "b")  # the same slabs again: their hashes in b were right, so everything refers
+    assert all(_refs(tmp_path / "c").values())
+    assert _same(shardckpt.load_full(tmp_path / "c"), st)
+
+
 def test_base_must_be_a_committed_sibling(tmp_path):
     st = _state()
     shardckpt.save(st, tmp_path / "run" / "a", content_hash=True)

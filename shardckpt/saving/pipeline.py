@@ -1,9 +1,11 @@
 """The save pipeline, in order (all ranks unless noted); shardckpt.save, async_save and the node-local tier
 run it:
-  prepare(...)          1. flatten the state, plan this rank's chunks, digest the plan
+  prepare(...)          1. flatten the state, plan this rank's chunks, digest the plan; a hashed save starts
+                           hashing the caller's contiguous chunks (writer.ChunkHasher) and loads its base
                         2. coordinator: refuse if a manifest exists (unless overwrite); pin an incremental
                            save's base (deleter.pin); gather digests, broadcast go + save_id (or the error)
-                        3. stage what must be snapshotted (async saves, strided views, GPU tensors)
+                        3. stage what must be snapshotted (async saves, strided views, GPU tensors), and
+                           hash the staged chunks
   write_and_commit(p)   4. encode and write this rank's files (saving.writer), fsync
                         5. lifecycle.commit.finish: gather summaries, the coordinator commits manifest.json,
                            every rank agrees on the outcome and raises the same error on failure
@@ -31,7 +33,7 @@ from shardckpt.lifecycle import commit, deleter
 from shardckpt.native import kernels as _ext
 from shardckpt.plan.save_plan import TensorInfo, WriteItem, plan_digest, plan_tensor, split_rows
 from shardckpt.saving.staging import HostBufferPool, aligned, default_pool, stage as stage_items
-from shardckpt.saving.writer import RankWriter, write_rank
+from shardckpt.saving.writer import ChunkHasher, RankWriter, write_rank
 from shardckpt.storage import Storage, storage_for
 
 
@@ -56,6 +58,7 @@ class Prepared:
     committed: bytes | None = None    # coordinator: the manifest it committed
     replace: bool = False             # coordinator: overwrite=True and a committed checkpoint is at the path
     pinned: Storage | None = None     # coordinator: the parent dir where this save pinned its base (deleter.pin)
+    hasher: ChunkHasher | None = None  # hashed saves: the content hashes of `sources`, computed ahead
 
 
 def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
@@ -64,14 +67,10 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
     config.check_save_variables()
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
-    error, base_chunks, pinned = None, None, None
+    error, base_chunks, pinned, hasher = None, None, None, None
     save_id = uuid.uuid4().hex if comm.is_coordinator else None
+    hashed = content_hash or base is not None
     try:
-        if base is not None:
-            from shardckpt.saving.incremental import load_base
-            base_chunks = load_base(storage, base, comm.rank, storage_options)
-            if comm.is_coordinator:
-                pinned = _pin_base(storage, base_chunks, save_id)
         flat = flatten(state_dict)
         infos, items = [], []
         for key, t in flat.tensors.items():
@@ -79,6 +78,18 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
             infos.append(info)
             if item is not None:
                 items.append(item)
+        # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
+        # (and strided views, GPU tensors) snapshot through the staging pool.
+        direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
+        staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
+        if hashed and direct:  # the caller waits in save(): hash its chunks while the base loads and is pinned
+            hasher = ChunkHasher()
+            hasher.add([i.source for i in direct])
+        if base is not None:
+            from shardckpt.saving.incremental import load_base
+            base_chunks = load_base(storage, base, comm.rank, storage_options)
+            if comm.is_coordinator:
+                pinned = _pin_base(storage, base_chunks, save_id)
         values = {k: encode_value(v, k) for k, v in flat.values.items()}
         digest = plan_digest(infos, list(values))
         meta = dict(metadata or {})
@@ -111,6 +122,8 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
                                       f"than rank 0"}
     verdict = comm.broadcast_json(verdict)
     if not verdict["ok"]:
+        if hasher is not None:
+            hasher.close()
         if pinned is not None:
             deleter.unpin(pinned, save_id)
         if isinstance(error, CheckpointError) and verdict["rank"] == comm.rank:
@@ -121,15 +134,15 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
     pool = pool or default_pool()
     total = sum(math.prod(i.shape) for i in infos)
     p = Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta,
-                  hashed=content_hash or base is not None, base=base_chunks,
-                  replace=bool(comm.is_coordinator and records[0].get("exists")), pinned=pinned)
-    # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
-    # (and strided views, GPU tensors) snapshot through the staging pool.
-    direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
-    staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
+                  hashed=hashed, base=base_chunks,
+                  replace=bool(comm.is_coordinator and records[0].get("exists")), pinned=pinned, hasher=hasher)
     try:  # after the go-ahead every rank must reach the commit round: failures are reported there
         staged = _stream_overflow(p, staged, pool) if pool.max_bytes else staged
-        p.sources = [i.source for i in direct] + stage_items(staged, pool)
+        snapshots = stage_items(staged, pool)
+        if hashed and snapshots:
+            p.hasher = p.hasher or ChunkHasher()
+            p.hasher.add(snapshots)
+        p.sources = [i.source for i in direct] + snapshots
         p.items = direct + staged
     except Exception as e:
         if p.writer is not None:
@@ -190,12 +203,15 @@ def write_and_commit(p: Prepared, after_write=None) -> Manifest:
         if p.error:
             raise SaveError(p.error, rank=comm.rank)
         files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size, p.writer,
-                           hashed=p.hashed, base=p.base)
+                           hashed=p.hashed, base=p.base, hasher=p.hasher)
         if files is not None:
             summary.update(vars(files))
         fault_point("before_commit", comm.rank)
     except Exception as e:
         summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
+    finally:
+        if p.hasher is not None:  # write_rank closes it; a save that failed before it did not
+            p.hasher.close()
     if after_write is not None:
         summary = after_write(summary)
     try:

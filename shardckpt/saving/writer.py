@@ -24,8 +24,8 @@ BATCH_BYTES = 16 << 20  # smaller batches fill and drain that pipeline sooner, w
                         # native thread two frames
 FLUSH_BYTES = 4 << 20   # encoded bytes gathered in a buffer (the chunks of many small tensors) before it goes
                         # to storage: one hand-off per few MB instead of one per tensor
-HASH_BATCH_BYTES = 32 << 20  # chunk bytes hashed per native call, one call ahead of the encoder: the first
-                             # digests come after ~2 ms, and a call amortises its thread start-up
+HASH_BATCH_BYTES = 32 << 20  # chunk bytes hashed per native call (ChunkHasher): the first digests come after
+                             # ~2 ms, and a call amortises its thread start-up
 
 
 @dataclass
@@ -219,49 +219,68 @@ class RankWriter:
             self._bufs = None
 
 
+class ChunkHasher:
+    """The content hashes (XXH3-128, FORMAT.md §7) of a hashed save's chunks, computed on one background
+    thread in native calls of HASH_BATCH_BYTES (each chunk read once, at memory speed) while the save goes on.
+
+    Call sequence, one save on one rank: pipeline.prepare starts it (`add` the caller's contiguous chunks as
+    soon as they are planned, so hashing overlaps loading the base, pinning it and the plan round; `add` the
+    staged chunks once they are snapshotted), write_rank consumes `digests()` in the same order, one batch
+    behind the hashing, and `close()` ends it (also on every error path)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-hash")
+        self._pending: list[Future] = []
+        self._nthreads = threads()
+
+    def add(self, sources: list[torch.Tensor]) -> None:
+        """Queue these chunks (contiguous CPU tensors, unchanged until close) for hashing."""
+        cur, size = [], 0
+        for s in sources:
+            cur.append(as_bytes(s))
+            size += cur[-1].nbytes
+            if size >= HASH_BATCH_BYTES:
+                self._pending.append(self._pool.submit(chunk_hashes, cur, self._nthreads))
+                cur, size = [], 0
+        if cur:
+            self._pending.append(self._pool.submit(chunk_hashes, cur, self._nthreads))
+
+    def digests(self):
+        """Yields every queued chunk's hash, in the order added (waiting for the batch that holds it)."""
+        for f in self._pending:
+            yield from f.result()
+
+    def close(self) -> None:
+        """Stop hashing (queued batches are dropped) and end the thread; never raises."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem],
                sources: list[torch.Tensor], frame_size: int, writer: RankWriter | None = None, *,
-               hashed: bool = False, base: BaseChunks | None = None) -> RankFiles | None:
+               hashed: bool = False, base: BaseChunks | None = None,
+               hasher: ChunkHasher | None = None) -> RankFiles | None:
     """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
     index, continuing `writer` if a bounded-pool save already started it. Returns None if this rank has
-    nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter; the
-    chunks' hashes (XXH3-128, at memory speed: the first pass over each chunk) are computed in native calls
-    of HASH_BATCH_BYTES on a thread that runs one batch ahead of the encoder, so that an unchanged chunk
-    costs one read of its bytes and a changed one is encoded while the next batch is hashed."""
-    if writer is None:
-        if not items:
-            return None
-        writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-hash") if writer.hashed else None
+    nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter. `hasher`:
+    a ChunkHasher already given `sources` (in order), else a hashed writer starts one here; either way an
+    unchanged chunk costs one read of its bytes, and a changed one is encoded while later ones are hashed.
+    Closes `hasher`."""
     try:
-        digests = _hash_ahead(hasher, sources) if hasher else [None] * len(items)
-        for item, src, d in zip(items, sources, digests):
-            writer.add(item, src, d)
-    except BaseException:
-        writer.abort()
-        raise
+        if writer is None:
+            if not items:
+                return None
+            writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
+        if writer.hashed and hasher is None:
+            hasher = ChunkHasher()
+            hasher.add(sources)
+        try:
+            digests = hasher.digests() if writer.hashed else [None] * len(items)
+            for item, src, d in zip(items, sources, digests):
+                writer.add(item, src, d)
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         if hasher is not None:
-            hasher.shutdown(wait=True, cancel_futures=True)
+            hasher.close()
     return writer.close()
-
-
-def _hash_ahead(hasher: ThreadPoolExecutor, sources: list[torch.Tensor]):
-    """Yields each source's content hash, in order; batch i+1 is being hashed on `hasher` while the caller
-    encodes the chunks of batch i."""
-    batches, cur, size = [], [], 0
-    for s in sources:
-        cur.append(as_bytes(s))
-        size += cur[-1].nbytes
-        if size >= HASH_BATCH_BYTES:
-            batches.append(cur)
-            cur, size = [], 0
-    if cur:
-        batches.append(cur)
-    nthreads = threads()
-    pending = [hasher.submit(chunk_hashes, b, nthreads) for b in batches[:2]]
-    for i in range(len(batches)):
-        digests = pending[i].result()
-        if i + 2 < len(batches):
-            pending.append(hasher.submit(chunk_hashes, batches[i + 2], nthreads))
-        yield from digests
