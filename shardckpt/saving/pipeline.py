@@ -4,8 +4,7 @@ run it:
                            hashing the caller's contiguous chunks (writer.ChunkHasher) and loads its base
                         2. coordinator: refuse if a manifest exists (unless overwrite); pin an incremental
                            save's base (deleter.pin); gather digests, broadcast go + save_id (or the error)
-                        3. stage what must be snapshotted (async saves, strided views, GPU tensors), and
-                           hash the staged chunks
+                        3. stage what must be snapshotted (async saves, strided views, GPU tensors)
   write_and_commit(p)   4. encode and write this rank's files (saving.writer), fsync
                         5. lifecycle.commit.finish: gather summaries, the coordinator commits manifest.json,
                            every rank agrees on the outcome and raises the same error on failure
@@ -58,7 +57,7 @@ class Prepared:
     committed: bytes | None = None    # coordinator: the manifest it committed
     replace: bool = False             # coordinator: overwrite=True and a committed checkpoint is at the path
     pinned: Storage | None = None     # coordinator: the parent dir where this save pinned its base (deleter.pin)
-    hasher: ChunkHasher | None = None  # hashed saves: the content hashes of `sources`, computed ahead
+    hasher: ChunkHasher | None = None  # a hashed sync save: the hashes of its direct `sources`, computed ahead
 
 
 def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
@@ -138,11 +137,7 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
                   replace=bool(comm.is_coordinator and records[0].get("exists")), pinned=pinned, hasher=hasher)
     try:  # after the go-ahead every rank must reach the commit round: failures are reported there
         staged = _stream_overflow(p, staged, pool) if pool.max_bytes else staged
-        snapshots = stage_items(staged, pool)
-        if hashed and snapshots:
-            p.hasher = p.hasher or ChunkHasher()
-            p.hasher.add(snapshots)
-        p.sources = [i.source for i in direct] + snapshots
+        p.sources = [i.source for i in direct] + stage_items(staged, pool)
         p.items = direct + staged
     except Exception as e:
         if p.writer is not None:

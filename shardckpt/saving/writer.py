@@ -223,18 +223,21 @@ class ChunkHasher:
     """The content hashes (XXH3-128, FORMAT.md §7) of a hashed save's chunks, computed on one background
     thread in native calls of HASH_BATCH_BYTES (each chunk read once, at memory speed) while the save goes on.
 
-    Call sequence, one save on one rank: pipeline.prepare starts it (`add` the caller's contiguous chunks as
-    soon as they are planned, so hashing overlaps loading the base, pinning it and the plan round; `add` the
-    staged chunks once they are snapshotted), write_rank consumes `digests()` in the same order, one batch
-    behind the hashing, and `close()` ends it (also on every error path)."""
+    Call sequence, one save on one rank: a sync save's pipeline.prepare starts it and `add`s the caller's
+    contiguous chunks as soon as they are planned (hashing overlaps loading the base, pinning it and the plan
+    round, while the caller waits anyway); write_rank `add`s the rest (the staged chunks: an async save's
+    are hashed on its background thread, never during the stall), consumes `digests()` in the same order,
+    one batch behind the hashing, and `close()`s it (pipeline closes it too on every error path)."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-hash")
         self._pending: list[Future] = []
         self._nthreads = threads()
+        self.added = 0  # chunks queued so far
 
     def add(self, sources: list[torch.Tensor]) -> None:
         """Queue these chunks (contiguous CPU tensors, unchanged until close) for hashing."""
+        self.added += len(sources)
         cur, size = [], 0
         for s in sources:
             cur.append(as_bytes(s))
@@ -262,17 +265,17 @@ def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem]
     """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
     index, continuing `writer` if a bounded-pool save already started it. Returns None if this rank has
     nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter. `hasher`:
-    a ChunkHasher already given `sources` (in order), else a hashed writer starts one here; either way an
-    unchanged chunk costs one read of its bytes, and a changed one is encoded while later ones are hashed.
-    Closes `hasher`."""
+    a ChunkHasher already given the first `hasher.added` of `sources`, else a hashed writer starts one here;
+    either way an unchanged chunk costs one read of its bytes, and a changed one is encoded while later
+    ones are hashed. Closes `hasher`."""
     try:
         if writer is None:
             if not items:
                 return None
             writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
-        if writer.hashed and hasher is None:
-            hasher = ChunkHasher()
-            hasher.add(sources)
+        if writer.hashed:
+            hasher = hasher or ChunkHasher()
+            hasher.add(sources[hasher.added:])
         try:
             digests = hasher.digests() if writer.hashed else [None] * len(items)
             for item, src, d in zip(items, sources, digests):
