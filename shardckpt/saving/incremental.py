@@ -24,6 +24,7 @@ class BaseChunks:
     dir: str
     manifest: Manifest
     chunks: dict[tuple, Chunk]
+    manifest_bytes: bytes = b""  # as read: the pin's check that the base is unchanged compares bytes
 
     def match(self, key: str, offsets: tuple, sizes: tuple, dtype, digest: str) -> Chunk | None:
         """The base chunk whose bytes equal this chunk's (same key, box, dtype, content hash), or None."""
@@ -46,15 +47,17 @@ def load_base(storage: Storage, base, rank: int, storage_options: dict | None = 
     """Every rank of a save with `base=`: the base's manifest and this rank's index of it. The base MUST be
     a committed checkpoint in the same parent directory as the save (references are sibling names).
     Raises SaveError naming both paths otherwise."""
-    from shardckpt.format.metadata import read_manifest
-    from shardckpt.format.parse import parse_index
+    from shardckpt.format.metadata import manifest_bytes
+    from shardckpt.format.records import MANIFEST_NAME
+    from shardckpt.format.parse import parse_index, parse_manifest
     bst = storage_for(base, storage_options)
     parent, name = parent_and_name(bst)
     if parent != parent_and_name(storage)[0] or not BASE_DIR.fullmatch(name) or name == parent_and_name(storage)[1]:
         raise SaveError(f"base {bst.url} must be another checkpoint directory beside {storage.url} "
                         f"(same parent directory)", file=storage.url)
     try:
-        m = read_manifest(bst)
+        raw = manifest_bytes(bst)
+        m = parse_manifest(raw, file=f"{bst.url}/{MANIFEST_NAME}")
     except IncompleteCheckpointError as e:
         raise SaveError(f"base {bst.url} is not a committed checkpoint", file=storage.url) from e
     if m.format_version.split(".")[0] == "1" and rank == 0:  # said once per save, by the coordinator
@@ -69,4 +72,4 @@ def load_base(storage: Storage, base, rank: int, storage_options: dict | None = 
     if entry is not None and m.chunk_hash == CHUNK_HASH:  # 1.x chunks carry no hashes, 2.0's other ones
         for c in parse_index(bst.read_file(entry.index), entry, m):
             chunks[(c.key, c.offsets, c.sizes)] = c
-    return BaseChunks(name, m, chunks)
+    return BaseChunks(name, m, chunks, raw)

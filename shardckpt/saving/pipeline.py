@@ -24,7 +24,7 @@ import torch
 from shardckpt import config, dist as sdist
 from shardckpt._faults import fault_point
 from shardckpt.errors import CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError, error_text
-from shardckpt.format.metadata import read_manifest
+from shardckpt.format.metadata import manifest_bytes, read_manifest
 from shardckpt.format.parse import parse_manifest
 from shardckpt.format.records import MANIFEST_NAME, Manifest, build_manifest, dtype_name
 from shardckpt.format.tree import encode_value, flatten
@@ -158,8 +158,10 @@ def _pin_base(storage: Storage, base, save_id: str) -> Storage:
     parent = parent_storage(storage)
     needs = {(base.dir, base.manifest.save_id)} | {(b.dir, b.save_id) for b in base.manifest.bases}
     deleter.pin(parent, save_id, needs)
-    try:
-        again = read_manifest(base_storage(storage, base.dir)).save_id
+    try:  # the same bytes are the same committed manifest: parsed again only when they differ
+        raw = manifest_bytes(base_storage(storage, base.dir))
+        again = base.manifest.save_id if raw == base.manifest_bytes else \
+            parse_manifest(raw, file=f"{base.dir}/{MANIFEST_NAME}").save_id
     except Exception as e:
         again = f"unreadable ({error_text(e, 300)})"
     if again != base.manifest.save_id:
