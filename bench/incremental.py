@@ -1,13 +1,17 @@
-"""Incremental against full checkpoints of a LoRA-style job (issue 15): a GPT state whose parameters are
-90% frozen (embeddings and the first blocks), with AdamW moments only for the trainable last blocks and
+"""Incremental against full checkpoints of a LoRA-style job (issues 15, 24): a GPT state whose parameters
+are 90% frozen (embeddings and the first blocks), with AdamW moments only for the trainable last blocks and
 final norm. Each step changes the trainable parameters and their moments; the frozen ones never change.
+--trainable 1 trains every parameter instead: every chunk changes at every step (what incremental=True
+costs when it cannot save anything).
 
 For each of --steps saves: bytes written (data + index files of that step) and save time, for a full save
 (shardckpt.save, every chunk written) and an incremental one (save(..., base=previous step), as
 CheckpointManager(incremental=True) does), against the bytes that changed (raw bytes of the trainable
 parameters and moments); then the restore time (load_full) of the last full and the last incremental step.
+First, the content hash's throughput on one core beside memcpy's (and format 2.0's blake2b-128).
 
-    python -m bench.incremental [--params 50e6] [--steps 4] [--dir /tmp/bench-incr] [--dtype float32]
+    python -m bench.incremental [--params 93e6] [--trainable 0.1] [--steps 4] [--dir /tmp/bench-incr]
+                                [--dtype float32]
 """
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ import statistics
 import tempfile
 import time
 
+import hashlib
+
+import numpy as np
 import torch
 
 import shardckpt
+from shardckpt.native import kernels as _ext
 
 from .compare import _rows, gpt_shapes
 
@@ -32,6 +40,8 @@ def frozen_state(params: float, dtype: torch.dtype, trainable_frac: float = 0.1)
     total = sum(torch.Size(s).numel() for s in shapes.values())
     blocks = sorted({int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")})
     trainable = {n for n in shapes if n.startswith("ln_f.")}
+    if trainable_frac >= 1:
+        trainable = set(shapes)
     for b in reversed(blocks):
         if sum(torch.Size(shapes[n]).numel() for n in trainable) >= trainable_frac * total:
             break
@@ -69,16 +79,43 @@ def written(path) -> int:
     return sum(f.data_size + f.index_size for f in m.files) + os.path.getsize(os.path.join(path, "manifest.json"))
 
 
+def per_core_throughput(nbytes: int = 64 << 20) -> dict[str, float]:
+    """GB/s on one thread over a warm `nbytes` buffer (best of 5): the content hash, format 2.0's
+    blake2b-128 and memcpy (the native copy kernel, as staging copies)."""
+    src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    dst[:] = 0
+    runs = {"xxh3-128": lambda: _ext.xxh3_128(src),
+            "blake2b-128": lambda: hashlib.blake2b(src, digest_size=16).digest(),
+            "memcpy": lambda: _ext.copy_into(dst, src, 1)}
+    out = {}
+    for name, fn in runs.items():
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = nbytes / best / 1e9
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=float, default=50e6)
+    ap.add_argument("--params", type=float, default=93e6)
+    ap.add_argument("--trainable", type=float, default=0.1,
+                    help="fraction of the parameters trained (the last blocks); 1: all of them")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    speed = per_core_throughput()
+    print(f"one core, 64 MiB warm: xxh3-128 {speed['xxh3-128']:.1f} GB/s ({_ext.XXHASH_SOURCE}), "
+          f"blake2b-128 {speed['blake2b-128']:.2f} GB/s, memcpy {speed['memcpy']:.1f} GB/s "
+          f"({_ext.BACKEND} kernels)")
     root = args.dir or tempfile.mkdtemp(prefix="bench-incr-")
-    state, trainable, total = frozen_state(args.params, dtype)
+    state, trainable, total = frozen_state(args.params, dtype, args.trainable)
     n_train = sum(state["model"][n].numel() for n in trainable)
     raw = sum(t.numel() * t.element_size() for t in _tensors(state))
     print(f"GPT {total / 1e6:.1f}M params ({args.dtype}), trainable {n_train / 1e6:.1f}M "
@@ -113,11 +150,25 @@ def main(argv=None) -> None:
             times[kind].append(time.perf_counter() - t0)
             assert all(torch.equal(a, b) for a, b in zip(_tensors(out), _tensors(state)))
     inc = rows[1:]
+    t_inc, t_full = statistics.median(r[5] for r in inc), statistics.median(r[3] for r in inc)
     print(f"steps 1-{last}: incremental wrote {statistics.mean(r[4] / r[1] for r in inc):.3f}x the changed bytes "
-          f"(full: {statistics.mean(r[2] / r[1] for r in inc):.2f}x); save {statistics.median(r[5] for r in inc):.2f} s "
-          f"against {statistics.median(r[3] for r in inc):.2f} s full")
+          f"(full: {statistics.mean(r[2] / r[1] for r in inc):.2f}x); save {t_inc:.3f} s against {t_full:.3f} s "
+          f"full (median): {t_inc / t_full:.2f}x")
     print(f"restore (load_full, warm cache, median of 3): full {statistics.median(times['full']):.2f} s, "
           f"incremental {statistics.median(times['incr']):.2f} s")
+    stall = {"full": [], "incr": []}  # async_save until it returns: what training waits for
+    shardckpt.async_save(state, os.path.join(root, "full", "warm")).wait()  # the staging pool, allocated once
+    shutil.rmtree(os.path.join(root, "full", "warm"))
+    for rep in range(3):
+        for kind in ("full", "incr"):
+            path = os.path.join(root, kind, f"stall-{rep}")
+            t0 = time.perf_counter()
+            h = shardckpt.async_save(state, path, base=prev if kind == "incr" else None)
+            stall[kind].append(time.perf_counter() - t0)
+            h.wait()
+            shutil.rmtree(path)
+    print(f"stall (async_save until it returns, median of 3): full {statistics.median(stall['full']):.3f} s, "
+          f"incremental {statistics.median(stall['incr']):.3f} s")
     if not args.dir:
         shutil.rmtree(root)
 

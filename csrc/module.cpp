@@ -128,6 +128,52 @@ void py_copy_many(py::sequence dsts, py::sequence srcs, int nthreads) {
     copy_many(jobs, nthreads);
 }
 
+// Canonical form of a 128-bit XXH3 digest (XXH128_canonicalFromHash, python-xxhash's hexdigest): the high
+// 64 bits then the low 64 bits, big-endian, as 32 lowercase hex digits.
+std::string hex128(Hash128 h) {
+    static const char digits[] = "0123456789abcdef";
+    std::string out(32, '0');
+    for (int i = 0; i < 16; ++i) {
+        out[15 - i] = digits[(h.hi >> (4 * i)) & 15];
+        out[31 - i] = digits[(h.lo >> (4 * i)) & 15];
+    }
+    return out;
+}
+
+void require_xxhash() {
+    if (!xxhash_load()) throw std::runtime_error("libxxhash is unavailable: " + xxhash_source());
+}
+
+std::string py_xxh3_128(py::handle data) {
+    require_xxhash();
+    Buffer b(data, false, "data");
+    Hash128 h;
+    {
+        py::gil_scoped_release nogil;
+        h = xxh3_128(b.data(), b.size());
+    }
+    return hex128(h);
+}
+
+std::vector<std::string> py_xxh3_128_many(py::sequence bufs, int nthreads) {
+    require_xxhash();
+    std::vector<std::unique_ptr<Buffer>> held;  // exported while the GIL is released
+    std::vector<HashJob> jobs;
+    for (size_t i = 0; i < py::len(bufs); ++i) {
+        held.push_back(std::make_unique<Buffer>(bufs[i], false, "buffer"));
+        jobs.push_back({held.back()->data(), held.back()->size()});
+    }
+    std::vector<Hash128> out(jobs.size());
+    {
+        py::gil_scoped_release nogil;
+        xxh3_128_many(jobs, out.data(), nthreads);
+    }
+    std::vector<std::string> hex;
+    hex.reserve(out.size());
+    for (const Hash128& h : out) hex.push_back(hex128(h));
+    return hex;
+}
+
 void planes(py::handle src, py::handle dst, int itemsize, bool split) {
     check_itemsize(itemsize);
     Buffer s(src, false, "src");
@@ -278,6 +324,10 @@ PYBIND11_MODULE(_native, m) {
           py::arg("itemsize"), py::arg("codec"), py::arg("nthreads") = 0);
     m.def("pread_into", &py_pread_into, py::arg("fd"), py::arg("offset"), py::arg("dst"));
     m.def("pwrite_from", &py_pwrite_from, py::arg("fd"), py::arg("offset"), py::arg("src"));
+    m.def("xxh3_128", &py_xxh3_128, py::arg("data"));
+    m.def("xxh3_128_many", &py_xxh3_128_many, py::arg("bufs"), py::arg("nthreads") = 0);
+    m.def("xxhash_available", []() { return xxhash_load(); });
+    m.def("xxhash_source", []() { return xxhash_source(); });
     m.def("zstd_available", []() { return zstd_load(); });
     m.def("zstd_source", []() { return zstd_source(); });
     m.def("impl_info", []() {
@@ -285,6 +335,7 @@ PYBIND11_MODULE(_native, m) {
         d["crc32c"] = crc32c_impl();
         d["byteplane"] = byteplane_impl();
         d["zstd"] = zstd_source();
+        d["xxhash"] = xxhash_source();
         return d;
     });
     m.def("_set_frame_error", &set_frame_error, py::arg("cls"));

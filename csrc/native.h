@@ -36,6 +36,21 @@ void copy_many(const std::vector<CopyJob>& jobs, int nthreads);
 bool zstd_load();                  // idempotent; false when the library or a symbol is missing
 const std::string& zstd_source();  // "libzstd.so.1 1.5.4 (dlopen)" or why loading failed
 
+// ---- xxhash_dl.cpp: XXH3-128 from libxxhash.so.0, loaded with dlopen (no headers at build time).
+bool xxhash_load();                  // idempotent; false when the library or a symbol is missing
+const std::string& xxhash_source();  // "libxxhash.so.0 0.8.1 XXH3_128bits_dispatch (dlopen)" or why not
+struct Hash128 {
+    uint64_t lo, hi;
+};
+// The chunk content hash (FORMAT.md §7); only after xxhash_load() returned true.
+Hash128 xxh3_128(const uint8_t* data, size_t n);
+struct HashJob {
+    const uint8_t* data;
+    size_t n;
+};
+// out[i] = xxh3_128 of jobs[i], the buffers shared among threads (one buffer is hashed by one thread).
+void xxh3_128_many(const std::vector<HashJob>& jobs, Hash128* out, int nthreads);
+
 // ---- frames.cpp
 enum Codec : int { CODEC_RAW = 0, CODEC_ZSTD = 1, CODEC_ZSTD_BYTEPLANE = 2 };
 

@@ -33,10 +33,11 @@ def save(state_dict, path, *, process_group=None, codec: str = "auto", metadata:
         base: an earlier committed checkpoint in the same parent directory (a sibling, as the manager's
             step-<N> directories are): each chunk whose key, box, dtype and content hash equal the base's
             is recorded as a reference to the frames holding those bytes instead of being written again
-            (an incremental checkpoint, format 2.0; FORMAT.md §7). A base saved without content hashes
-            (format 1.x) matches nothing: everything is written, and the coordinator logs a warning.
-        content_hash: record every chunk's content hash (format 2.0) without a base, so that a later save
-            can refer to this one (implied by `base`).
+            (an incremental checkpoint, format 2.1; FORMAT.md §7). A base saved without content hashes
+            (format 1.x) or hashed with another algorithm (format 2.0's blake2b-128) matches nothing:
+            everything is written, and the coordinator logs a warning.
+        content_hash: record every chunk's content hash (XXH3-128, format 2.1) without a base, so that a
+            later save can refer to this one (implied by `base`).
         overwrite: replace a committed checkpoint at `path` instead of refusing: the new data goes beside
             the old, manifest.json is replaced atomically (Storage.replace; commit.commit_manifest) and the
             old data is deleted only once the new manifest is durable (the Lightning plugin's last.ckpt).

@@ -12,8 +12,8 @@ A value that cannot be used raises ConfigError naming the variable, never falls 
   SHARDCKPT_BACKEND         name     native (default) or python kernels     _ext, once at import (by design:
   SHARDCKPT_REQUIRE_NATIVE  bool     fail instead of falling back (0)         the kernels cannot change later)
 
-Not parsed here: SHARDCKPT_LIBZSTD (a library path, read by csrc/zstd_dl.cpp when it dlopens libzstd) and the
-test-only switches (SHARDCKPT_FAULT in _faults.py, SHARDCKPT_REQUIRE_S3 / _SLOW / _FUZZ_EXAMPLES in tests/).
+Not parsed here: SHARDCKPT_LIBZSTD and SHARDCKPT_LIBXXHASH (library paths, read by csrc/zstd_dl.cpp and
+csrc/xxhash_dl.cpp when they dlopen libzstd and libxxhash) and the test-only switches (SHARDCKPT_FAULT in _faults.py, SHARDCKPT_REQUIRE_S3 / _SLOW / _FUZZ_EXAMPLES in tests/).
 
 Sizes (parse_size, also used for option values such as `shardckpt export --max-shard-size`): a number of
 bytes with an optional unit, case-insensitive, spaces allowed between them. Every unit is binary, whether or

@@ -183,6 +183,53 @@ def test_crc32c_frames(be, n, f):
         be.crc32c_frames(d, 0)
 
 
+# ----------------------------------------------------------------------------------------------- xxh3-128
+def test_xxh3_128_known_values(be):
+    """The chunk content hash (FORMAT.md §7): XXH3-128, seed 0, canonical big-endian hex (values of the
+    reference implementation, xxHash 0.8.4 as python-xxhash 4.1 bundles it)."""
+    assert be.xxh3_128(b"") == "99aa06d3014798d86001c324468d497f"
+    assert be.xxh3_128(b"abc") == "06b05ab6733a618578af5f94892f3950"
+
+
+# lengths around XXH3's internal boundaries (16, 128, 240 bytes; 1 KiB stripes; 64 KiB-ish blocks)
+@pytest.mark.parametrize("n", [1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 1024, 1025, 65536, 100003, (3 << 20) + 5])
+def test_xxh3_128_native_equals_twin(n):
+    d = rand(n, n)
+    want = TWIN.xxh3_128(d)
+    assert want == xxh3_ref(d.tobytes())
+    if NATIVE is not None:
+        assert NATIVE.xxh3_128(d) == want
+
+
+def xxh3_ref(data: bytes) -> str:
+    import xxhash
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def test_xxh3_128_many_and_buffer_types(be):
+    a = np.arange(100000, dtype=np.float32)
+    bufs = [a, memoryview(a.tobytes()), bytearray(b"x" * 5000), b"", a.reshape(100, 1000), rand(9 << 20, 5)]
+    want = [xxh3_ref(bytes(memoryview(b).cast("B"))) for b in bufs]
+    assert [be.xxh3_128(b) for b in bufs] == want
+    assert be.xxh3_128_many(bufs) == want
+    assert be.xxh3_128_many(bufs, nthreads=1) == want
+    assert be.xxh3_128_many([]) == []
+    with pytest.raises((ValueError, TypeError)):
+        be.xxh3_128_many([a, a[::2]])  # not contiguous: refused before anything is hashed
+
+
+@needs_native
+def test_native_without_libxxhash_falls_back_to_the_xxhash_package():
+    code = ("import shardckpt.native.kernels as e\n"
+            "assert e.BACKEND == 'native', e.NATIVE_ERROR\n"
+            "assert 'xxhash package' in e.XXHASH_SOURCE and 'dlopen failed' in e.XXHASH_SOURCE, e.XXHASH_SOURCE\n"
+            "assert e.xxh3_128(b'abc') == '06b05ab6733a618578af5f94892f3950'\n"
+            "assert e.xxh3_128_many([b'', b'abc'])[1] == '06b05ab6733a618578af5f94892f3950'\n"
+            "print('ok')\n")
+    assert _run_py(code, SHARDCKPT_LIBXXHASH="/nonexistent/libxxhash.so.0", SHARDCKPT_BACKEND="native").strip() == "ok"
+    assert "dlopen" in NATIVE.XXHASH_SOURCE or "xxhash package" in NATIVE.XXHASH_SOURCE
+
+
 # ----------------------------------------------------------------------------------------------- copy
 @pytest.mark.parametrize("n", [0, 1, 4095, 1 << 16, (24 << 20) + 3])
 def test_copy_into(be, n):

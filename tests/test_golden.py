@@ -53,6 +53,11 @@ def test_golden_exists_for_current_version():
     assert f"v{shardckpt.FORMAT_VERSION}-2ranks" in TWO_RANKS
 
 
+def test_incremental_golden_exists_for_current_version():
+    from shardckpt.format.records import FORMAT_VERSION_INCREMENTAL
+    assert os.path.isdir(os.path.join(HERE, f"v{FORMAT_VERSION_INCREMENTAL}-incremental"))  # tests/test_incremental.py
+
+
 def test_formula_is_what_it_says():
     """The expected values come from the formula, so pin the formula itself to a few hand-computed elements
     (k = (5 i + 3 seed) mod 17 - 8, value k / 4): a change to it cannot silently move both sides at once."""

@@ -67,7 +67,7 @@ def test_unchanged_chunks_are_references_and_load_bit_exact(tmp_path, async_save
             mgr.save(step, st)
             mgr.wait()
     full, m3 = shardckpt.read_manifest(tmp_path / "step-0000000001"), shardckpt.read_manifest(tmp_path / "step-0000000003")
-    assert m3.format_version == "2.0" and full.bases == ()
+    assert m3.format_version == "2.1" and m3.chunk_hash == "xxh3-128" and full.bases == ()
     assert _refs(tmp_path / "step-0000000003") == {"frozen.w": True, "frozen.emb": True, "head": False, "ids": True}
     # references point at the holder of the bytes (step 1), never through step 2
     assert [b.dir for b in m3.bases] == ["step-0000000001"]
@@ -89,6 +89,29 @@ def test_one_ulp_change_in_a_frozen_tensor_is_written(tmp_path):
     assert _refs(tmp_path / "b")["frozen.w"] is False and _refs(tmp_path / "b")["frozen.emb"] is True
     got = shardckpt.load_full(tmp_path / "b")
     assert torch.equal(got["frozen"]["w"].view(torch.int32), w.view(torch.int32))
+
+
+def test_bounded_pool_incremental_save_pairs_every_chunk_with_its_hash(tmp_path):
+    """An async-style save (stage=True) through a pool too small for the state: frozen.w streams through it
+    in slabs (hashed inline, written: their boxes are new), the rest is staged and hashed ahead; each chunk
+    must get its own hash, whichever path it took."""
+    from shardckpt.saving import pipeline
+    from shardckpt.saving.staging import HostBufferPool
+    st = _state()
+    shardckpt.save(st, tmp_path / "a", content_hash=True)
+    _train(st, 1)
+
+    def save(name, base):
+        p = pipeline.prepare(st, str(tmp_path / name), process_group=None, codec="auto", frame_size=4 << 20,
+                             metadata=None, storage_options=None, timeout_s=None, stage=True,
+                             pool=HostBufferPool(max_bytes=40 << 10), base=str(tmp_path / base))
+        pipeline.write_and_commit(p)
+    save("b", "a")
+    assert _refs(tmp_path / "b") == {"frozen.w": False, "frozen.emb": True, "head": False, "ids": True}
+    assert _same(shardckpt.load_full(tmp_path / "b"), st)
+    save("c", "b")  # the same slabs again: their hashes in b were right, so everything refers
+    assert all(_refs(tmp_path / "c").values())
+    assert _same(shardckpt.load_full(tmp_path / "c"), st)
 
 
 def test_base_must_be_a_committed_sibling(tmp_path):
@@ -291,19 +314,61 @@ def _refs_rank(path, rank) -> dict[str, bool]:
 
 # ---------------------------------------------------------------------------------------------- golden
 
-def test_golden_incremental_loads_bit_exact_and_conforms_to_schema():
+@pytest.mark.parametrize("version, algorithm", [("2.0", "blake2b-128"), ("2.1", "xxh3-128")])
+def test_golden_incremental_loads_bit_exact_and_conforms_to_schema(version, algorithm):
+    """Each incremental golden loads bit-exactly, conforms to the schema, and its chunk hashes are what its
+    manifest says they are: 2.0 names no algorithm (blake2b-128), 2.1 names xxh3-128."""
     from golden.json_schema import validate
     from golden.make_golden import incremental_states
+    from shardckpt.format.refs import chunk_hash
     schema = json.load(open(os.path.join(os.path.dirname(__file__), "..", "docs", "manifest.schema.json")))
-    root = os.path.join(HERE, "v2.0-incremental")
+    root = os.path.join(HERE, f"v{version}-incremental")
     for name, want in zip(("step-0000000001", "step-0000000002"), incremental_states()):
         path = os.path.join(root, name)
-        assert _same(shardckpt.load_full(path), want)
+        got = shardckpt.load_full(path)
+        assert _same(got, want)
         m = json.load(open(os.path.join(path, "manifest.json")))
-        assert m["format_version"] == "2.0" and validate(m, schema) == []
+        assert m["format_version"] == version and validate(m, schema) == []
+        assert m.get("chunk_hash", "blake2b-128") == algorithm == shardckpt.read_manifest(path).chunk_hash
+        flat = _flat(got)
         for f in m["files"]:
-            assert validate(json.load(open(os.path.join(path, f["index"]))), {"$ref": "#/$defs/index"}, schema) == []
+            index = json.load(open(os.path.join(path, f["index"])))
+            assert validate(index, {"$ref": "#/$defs/index"}, schema) == []
+            for c in index["chunks"]:  # one rank, whole tensors: the chunk is the tensor
+                raw = flat[c["key"]].contiguous().reshape(-1).view(torch.uint8).numpy()
+                assert c["hash"] == chunk_hash(raw, algorithm), c["key"]
     assert any(_refs(os.path.join(root, "step-0000000002")).values())
+
+
+def test_a_base_hashed_with_blake2b_serves_as_a_base_and_matches_nothing(tmp_path, caplog):
+    """A 2.0 checkpoint (blake2b-128 hashes) as the base of a save: nothing is compared against it, the save
+    writes everything and loads; the save after it refers to it again."""
+    import shutil
+    from golden.make_golden import incremental_states
+    shutil.copytree(os.path.join(HERE, "v2.0-incremental", "step-0000000001"), tmp_path / "old")
+    st = incremental_states()[0]
+    with caplog.at_level("WARNING", logger="shardckpt"):
+        m = shardckpt.save(st, tmp_path / "new", base=tmp_path / "old")
+    assert "blake2b-128" in caplog.text and "matches nothing" in caplog.text
+    assert m.format_version == "2.1" and m.bases == () and m.ref_stored_bytes == 0
+    assert not any(_refs(tmp_path / "new").values())
+    assert _same(shardckpt.load_full(tmp_path / "new"), st)
+    m2 = shardckpt.save(st, tmp_path / "next", base=tmp_path / "new")
+    assert all(_refs(tmp_path / "next").values()) and [b.dir for b in m2.bases] == ["new"]
+    assert _same(shardckpt.load_full(tmp_path / "next"), st)
+
+
+def test_diff_compares_hashes_only_under_one_algorithm(tmp_path):
+    """The same bytes hashed with blake2b-128 (2.0) and xxh3-128 (2.1): diff cannot trust unequal digests
+    of different algorithms, so it streams both sides and still finds them identical."""
+    import shutil
+    from golden.make_golden import incremental_states
+    from shardckpt.tools.diff import diff_checkpoints
+    shutil.copytree(os.path.join(HERE, "v2.0-incremental", "step-0000000001"), tmp_path / "old")
+    shardckpt.save(incremental_states()[0], tmp_path / "new", content_hash=True)
+    rows = diff_checkpoints(tmp_path / "old", tmp_path / "new")["entries"]
+    tensors = [r for r in rows if r.max_abs is not None]
+    assert tensors and all(r.status == "same" and r.identical for r in tensors)
 
 
 def test_ls_and_inspect_show_written_against_referred_bytes(tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Any
 
 from shardckpt.native import kernels as _ext
 from shardckpt.errors import ChecksumError, FormatError, UnsupportedVersionError
-from shardckpt.format.records import (CODECS, DTYPES, FORMAT_NAME, MANIFEST_NAME, MAX_FRAME_SIZE, MAX_MANIFEST_BYTES,
+from shardckpt.format.records import (CHUNK_HASH_2_0, CODECS, DTYPES, FORMAT_NAME, MANIFEST_NAME, MAX_FRAME_SIZE, MAX_MANIFEST_BYTES,
     MAX_NDIM, MAX_NUMEL, SUPPORTED_MAJORS, Base, Chunk, FileEntry, Frame, Manifest, TensorMeta, without_gc,
     canonical_json, data_file_name, index_file_name)
 
@@ -56,6 +56,7 @@ _REL_NAME = re.compile(r"data/[0-9a-f]{8,64}/r[0-9]{5,9}\.(bin|index\.json)")
 _VERSION = re.compile(r"[0-9]{1,4}\.[0-9]{1,4}")
 BASE_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a base checkpoint: a plain sibling name (§7)
 CONTENT_HASH = re.compile(r"[0-9a-f]{32}")
+HASH_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,31}")  # a manifest's chunk_hash (§7): "xxh3-128", "blake2b-128"
 
 
 def check_relative_name(name, what: str, file: str) -> str:
@@ -280,7 +281,19 @@ def parse_manifest(data: bytes, file: str = MANIFEST_NAME) -> Manifest:
         _fail("user_metadata must be an object", file)
     backend = _str(obj.get("backend", ""), "backend", file)
     return Manifest(ver, save_id, float(created), world_size, frame_size, tree, tensors, values,
-                    tuple(files), user, backend, _bases(obj, ver, save_id, file))
+                    tuple(files), user, backend, _bases(obj, ver, save_id, file), _chunk_hash(obj, ver, file))
+
+
+def _chunk_hash(obj: dict, ver: str, file: str) -> str:
+    """Format 2.x: the algorithm of the chunks' content hashes (§7); a 2.0 manifest names none (blake2b-128).
+    An algorithm this reader does not know is accepted (loading never needs it); a save given such a base
+    matches nothing in it."""
+    if _major(ver) < 2:
+        return ""
+    name = obj.get("chunk_hash", CHUNK_HASH_2_0)
+    if type(name) is not str or not HASH_NAME.fullmatch(name):
+        _fail(f"chunk_hash {name!r:.40} is not a hash algorithm name", file)
+    return name
 
 
 @without_gc

@@ -28,7 +28,10 @@ from shardckpt.errors import FormatError
 
 FORMAT_NAME = "shardckpt"
 FORMAT_VERSION = "1.0"          # what a save without content hashes writes (every 1.x reader reads it)
-FORMAT_VERSION_INCREMENTAL = "2.0"  # content hashes, and chunks that refer to an earlier checkpoint (§7)
+FORMAT_VERSION_INCREMENTAL = "2.1"  # content hashes, and chunks that refer to an earlier checkpoint (§7);
+                                    # 2.1 names the hash algorithm (`chunk_hash`), 2.0 used blake2b-128
+CHUNK_HASH = "xxh3-128"             # the content hash this writer records (§7)
+CHUNK_HASH_2_0 = "blake2b-128"      # the hash of a 2.x manifest that names none (what 2.0 writers used)
 SUPPORTED_MAJORS = (1, 2)
 SUPPORTED_MAJOR = 1  # the oldest MAJOR this reader accepts (kept for callers that print it)
 MANIFEST_NAME = "manifest.json"
@@ -127,7 +130,7 @@ class Chunk:
     rank: int
     frame_size: int
     base: str = ""   # a reference (FORMAT.md §7): the sibling checkpoint directory holding `file`, else ""
-    hash: str = ""   # blake2b-128 of the chunk's raw bytes, hex (format 2.x), else ""
+    hash: str = ""   # content hash of the chunk's raw bytes, hex (format 2.x; Manifest.chunk_hash says which), else ""
 
     @property
     def numel(self) -> int:
@@ -199,6 +202,7 @@ class Manifest:
     user_metadata: dict
     backend: str = ""
     bases: tuple[Base, ...] = ()
+    chunk_hash: str = ""  # 2.x: the algorithm of its chunks' content hashes (§7: "xxh3-128", "blake2b-128"); 1.x: ""
 
     @property
     def stored_bytes(self) -> int:
@@ -224,8 +228,8 @@ def build_manifest(*, save_id: str, created: float, world_size: int, frame_size:
                    user_metadata: dict, backend: str, bases: list[dict] | None = None) -> bytes:
     """The manifest's bytes (FORMAT.md §3), its checksum computed over the canonical JSON. Called by the
     coordinator only, once per save, after every rank's summary is gathered (api and dcp commit paths).
-    `bases` None writes format 1.0; a list (empty when nothing was referred to) writes 2.0 (§7), for a save
-    whose indexes carry content hashes."""
+    `bases` None writes format 1.0; a list (empty when nothing was referred to) writes 2.1 (§7), for a save
+    whose indexes carry CHUNK_HASH content hashes."""
     obj = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION if bases is None else FORMAT_VERSION_INCREMENTAL,
         "save_id": save_id, "created": created,
@@ -234,6 +238,7 @@ def build_manifest(*, save_id: str, created: float, world_size: int, frame_size:
     }
     if bases is not None:
         obj["bases"] = bases
+        obj["chunk_hash"] = CHUNK_HASH
     obj["manifest_crc32c"] = _ext.crc32c(canonical_json(obj))
     return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False).encode()
 
@@ -242,7 +247,7 @@ def build_manifest(*, save_id: str, created: float, world_size: int, frame_size:
 def build_index(*, save_id: str, rank: int, chunks: list[dict], hashed: bool = False) -> bytes:
     """One rank's index bytes (FORMAT.md §4, canonical JSON). Called by every rank that wrote data, once its
     frames are written (writer.RankWriter), before the rank's summary goes to the coordinator. `hashed`:
-    every chunk carries its content hash (and may be a reference): format 2.0 (§7)."""
+    every chunk carries its content hash (and may be a reference): format 2.1 (§7)."""
     obj = {"format": "shardckpt-index", "format_version": FORMAT_VERSION_INCREMENTAL if hashed else FORMAT_VERSION,
            "save_id": save_id, "rank": rank, "chunks": chunks}
     return canonical_json(obj)

@@ -6,7 +6,15 @@ SHARDCKPT_BACKEND=python or compare both through `backend(name)`.
 Selection, once at import: native unless SHARDCKPT_BACKEND=python or the compiled module fails to import
 (NATIVE_ERROR says why). The native module dlopens libzstd.so.1 at runtime (no zstd headers or static copy
 at build time); when that fails, its zstd frames go through the `zstandard` package while copy, crc32c and
-byte planes stay native (ZSTD_SOURCE says which).
+byte planes stay native (ZSTD_SOURCE says which). It dlopens libxxhash.so.0 the same way for the chunk content
+hash, XXH3-128; when that fails, xxh3_128 goes through the `xxhash` package (XXHASH_SOURCE says which).
+
+Contract of the content-hash kernels (both backends, byte-identical results):
+  xxh3_128(data) -> str             XXH3-128, seed 0, of a C-contiguous buffer: 32 lowercase hex digits of
+                                    the canonical (big-endian, high half first) digest. GIL released.
+  xxh3_128_many(bufs, nthreads=0)   [xxh3_128(b) for b in bufs], the buffers shared among up to nthreads
+      -> list[str]                  threads (0: one per core; one buffer is hashed by one thread). Every
+                                    buffer is checked (ValueError) before any is hashed. GIL released.
 """
 from __future__ import annotations
 
@@ -18,13 +26,13 @@ from shardckpt import config
 from shardckpt.native.twin import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_BYTEPLANE, FrameError
 
 __all__ = [
-    "BACKEND", "NATIVE_ERROR", "ZSTD_SOURCE", "CODEC_RAW", "CODEC_ZSTD", "CODEC_ZSTD_BYTEPLANE", "FrameError",
+    "BACKEND", "NATIVE_ERROR", "ZSTD_SOURCE", "XXHASH_SOURCE", "CODEC_RAW", "CODEC_ZSTD", "CODEC_ZSTD_BYTEPLANE", "FrameError",
     "crc32c", "crc32c_frames", "copy_into", "byteplane_split", "byteplane_merge", "encode_bound",
-    "encode_frames", "decode_frames", "pread_into", "pwrite_from",
+    "encode_frames", "decode_frames", "pread_into", "pwrite_from", "xxh3_128", "xxh3_128_many",
 ]
 
 _API = ("crc32c", "crc32c_frames", "copy_into", "copy_many", "byteplane_split", "byteplane_merge", "encode_bound",
-        "encode_frames", "decode_frames", "pread_into", "pwrite_from")
+        "encode_frames", "decode_frames", "pread_into", "pwrite_from", "xxh3_128", "xxh3_128_many")
 
 
 def _load_native():
@@ -52,13 +60,18 @@ def _load_native():
                                       lambda s, d, k: _native.byteplane_merge(s, d, k))
 
         ns.encode_frames, ns.decode_frames = encode_frames, decode_frames
+    if _native.xxhash_available():
+        ns.XXHASH_SOURCE = _native.xxhash_source()
+    else:  # libxxhash.so.0 could not be dlopened: the same digests from the xxhash package
+        ns.XXHASH_SOURCE = _twin.XXHASH_SOURCE + f"; dlopen failed: {_native.xxhash_source()}"
+        ns.xxh3_128, ns.xxh3_128_many = _twin.xxh3_128, _twin.xxh3_128_many
     ns.MODULE = _native
     return ns, None
 
 
 def _twin_namespace():
     ns = types.SimpleNamespace(**{name: getattr(_twin, name) for name in _API})
-    ns.NAME, ns.ZSTD_SOURCE, ns.MODULE = "python", _twin.ZSTD_SOURCE, _twin
+    ns.NAME, ns.ZSTD_SOURCE, ns.XXHASH_SOURCE, ns.MODULE = "python", _twin.ZSTD_SOURCE, _twin.XXHASH_SOURCE, _twin
     return ns
 
 
@@ -97,6 +110,7 @@ def _select():
 _impl, NATIVE_ERROR = _select()
 BACKEND: str = _impl.NAME
 ZSTD_SOURCE: str = _impl.ZSTD_SOURCE
+XXHASH_SOURCE: str = _impl.XXHASH_SOURCE
 
 crc32c = _impl.crc32c
 crc32c_frames = _impl.crc32c_frames
@@ -109,3 +123,5 @@ encode_frames = _impl.encode_frames
 decode_frames = _impl.decode_frames
 pread_into = _impl.pread_into
 pwrite_from = _impl.pwrite_from
+xxh3_128 = _impl.xxh3_128
+xxh3_128_many = _impl.xxh3_128_many

@@ -3,7 +3,7 @@
 Who calls it: shardckpt.native.kernels, when the compiled module is missing or SHARDCKPT_BACKEND=python, and the tests,
 which run every kernel on both backends. Nothing here imports another shardckpt module.
 
-Output is byte-identical to the native module for raw frames, crc32c and byte planes. zstd frames are
+Output is byte-identical to the native module for raw frames, crc32c, byte planes and XXH3-128 digests. zstd frames are
 identical only when the `zstandard` package bundles the same libzstd version as the one the native module
 dlopens (e.g. zstandard 0.25 bundles 1.5.7 while a distro may ship 1.5.4): both are valid zstd frames that
 either backend decodes, which is all the format promises.
@@ -19,11 +19,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import xxhash
 import zstandard
 
 CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_BYTEPLANE = 0, 1, 2
 _CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_BYTEPLANE)
 _ITEMSIZES = (1, 2, 4, 8)
+XXHASH_SOURCE = f"xxhash package {xxhash.VERSION} (xxHash {xxhash.XXHASH_VERSION})"
 ZSTD_SOURCE = f"zstandard package (libzstd {zstandard.ZSTD_VERSION[0]}.{zstandard.ZSTD_VERSION[1]}.{zstandard.ZSTD_VERSION[2]})"
 
 
@@ -219,6 +221,19 @@ def crc32c_frames(src, frame_size: int, nthreads: int = 0) -> list[int]:
     if n > nfull * f:
         out.append(crc32c(a[nfull * f:]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------- xxh3-128
+def xxh3_128(data) -> str:
+    """XXH3-128 (seed 0) of `data` (any C-contiguous buffer) in canonical form: 32 lowercase hex digits,
+    the high 64 bits first (big-endian), as XXH128_canonicalFromHash writes them."""
+    return xxhash.xxh3_128_hexdigest(_ro(data))
+
+
+def xxh3_128_many(bufs, nthreads: int = 0) -> list[str]:
+    """xxh3_128 of each buffer, in order."""
+    views = [_ro(b) for b in bufs]  # every argument checked before any work
+    return [xxhash.xxh3_128_hexdigest(v) for v in views]
 
 
 # ----------------------------------------------------------------------------------------------- copy, planes

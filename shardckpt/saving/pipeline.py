@@ -1,6 +1,7 @@
 """The save pipeline, in order (all ranks unless noted); shardckpt.save, async_save and the node-local tier
 run it:
-  prepare(...)          1. flatten the state, plan this rank's chunks, digest the plan
+  prepare(...)          1. flatten the state, plan this rank's chunks, digest the plan; a hashed save starts
+                           hashing the caller's contiguous chunks (writer.ChunkHasher) and loads its base
                         2. coordinator: refuse if a manifest exists (unless overwrite); pin an incremental
                            save's base (deleter.pin); gather digests, broadcast go + save_id (or the error)
                         3. stage what must be snapshotted (async saves, strided views, GPU tensors)
@@ -23,7 +24,7 @@ import torch
 from shardckpt import config, dist as sdist
 from shardckpt._faults import fault_point
 from shardckpt.errors import CheckpointError, CheckpointExistsError, PlanMismatchError, SaveError, error_text
-from shardckpt.format.metadata import read_manifest
+from shardckpt.format.metadata import manifest_bytes, read_manifest
 from shardckpt.format.parse import parse_manifest
 from shardckpt.format.records import MANIFEST_NAME, Manifest, build_manifest, dtype_name
 from shardckpt.format.tree import encode_value, flatten
@@ -31,7 +32,7 @@ from shardckpt.lifecycle import commit, deleter
 from shardckpt.native import kernels as _ext
 from shardckpt.plan.save_plan import TensorInfo, WriteItem, plan_digest, plan_tensor, split_rows
 from shardckpt.saving.staging import HostBufferPool, aligned, default_pool, stage as stage_items
-from shardckpt.saving.writer import RankWriter, write_rank
+from shardckpt.saving.writer import ChunkHasher, RankWriter, write_rank
 from shardckpt.storage import Storage, storage_for
 
 
@@ -50,12 +51,13 @@ class Prepared:
     frame_size: int
     user_metadata: dict
     writer: RankWriter | None = None  # started on the caller's thread when the state overflows the pool
-    hashed: bool = False              # content hashes in the index (format 2.0, FORMAT.md §7)
+    hashed: bool = False              # content hashes in the index (format 2.1, FORMAT.md §7)
     base: Any = None                  # refs.BaseChunks: the earlier checkpoint unchanged chunks refer to
     error: str | None = None          # a failure of that early part, reported at the commit round
     committed: bytes | None = None    # coordinator: the manifest it committed
     replace: bool = False             # coordinator: overwrite=True and a committed checkpoint is at the path
     pinned: Storage | None = None     # coordinator: the parent dir where this save pinned its base (deleter.pin)
+    hasher: ChunkHasher | None = None  # a hashed sync save: the hashes of its direct `sources`, computed ahead
 
 
 def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
@@ -64,14 +66,10 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
     config.check_save_variables()
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
-    error, base_chunks, pinned = None, None, None
+    error, base_chunks, pinned, hasher = None, None, None, None
     save_id = uuid.uuid4().hex if comm.is_coordinator else None
+    hashed = content_hash or base is not None
     try:
-        if base is not None:
-            from shardckpt.saving.incremental import load_base
-            base_chunks = load_base(storage, base, comm.rank, storage_options)
-            if comm.is_coordinator:
-                pinned = _pin_base(storage, base_chunks, save_id)
         flat = flatten(state_dict)
         infos, items = [], []
         for key, t in flat.tensors.items():
@@ -79,6 +77,18 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
             infos.append(info)
             if item is not None:
                 items.append(item)
+        # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
+        # (and strided views, GPU tensors) snapshot through the staging pool.
+        direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
+        staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
+        if hashed and direct:  # the caller waits in save(): hash its chunks while the base loads and is pinned
+            hasher = ChunkHasher()
+            hasher.add([i.source for i in direct])
+        if base is not None:
+            from shardckpt.saving.incremental import load_base
+            base_chunks = load_base(storage, base, comm.rank, storage_options)
+            if comm.is_coordinator:
+                pinned = _pin_base(storage, base_chunks, save_id)
         values = {k: encode_value(v, k) for k, v in flat.values.items()}
         digest = plan_digest(infos, list(values))
         meta = dict(metadata or {})
@@ -111,6 +121,8 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
                                       f"than rank 0"}
     verdict = comm.broadcast_json(verdict)
     if not verdict["ok"]:
+        if hasher is not None:
+            hasher.close()
         if pinned is not None:
             deleter.unpin(pinned, save_id)
         if isinstance(error, CheckpointError) and verdict["rank"] == comm.rank:
@@ -121,12 +133,8 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
     pool = pool or default_pool()
     total = sum(math.prod(i.shape) for i in infos)
     p = Prepared(storage, comm, verdict["save_id"], [], [], infos, flat.tree, values, total, frame_size, meta,
-                  hashed=content_hash or base is not None, base=base_chunks,
-                  replace=bool(comm.is_coordinator and records[0].get("exists")), pinned=pinned)
-    # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
-    # (and strided views, GPU tensors) snapshot through the staging pool.
-    direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
-    staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
+                  hashed=hashed, base=base_chunks,
+                  replace=bool(comm.is_coordinator and records[0].get("exists")), pinned=pinned, hasher=hasher)
     try:  # after the go-ahead every rank must reach the commit round: failures are reported there
         staged = _stream_overflow(p, staged, pool) if pool.max_bytes else staged
         p.sources = [i.source for i in direct] + stage_items(staged, pool)
@@ -150,8 +158,10 @@ def _pin_base(storage: Storage, base, save_id: str) -> Storage:
     parent = parent_storage(storage)
     needs = {(base.dir, base.manifest.save_id)} | {(b.dir, b.save_id) for b in base.manifest.bases}
     deleter.pin(parent, save_id, needs)
-    try:
-        again = read_manifest(base_storage(storage, base.dir)).save_id
+    try:  # the same bytes are the same committed manifest: parsed again only when they differ
+        raw = manifest_bytes(base_storage(storage, base.dir))
+        again = base.manifest.save_id if raw == base.manifest_bytes else \
+            parse_manifest(raw, file=f"{base.dir}/{MANIFEST_NAME}").save_id
     except Exception as e:
         again = f"unreadable ({error_text(e, 300)})"
     if again != base.manifest.save_id:
@@ -190,12 +200,15 @@ def write_and_commit(p: Prepared, after_write=None) -> Manifest:
         if p.error:
             raise SaveError(p.error, rank=comm.rank)
         files = write_rank(storage, p.save_id, comm.rank, p.items, p.sources, p.frame_size, p.writer,
-                           hashed=p.hashed, base=p.base)
+                           hashed=p.hashed, base=p.base, hasher=p.hasher)
         if files is not None:
             summary.update(vars(files))
         fault_point("before_commit", comm.rank)
     except Exception as e:
         summary = {"rank": comm.rank, "ok": False, "error": error_text(e)}
+    finally:
+        if p.hasher is not None:  # write_rank closes it; a save that failed before it did not
+            p.hasher.close()
     if after_write is not None:
         summary = after_write(summary)
     try:

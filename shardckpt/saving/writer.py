@@ -16,7 +16,7 @@ from shardckpt.format.codec import CODEC_IDS, RAW, plane_size, threads, zstd_lev
 from shardckpt.format.records import build_index, chunk_frame_size, data_file_name, index_file_name
 from shardckpt.plan.save_plan import WriteItem
 from shardckpt.saving.incremental import BaseChunks
-from shardckpt.format.refs import chunk_hash
+from shardckpt.format.refs import chunk_hash, chunk_hashes
 from shardckpt.storage.base import Storage
 
 BATCH_FRAMES = 16  # most frames encoded per native call; two batches in flight (encode one, write the other)
@@ -24,6 +24,8 @@ BATCH_BYTES = 16 << 20  # smaller batches fill and drain that pipeline sooner, w
                         # native thread two frames
 FLUSH_BYTES = 4 << 20   # encoded bytes gathered in a buffer (the chunks of many small tensors) before it goes
                         # to storage: one hand-off per few MB instead of one per tensor
+HASH_BATCH_BYTES = 32 << 20  # chunk bytes hashed per native call (ChunkHasher): the first digests come after
+                             # ~2 ms, and a call amortises its thread start-up
 
 
 @dataclass
@@ -217,27 +219,71 @@ class RankWriter:
             self._bufs = None
 
 
+class ChunkHasher:
+    """The content hashes (XXH3-128, FORMAT.md §7) of a hashed save's chunks, computed on one background
+    thread in native calls of HASH_BATCH_BYTES (each chunk read once, at memory speed) while the save goes on.
+
+    Call sequence, one save on one rank: a sync save's pipeline.prepare starts it and `add`s the caller's
+    contiguous chunks as soon as they are planned (hashing overlaps loading the base, pinning it and the plan
+    round, while the caller waits anyway); write_rank `add`s the rest (the staged chunks: an async save's
+    are hashed on its background thread, never during the stall), consumes `digests()` in the same order,
+    one batch behind the hashing, and `close()`s it (pipeline closes it too on every error path)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-hash")
+        self._pending: list[Future] = []
+        self._nthreads = threads()
+        self.added = 0  # chunks queued so far
+
+    def add(self, sources: list[torch.Tensor]) -> None:
+        """Queue these chunks (contiguous CPU tensors, unchanged until close) for hashing."""
+        self.added += len(sources)
+        cur, size = [], 0
+        for s in sources:
+            cur.append(as_bytes(s))
+            size += cur[-1].nbytes
+            if size >= HASH_BATCH_BYTES:
+                self._pending.append(self._pool.submit(chunk_hashes, cur, self._nthreads))
+                cur, size = [], 0
+        if cur:
+            self._pending.append(self._pool.submit(chunk_hashes, cur, self._nthreads))
+
+    def digests(self):
+        """Yields every queued chunk's hash, in the order added (waiting for the batch that holds it)."""
+        for f in self._pending:
+            yield from f.result()
+
+    def close(self) -> None:
+        """Stop hashing (queued batches are dropped) and end the thread; never raises."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_rank(storage: Storage, save_id: str, rank: int, items: list[WriteItem],
                sources: list[torch.Tensor], frame_size: int, writer: RankWriter | None = None, *,
-               hashed: bool = False, base: BaseChunks | None = None) -> RankFiles | None:
+               hashed: bool = False, base: BaseChunks | None = None,
+               hasher: ChunkHasher | None = None) -> RankFiles | None:
     """Write this rank's chunks (item i's bytes are `sources[i]`, contiguous CPU) to its data file and its
     index, continuing `writer` if a bounded-pool save already started it. Returns None if this rank has
-    nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter; the
-    chunks' hashes are computed on a thread pool ahead of the encoder (blake2b releases the GIL), so hashing
-    overlaps encoding and writing."""
-    if writer is None:
-        if not items:
-            return None
-        writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
-    hasher = ThreadPoolExecutor(max(1, threads()), thread_name_prefix="shardckpt-hash") if writer.hashed else None
+    nothing to write. Called on every rank during a save. `hashed` / `base`: as for RankWriter. `hasher`:
+    a ChunkHasher already given the first `hasher.added` of `sources`, else a hashed writer starts one here;
+    either way an unchanged chunk costs one read of its bytes, and a changed one is encoded while later
+    ones are hashed. Closes `hasher`."""
     try:
-        digests = [hasher.submit(chunk_hash, as_bytes(s)) for s in sources] if hasher else [None] * len(items)
-        for item, src, d in zip(items, sources, digests):
-            writer.add(item, src, d.result() if d is not None else None)
-    except BaseException:
-        writer.abort()
-        raise
+        if writer is None:
+            if not items:
+                return None
+            writer = RankWriter(storage, save_id, rank, frame_size, hashed=hashed, base=base)
+        if writer.hashed:
+            hasher = hasher or ChunkHasher()
+            hasher.add(sources[hasher.added:])
+        try:
+            digests = hasher.digests() if writer.hashed else [None] * len(items)
+            for item, src, d in zip(items, sources, digests):
+                writer.add(item, src, d)
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         if hasher is not None:
-            hasher.shutdown(wait=True, cancel_futures=True)
+            hasher.close()
     return writer.close()

@@ -40,8 +40,11 @@ class TensorDiff:
 
 def _same_hashes(ra, rb, key: str) -> bool:
     """Both checkpoints hold `key` in the same boxes with equal content hashes (FORMAT.md §7): bit-identical
-    without reading a byte. False when either side has no hashes (format 1.x) or the boxes differ."""
+    without reading a byte. False when either side has no hashes (format 1.x), the two hash with different
+    algorithms (2.0's blake2b-128 against 2.1's xxh3-128) or the boxes differ."""
     if not (ra.manifest.format_version.startswith("2.") and rb.manifest.format_version.startswith("2.")):
+        return False
+    if ra.manifest.chunk_hash != rb.manifest.chunk_hash:
         return False
     ha = {(c.offsets, c.sizes): c.hash for c in ra.chunks.get(key, ())}
     hb = {(c.offsets, c.sizes): c.hash for c in rb.chunks.get(key, ())}

@@ -2,7 +2,8 @@
 version; never rewrite an existing one: old checkpoints must keep loading). python tests/golden/make_golden.py
 
 - v<version>/: one rank, every dtype family and value type (golden_state).
-- v2.0-incremental/: two sibling steps, the second with references to the first (FORMAT.md §7).
+- v<incremental version>-incremental/: two sibling steps, the second with references to the first (FORMAT.md
+  §7): v2.0-incremental (blake2b-128 chunk hashes), v2.1-incremental (xxh3-128, named in the manifest).
 - v<version>-2ranks/: two ranks (gloo, CPU) saving DTensor shards along dim 0 and dim 1, a replicated tensor,
   and a uint8 tensor in `raw/1` chunks beside `zstd/1` and `zstd-byteplane/1` ones (golden_2ranks_state).
   Its tensors come from a closed integer formula (formula_tensor), so tests/test_golden.py derives the
@@ -94,7 +95,7 @@ def _save_2ranks(rank: int, world_size: int, out: str) -> bool:
 
 
 def incremental_states() -> list[dict]:
-    """The two steps of the v2.0-incremental golden: step 2 changes `tokens` and `step` and one ULP of
+    """The two steps of each incremental golden: step 2 changes `tokens` and `step` and one ULP of
     proj.weight; its other tensors are references to step 1's frames."""
     one = golden_state()
     two = golden_state()
@@ -105,7 +106,7 @@ def incremental_states() -> list[dict]:
 
 
 def make_incremental(root: str) -> None:
-    """v2.0-incremental/: step-0000000001 (every chunk hashed) and step-0000000002 (saved with base= step 1)."""
+    """v<incremental version>-incremental/: step-0000000001 (every chunk hashed) and step-0000000002 (saved with base= step 1)."""
     import shardckpt
     one, two = incremental_states()
     shardckpt.save(one, os.path.join(root, "step-0000000001"), frame_size=256, content_hash=True,
@@ -115,7 +116,8 @@ def make_incremental(root: str) -> None:
 
 
 def main() -> None:
-    incremental = os.path.join(HERE, "v2.0-incremental")
+    from shardckpt.format.records import FORMAT_VERSION_INCREMENTAL
+    incremental = os.path.join(HERE, f"v{FORMAT_VERSION_INCREMENTAL}-incremental")
     if not os.path.exists(incremental):
         make_incremental(incremental)
         print("wrote", incremental)
