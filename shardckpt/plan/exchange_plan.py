@@ -74,6 +74,29 @@ class ExchangePlan:
         """Bytes this rank gets from other ranks (not from storage)."""
         return sum(p.nbytes for p in self.pieces if p.fetcher != rank and rank in p.receivers)
 
+    def round_peaks(self) -> tuple[int, int]:
+        """(send, receive): the most bytes any rank puts in, and gets out of, one round's all_to_all: the
+        exchange's memory per rank (bench.scale pins it). Costs O(rounds x ranks)."""
+        top_send = top_recv = 0
+        for idx in self.rounds:
+            send: dict[int, int] = {}
+            total: dict[tuple[int, ...], int] = {}   # per receiver set: the round's bytes
+            own: dict[int, int] = {}                 # what a rank fetched of pieces it receives
+            for i in idx:
+                p = self.pieces[i]
+                inside = p.fetcher in p.receivers
+                send[p.fetcher] = send.get(p.fetcher, 0) + p.nbytes * (len(p.receivers) - inside)
+                total[p.receivers] = total.get(p.receivers, 0) + p.nbytes
+                if inside:
+                    own[p.fetcher] = own.get(p.fetcher, 0) + p.nbytes
+            recv: dict[int, int] = {}
+            for ranks, n in total.items():
+                for r in ranks:
+                    recv[r] = recv.get(r, 0) + n
+            top_send = max(top_send, max(send.values(), default=0))
+            top_recv = max(top_recv, max((n - own.get(r, 0) for r, n in recv.items()), default=0))
+        return top_send, top_recv
+
 
 def merge_runs(runs: Sequence[Run]) -> list[Run]:
     """Sorted runs with overlapping or adjacent ones of a file merged."""
