@@ -107,9 +107,10 @@ def needs(ck: Checkpoint, layout: str, world: int, ranks=None) -> list[list[tupl
     ranks = range(world) if ranks is None else ranks
     if layout in ("ddp", "finetune"):
         return [every for _ in ranks]
-    if layout == "hsdp":
+    if layout == "hsdp":  # replicas' needs are one object, as exchange.run hands them to the planner
         per = len(ck.offsets) // NODE
-        return [[r_ for r_ in every if r_[0] // per == r % NODE] for r in ranks]
+        shard = [[r_ for r_ in every if r_[0] // per == s] for s in range(NODE)]
+        return [shard[r % NODE] for r in ranks]
     out = []
     for r in ranks:  # fsdp: 1/W of every tensor's rows
         runs = []
