@@ -15,9 +15,10 @@ moments), saved by 64 ranks Shard(0) with shardckpt's frame sizes (about 16 fram
             replaced: rank r needs the file rank r saved, held by its node and the next one
 Per row: the most bytes one rank sends and receives in one exchange round (its exchange memory: the
 all_to_all's buffers; plan.round_peaks), the bytes each rank receives for metadata and planning (the
-manifest + index broadcast, the needs or listings all-gathered, padded to the longest record as
-Comm.all_gather_bytes does; the local tier's metadata all-gather too), the planning time (every rank plans;
-the coordinator's time is this) and the collectives of the load. A figure that is O(W^2) to simulate is
+manifest + index broadcast, the needs or listings all-gathered digests first as Comm.all_gather_distinct
+does: 24 bytes a rank, then each distinct record once; the local tier's metadata all-gather too), the
+planning time (every rank plans, the coordinator included; with the local tier's choose_local) and the
+collectives of the load. A figure that is O(W^2) to simulate is
 extrapolated from the smaller worlds (marked ~) instead of run. Goals at 16,384 ranks (issue 26): exchange
 memory per rank <= 2x the round budget; metadata + planning bytes per rank <= 2x the manifest; planning < 1 s;
 local-tier listing O(W) bytes per rank."""
@@ -27,11 +28,14 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
 from shardckpt.format.records import DEFAULT_FRAME_SIZE, chunk_frame_size
+from shardckpt.dist import DIGEST_BYTES
 from shardckpt.plan.exchange_plan import ROUND_BYTES, plan_exchange
+from shardckpt.tiers.local_restore import choose_local, listing_parts, merge_listings
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STORED_OVER_RAW = 0.68       # zstd-byteplane on bf16 weights (bench.codecs)
@@ -123,11 +127,14 @@ def needs(ck: Checkpoint, layout: str, world: int, ranks=None) -> list[list[tupl
     return out
 
 
-def gathered(records: list[bytes] | list[int], world: int) -> int:
-    """Bytes one rank receives from Comm.all_gather_bytes: the lengths, then every record padded to the
-    longest. `records`: the records, or their lengths."""
-    lens = [r if isinstance(r, int) else len(r) for r in records]
-    return 8 * world + world * max(lens)
+def gathered_distinct(records: list, world: int) -> int:
+    """Bytes one rank receives from Comm.all_gather_distinct: a 24-byte digest per rank, then each distinct
+    record once (`records`: per rank, a record or a (key, length) standing for one)."""
+    sizes = {}
+    for r in records:
+        key = r if isinstance(r, bytes) else r[0]
+        sizes[key] = len(r) if isinstance(r, bytes) else r[1]
+    return DIGEST_BYTES * world + sum(sizes.values())
 
 
 def _record(runs) -> int:
@@ -138,7 +145,8 @@ def restore_row(ck: Checkpoint, layout: str, world: int, round_bytes: int, plan_
     row = {"layout": layout, "ranks": world, "stored": ck.stored, "manifest": ck.metadata_bytes}
     if layout == "fsdp" and world > plan_limit:  # O(W x tensors) runs: sampled, not planned
         sample = sorted({0, world // 3, world // 2, world - 1})
-        row["needs_bytes"] = gathered([_record(n) for n in needs(ck, layout, world, sample)], world)
+        row["needs_bytes"] = DIGEST_BYTES * world + world * statistics.mean(
+            _record(n) for n in needs(ck, layout, world, sample))  # every rank's needs are distinct
         most = max(len(n) for n in needs(ck, layout, world, sample))
         row.update(plan_s=None, note=f"~ needs sampled on {len(sample)} ranks; {world} x up to {most} runs "
                    "not planned here")
@@ -148,13 +156,15 @@ def restore_row(ck: Checkpoint, layout: str, world: int, round_bytes: int, plan_
         distinct = {}
         for n in ns:
             distinct.setdefault(id(n), _record(n))
-        row["needs_bytes"] = gathered([distinct[id(n)] for n in ns], world)
+        row["needs_bytes"] = gathered_distinct([(id(n), distinct[id(n)]) for n in ns], world)
+        row["distinct_needs"] = len(distinct)
         t0 = time.perf_counter()
         plan = plan_exchange(ns, ck.offsets, round_bytes=round_bytes)
         row["plan_s"] = time.perf_counter() - t0
         row["send"], row["recv"] = plan.round_peaks()
         row["rounds"] = len(plan.rounds)
         row["exchanged"] = plan.worth_exchanging
+    # metadata 2, needs 2 (+ a send to the coordinator per distinct record), rounds 2 each, agreement 2
     row["collectives"] = 2 + 2 + (2 * row["rounds"] if row["exchanged"] else 0) + 2
     row["meta_plan_bytes"] = row["manifest"] + row["needs_bytes"]
     return row
@@ -170,36 +180,35 @@ def local_row(ck_stored: int, world: int, round_bytes: int, keep: int = 2) -> di
     held_by_node = {n: sorted(r for r in range(world) if node[r] in (n, (n - 1) % nodes)) for n in range(nodes)}
     held_by_node[0] = []
     files = list(range(world))
-    # the listing each rank all-gathers today (tiers.local_restore.held)
-    recs = [json.dumps({"steps": {str(1000 + 10 * s): {"id": "0" * 32, "files": files, "held": held_by_node[n]}
-                                  for s in range(keep)}}).encode() for n in range(nodes)]
+    # the listing each rank sends (tiers.local_restore.held), in the two records gather_listings sends
+    listing = {n: {str(1000 + 10 * s): {"id": "0" * 32, "files": files, "held": held_by_node[n]}
+                   for s in range(keep)} for n in range(nodes)}
+    interned: dict[bytes, bytes] = {}  # all_gather_distinct returns equal records as one object
+    parts = {n: tuple(interned.setdefault(b, b) for b in listing_parts(listing[n])) for n in range(nodes)}
     row = {"layout": "local", "ranks": world, "stored": ck_stored}
-    row["listing_bytes"] = gathered([len(recs[node[r]]) for r in range(world)], world)
+    row["listing_bytes"] = (gathered_distinct([parts[node[r]][0] for r in range(world)], world)
+                            + gathered_distinct([parts[node[r]][1] for r in range(world)], world))
     # load_local's metadata all-gather: the first holder sends the manifest and an index, the others an index
     manifest = MANIFEST_BYTES_PER_FILE * world + MANIFEST_BYTES_PER_TENSOR * 900
     index = INDEX_BYTES_PER_FRAME * (len(offsets[0]) - 1) + INDEX_BYTES_PER_CHUNK * 900
     row["manifest"] = manifest + world * index
-    row["meta_bytes"] = gathered([manifest + index] + [index] * (world - 1), world)
+    row["meta_bytes"] = gathered_distinct([("m", manifest + index)] + [(r, index) for r in range(1, world)], world)
+    t0 = time.perf_counter()
+    recs = merge_listings([parts[node[r]][0] for r in range(world)], [parts[node[r]][1] for r in range(world)])
+    choose_local(recs, None)
+    row["choose_s"] = time.perf_counter() - t0
     holders = {f: [r for n in sorted({node[f], (node[f] + 1) % nodes} - {0})
                    for r in range(n * NODE, (n + 1) * NODE)] for f in range(world)}
     t0 = time.perf_counter()
-    if world <= 1024:
-        from shardckpt.tiers.local_restore import choose_local
-        parsed = [json.loads(recs[node[r]]) for r in range(world)]
-        choose_local(parsed, None)
-        row["choose_s"] = time.perf_counter() - t0
-    else:
-        row["choose_s"] = None
-    t0 = time.perf_counter()
     plan = plan_exchange([[(r, 0, len(offsets[r]) - 1)] for r in range(world)], offsets, round_bytes=round_bytes,
                          holders=holders)
-    row["plan_s"] = time.perf_counter() - t0
+    row["plan_s"] = time.perf_counter() - t0 + row["choose_s"]
     row["send"], row["recv"] = plan.round_peaks()
     row["rounds"] = len(plan.rounds)
     row["exchanged"] = True
     row["collectives"] = 2 + 2 + 2 + 2 * row["rounds"] + 2   # listing, metadata, needs, rounds, agreement
-    row["meta_plan_bytes"] = row["listing_bytes"] + row["meta_bytes"] + gathered(
-        [_record([(r, 0, len(offsets[r]) - 1)]) for r in range(world)], world)
+    row["meta_plan_bytes"] = row["listing_bytes"] + row["meta_bytes"] + gathered_distinct(
+        [(r, _record([(r, 0, len(offsets[r]) - 1)])) for r in range(world)], world)
     return row
 
 
@@ -226,8 +235,7 @@ def main(argv=None) -> dict:
         for layout in a.layouts.split(","):
             if layout == "local":
                 row = local_row(sharded.stored, world, budget)
-                note = (f"listing {row['listing_bytes'] / 2**20:.1f} MiB/rank, choose_local "
-                        + (f"{row['choose_s']:.2f}s" if row["choose_s"] is not None else "not run (O(W^2))"))
+                note = f"listing {row['listing_bytes'] / 2**20:.2f} MiB/rank, choose_local {row['choose_s']:.2f}s"
             else:
                 row = restore_row(single if layout == "finetune" else sharded, layout, world, budget,
                                   a.fsdp_plan_limit)

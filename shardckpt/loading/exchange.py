@@ -5,8 +5,9 @@ in this order (each step a collective on shardckpt's gloo companion group, with 
   1. read_metadata: the coordinator reads manifest.json and every index file and broadcasts them (or the
      typed error); every rank validates them itself (checksums included)
   2. run, all ranks:
-     a. gather every rank's needs (runs of frames of each data file; replicas send identical needs, which
-        are planned once) and any error a rank met while planning (then every rank raises it)
+     a. gather every rank's needs (runs of frames of each data file) and any error a rank met while
+        planning (then every rank raises it), digests first: replicas' identical needs are sent once and
+        planned once
      b. exchange_plan.plan_exchange, the same on every rank: who fetches which piece of frames
      c. exchange="auto" and direct reads would fetch less than 1/8 more than needed (pure FSDP; a reshard
         sharing only the frames at shard boundaries): each rank reads its own frames directly
@@ -190,7 +191,8 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
     mine = [] if error is not None else _my_tasks(tasks, files)
     runs = sorted({(t.file, t.first, t.end) for t in mine})
     record = {"error": error_record(error, comm.rank)} if error is not None else {"runs": runs}
-    blobs = comm.all_gather_bytes(json.dumps(record, separators=(",", ":")).encode())
+    # digests first: replicas' identical needs travel once (Comm.all_gather_distinct)
+    blobs = comm.all_gather_distinct(json.dumps(record, separators=(",", ":")).encode())
     parsed: dict[bytes, dict] = {}
     for b in blobs:  # replicas send identical needs: parse each distinct one once
         if b not in parsed:
