@@ -102,3 +102,24 @@ def test_exchange_memory_per_rank_is_bounded_at_16k_ranks(layout):
 def test_local_tier_restore_after_losing_a_node_is_bounded():
     row = scale.local_row(4 << 30, 1024, ROUND_BYTES)
     assert row["send"] <= ROUND_BYTES and row["recv"] <= ROUND_BYTES
+
+
+def test_local_listings_merge_and_choose_like_the_whole_map():
+    """gather_listings' two records, merged, give choose_local the holders the whole map gave (every rank
+    whose node holds a file's saving rank), for O(ranks) bytes per rank."""
+    from shardckpt.tiers.local_restore import choose_local, listing_parts, merge_listings
+    world, per = 64, 4
+    node = [r // per for r in range(world)]
+    held = {n: [r for r in range(world) if node[r] in (n, (n - 1) % (world // per))] for n in range(world // per)}
+    held[0] = []  # node 0 lost
+    listing = {n: {"30": {"id": "a", "files": list(range(world)), "held": held[n]}} for n in held}
+    parts = [listing_parts(listing[node[r]]) for r in range(world)]
+    step, holders = choose_local(merge_listings([p[0] for p in parts], [p[1] for p in parts]), None)
+    assert step == 30
+    assert holders == {f: [r for r in range(world) if f in held[node[r]]] for f in range(world)}
+
+
+def test_per_rank_listing_and_metadata_bytes_grow_linearly():
+    small, big = (scale.local_row(4 << 30, w, ROUND_BYTES) for w in (1024, 8192))
+    assert big["listing_bytes"] <= 8 * 1.2 * small["listing_bytes"]   # x8 ranks: about x8 bytes, not x64
+    assert big["meta_plan_bytes"] <= 2 * big["manifest"]
