@@ -125,10 +125,15 @@ def merge_listings(files: list[bytes], own: list[bytes]) -> list[dict]:
         if b not in parsed:
             parsed[b] = json.loads(b)
         return parsed[b]
+    merged: dict[tuple[int, int], dict] = {}  # a node's ranks share one listing
     out = []
     for f, h in zip(files, own):
-        fs, hs = parse(f), parse(h)
-        out.append({"steps": {s: {"id": v["id"], "held": v["held"], "files": fs[s]} for s, v in hs.items()}})
+        rec = merged.get((id(f), id(h)))
+        if rec is None:
+            fs, hs = parse(f), parse(h)
+            rec = merged[(id(f), id(h))] = {"steps": {s: {"id": v["id"], "held": v["held"], "files": fs[s]}
+                                                      for s, v in hs.items()}}
+        out.append(rec)
     return out
 
 
