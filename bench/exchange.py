@@ -220,7 +220,9 @@ def plan_simulation(params: float, dtype=torch.bfloat16, saved_ws: int = 64) -> 
             t0 = time.perf_counter()
             plan = plan_exchange(needs, offsets)
             dt = time.perf_counter() - t0
-            gathered = sum(len(json.dumps({"runs": n}, separators=(",", ":"))) for n in needs)
+            # digests first (Comm.all_gather_distinct): 24 bytes a rank, then each distinct need once
+            gathered = 24 * world + sum(len(json.dumps({"runs": n}, separators=(",", ":")))
+                                        for n in {tuple(n): n for n in needs}.values())
             index_bytes = sum(len(o) * 40 for o in offsets.values())  # ~40 B per frame record in the index
             fetched = [0] * world
             for p in plan.pieces:

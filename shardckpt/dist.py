@@ -7,6 +7,7 @@ Every collective runs on a gloo group with a timeout, so a dead or hung rank rai
 every survivor instead of hanging. Without torch.distributed (one process) these are identities."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -112,6 +113,47 @@ class Comm:
         self._run(lambda: dist.all_gather(outs, mine, group=self.group), "all_gather")
         return [bytes(o[:k].numpy()) for o, k in zip(outs, lens)]
 
+    def all_gather_distinct(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, on every rank, each distinct value sent once: what replicas' identical
+        records cost is their digests, not ranks x the longest record (all_gather_bytes pads to it). Each
+        rank's 24-byte digest (blake2b-128 + length) is all-gathered; the lowest rank with each distinct
+        digest sends its bytes to the coordinator (checked against the digest there), which broadcasts
+        their concatenation. A rank receives 24 x ranks + the distinct records' bytes. Identical records
+        come back as one bytes object. Two collectives, plus one send per distinct record."""
+        if self.group is None:
+            return [data]
+        mine = torch.frombuffer(bytearray(_digest(data)), dtype=torch.uint8)
+        outs = [torch.empty(DIGEST_BYTES, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run(lambda: dist.all_gather(outs, mine, group=self.group), "all_gather")
+        keys = [bytes(o.numpy()) for o in outs]
+        owner: dict[bytes, int] = {}
+        for r, k in enumerate(keys):
+            owner.setdefault(k, r)
+        size = {k: int.from_bytes(k[16:], "little") for k in owner}
+        blob = None
+        if self.is_coordinator:
+            parts = []
+            for k, r in owner.items():
+                if r == 0 or not size[k]:
+                    parts.append(data if r == 0 else b"")
+                    continue
+                buf = torch.empty(size[k], dtype=torch.uint8)
+                self._run(lambda: dist.recv(buf, group_src=r, group=self.group), "recv")
+                got = bytes(buf.numpy())
+                if _digest(got) != k:
+                    raise CoordinationError(f"rank {r}'s record does not match its digest", rank=self.global_rank)
+                parts.append(got)
+            blob = b"".join(parts)
+        elif owner[keys[self.rank]] == self.rank and data:
+            self._run(lambda: dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), group_dst=0,
+                                        group=self.group), "send")
+        blob = self.broadcast_bytes(blob, sum(size.values()))
+        out, pos = {}, 0
+        for k in owner:
+            out[k] = blob[pos:pos + size[k]]
+            pos += size[k]
+        return [out[k] for k in keys]
+
     def any_flag(self, flag: bool) -> bool:
         """Whether any rank passed True (one 1-element all-reduce)."""
         if self.group is None:
@@ -137,6 +179,13 @@ class Comm:
         except Exception as e:  # gloo raises RuntimeError on timeout or a dead peer
             raise CoordinationError(f"{what} failed: a rank died or timed out ({_short(e)})",
                                     rank=self.global_rank) from e
+
+
+DIGEST_BYTES = 24
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest() + len(data).to_bytes(8, "little")
 
 
 def _short(e: Exception) -> str:

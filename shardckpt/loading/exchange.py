@@ -5,16 +5,19 @@ in this order (each step a collective on shardckpt's gloo companion group, with 
   1. read_metadata: the coordinator reads manifest.json and every index file and broadcasts them (or the
      typed error); every rank validates them itself (checksums included)
   2. run, all ranks:
-     a. gather every rank's needs (runs of frames of each data file; replicas send identical needs, which
-        are planned once) and any error a rank met while planning (then every rank raises it)
+     a. gather every rank's needs (runs of frames of each data file) and any error a rank met while
+        planning (then every rank raises it), digests first: replicas' identical needs are sent once and
+        planned once
      b. exchange_plan.plan_exchange, the same on every rank: who fetches which piece of frames
      c. exchange="auto" and direct reads would fetch less than 1/8 more than needed (pure FSDP; a reshard
         sharing only the frames at shard boundaries): each rank reads its own frames directly
         (reader.run_reads); else (or with "always") rounds of:
           fetch this rank's pieces of the round (crc32c of every frame checked by the fetcher, so a corrupt
           frame is reported by the rank that fetched it) -> one all-reduce: did any rank fail? ->
-          all_to_all of the stored (still compressed) bytes to the ranks that need them -> decode the read
-          tasks whose frames are all in -> drop the pieces no pending task needs
+          all_to_all of the stored (still compressed) bytes: the fetched pieces to their delivery's tree
+          root, and each tree position's pieces to its children (ExchangePlan.schedule: no rank sends or
+          receives more than the round budget, whatever the world size) -> decode the read tasks whose
+          frames are all in -> drop the pieces no pending task needs and no later round forwards
      d. one gather + broadcast of the outcome: every rank returns, or every rank raises the same typed error
 Compressed bytes are sent, not decoded ones: they are fewer (about 0.67x for bf16 weights), and each rank
 decodes only what it needs, with all its threads, as a direct read would.
@@ -188,7 +191,8 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
     mine = [] if error is not None else _my_tasks(tasks, files)
     runs = sorted({(t.file, t.first, t.end) for t in mine})
     record = {"error": error_record(error, comm.rank)} if error is not None else {"runs": runs}
-    blobs = comm.all_gather_bytes(json.dumps(record, separators=(",", ":")).encode())
+    # digests first: replicas' identical needs travel once (Comm.all_gather_distinct)
+    blobs = comm.all_gather_distinct(json.dumps(record, separators=(",", ":")).encode())
     parsed: dict[bytes, dict] = {}
     for b in blobs:  # replicas send identical needs: parse each distinct one once
         if b not in parsed:
@@ -198,7 +202,8 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
         if error is not None and failed["by"] == comm.rank:
             raise error
         raise error_from(failed)
-    needs = [[tuple(r) for r in parsed[b]["runs"]] for b in blobs]
+    runs_of = {b: [tuple(r) for r in rec["runs"]] for b, rec in parsed.items()}
+    needs = [runs_of[b] for b in blobs]  # one object per distinct need: planned once (plan_exchange)
     plan = plan_exchange(needs, files.offsets, holders=holders)
     out = ExchangeStats()
     local_error = None
@@ -245,12 +250,11 @@ class _Aborted(Exception):
 
 def _rounds(storage, plan: ExchangePlan, files: _Files, mine: list[_Task], comm, out: ExchangeStats,
             stats: ReadStats | None) -> None:
-    """Every rank: when each of this rank's tasks can be decoded and when each piece it holds can go, then
-    the rounds themselves (_run_rounds), with the next round's fetch on an I/O thread."""
-    round_of = [0] * len(plan.pieces)
-    for k, idx in enumerate(plan.rounds):
-        for i in idx:
-            round_of[i] = k
+    """Every rank: this rank's part of the plan (what it sends and receives each round, down the
+    deliveries' trees), when each of its tasks can be decoded and how long each piece must be held (to be
+    decoded or forwarded), then the rounds themselves (_run_rounds), with the next round's fetch on an I/O
+    thread."""
+    sched = plan.schedule(comm.rank)
     by_file: dict[int, list[int]] = defaultdict(list)  # piece indices per file, in frame order
     for i, p in enumerate(plan.pieces):
         by_file[p.file].append(i)
@@ -259,23 +263,27 @@ def _rounds(storage, plan: ExchangePlan, files: _Files, mine: list[_Task], comm,
     def piece_at(f: int, frame: int) -> int:
         return by_file[f][bisect.bisect_right(firsts[f], frame) - 1]
 
-    last_use: dict[int, int] = {}  # piece -> the last round whose decoding needs it
-    for t in mine:
-        t.ready = round_of[piece_at(t.file, t.end - 1)]
+    def task_pieces(t: _Task):
         i = piece_at(t.file, t.first)
         while i < len(plan.pieces) and plan.pieces[i].file == t.file and plan.pieces[i].first < t.end:
-            last_use[i] = max(last_use.get(i, 0), t.ready)
+            yield i
             i += 1
+
+    keep = dict(sched.last_send)  # piece -> the last round it is decoded in or forwarded in
+    for t in mine:
+        t.ready = max(sched.has[i] for i in task_pieces(t))
+        for i in task_pieces(t):
+            keep[i] = max(keep.get(i, 0), t.ready)
     pending = sorted(mine, key=lambda t: t.ready)
     # the next round's fetch runs on an I/O thread while this one is exchanged and decoded
     io = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-exchange")
     try:
-        _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, piece_at)
+        _run_rounds(storage, plan, sched, files, comm, out, stats, io, keep, pending, piece_at)
     finally:
         io.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, piece_at) -> None:
+def _run_rounds(storage, plan, sched, files, comm, out, stats, io, keep, pending, piece_at) -> None:
     me, world = comm.rank, comm.world_size
     held: dict[int, np.ndarray] = {}
     nthreads = threads()
@@ -284,7 +292,7 @@ def _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, p
     def fetch(k):
         return io.submit(_fetch_round, storage, plan, files, [i for i in plan.rounds[k] if plan.pieces[i].fetcher == me])
     ahead = fetch(0) if plan.rounds else None
-    for k, idx in enumerate(plan.rounds):
+    for k in range(len(plan.rounds)):
         fetched: dict[int, np.ndarray] = {}
         if failure is None:
             try:
@@ -298,31 +306,22 @@ def _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, p
         out.bytes_fetched += sum(a.nbytes for a in fetched.values())
         if stats is not None:
             stats.bytes_read += sum(a.nbytes for a in fetched.values())
-        send_parts, send_sizes = [], [0] * world
-        recv_from: list[list[int]] = [[] for _ in range(world)]
-        for i in idx:
-            p = plan.pieces[i]
-            if p.fetcher == me:
-                for r in p.receivers:
-                    if r != me:
-                        send_parts.append((r, fetched[i]))
-                        send_sizes[r] += p.nbytes
-                if me in p.receivers:
-                    held[i] = fetched[i]
-            elif me in p.receivers:
-                recv_from[p.fetcher].append(i)
-        send_parts.sort(key=lambda x: x[0])  # stable: pieces to one rank stay in round order
-        send = torch.from_numpy(np.concatenate([a for _, a in send_parts])) if send_parts \
+        held.update(fetched)
+        sends, recvs = sched.sends.get(k, ()), sched.recvs.get(k, ())  # sorted by (rank, piece) on both sides
+        send_sizes, recv_sizes = [0] * world, [0] * world
+        for r, i in sends:
+            send_sizes[r] += plan.pieces[i].nbytes
+        for r, i in recvs:
+            recv_sizes[r] += plan.pieces[i].nbytes
+        send = torch.from_numpy(np.concatenate([held[i] for _, i in sends])) if sends \
             else torch.empty(0, dtype=torch.uint8)
-        recv_sizes = [sum(plan.pieces[i].nbytes for i in recv_from[r]) for r in range(world)]
         got = comm.all_to_all(send, send_sizes, recv_sizes).numpy()
         out.bytes_sent += int(send.numel())
         out.bytes_received += int(got.nbytes)
         pos = 0
-        for r in range(world):
-            for i in recv_from[r]:
-                held[i] = got[pos:pos + plan.pieces[i].nbytes]
-                pos += plan.pieces[i].nbytes
+        for _, i in recvs:
+            held[i] = got[pos:pos + plan.pieces[i].nbytes]
+            pos += plan.pieces[i].nbytes
         while failure is None and pending and pending[0].ready <= k:
             t = pending.pop(0)
             try:
@@ -330,7 +329,7 @@ def _run_rounds(storage, plan, files, comm, out, stats, io, last_use, pending, p
                              storage.url)
             except Exception as e:  # noqa: BLE001 - reported at the next round's check or the agreement
                 failure = e
-        for i in [i for i in held if last_use.get(i, -1) <= k]:
+        for i in [i for i in held if keep.get(i, -1) <= k]:
             del held[i]
     if failure is not None:
         raise _Aborted(failure)

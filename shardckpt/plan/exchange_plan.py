@@ -15,8 +15,16 @@ bytes are a difference of frame offsets.
      With `holders` (a node-local tier's restore, shardckpt.tiers: only the ranks whose node's disk holds a
      file can read it) the fetcher is the least-loaded rank that both needs and holds the piece, else the
      least-loaded holder, which then only sends it
-  4. pieces, in file order, are grouped into rounds in which no rank fetches more than ROUND_BYTES, so the
-     exchange streams with bounded memory
+  4. delivery, with every rank's memory bounded whatever the world size: the pieces one set of ranks needs
+     (a Delivery: all the ranks for DDP or a fine-tuning load, one replica group for HSDP) travel down a
+     binary tree over those ranks (heap order: position i's parent is (i - 1) // 2), in generations of a
+     few MiB in file order, one generation entering the tree per round: in round `start` the fetchers
+     fetch the generation's pieces and send them to the root; in round start + depth(i) position i gets
+     them from its parent (less the pieces it fetched itself). A rank so receives at most one generation a
+     round and sends at most two (its children) plus its own fetched share of the next one, so what one
+     round's all_to_all holds per rank is bounded by ROUND_BYTES on each side however many ranks need the
+     bytes (ExchangePlan.round_peaks); deliveries that share a rank run one after the other. The cost is
+     log2(ranks) more rounds of latency, not bytes: each rank still receives each piece it needs once.
 """
 from __future__ import annotations
 
@@ -47,13 +55,48 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """How the pieces needed by exactly the ranks `ranks` (sorted; a binary tree in heap order, root
+    ranks[0]) reach them: `gens` lists (start round, piece indices) in file order, one start per round.
+    The pieces of a generation are fetched in its start round and sent by their fetchers to the root that
+    same round; position i gets them from position (i - 1) // 2 in round start + depth(i), less the pieces
+    it fetched itself."""
+    ranks: tuple[int, ...]
+    gens: tuple[tuple[int, tuple[int, ...]], ...]
+
+    @property
+    def depth(self) -> int:
+        return depth(len(self.ranks) - 1)
+
+
+def depth(position: int) -> int:
+    """A tree position's depth in heap order (the root, 0, has depth 0)."""
+    return (position + 1).bit_length() - 1
+
+
+@dataclass(frozen=True)
+class RankSchedule:
+    """One rank's part of a plan (ExchangePlan.schedule): per round, the (rank, piece) pairs it sends and
+    receives, each list sorted by (rank, piece) (sender and receiver agree on the order of the bytes);
+    `has` is the round after which it holds each piece it fetches or receives, `last_send` the last round
+    it sends each piece in."""
+    sends: dict[int, list[tuple[int, int]]]
+    recvs: dict[int, list[tuple[int, int]]]
+    has: dict[int, int]
+    last_send: dict[int, int]
+
+
+@dataclass(frozen=True)
 class ExchangePlan:
-    """The whole restore's fetching and sending. `rounds[k]` lists indices into `pieces` (in file order);
-    `shared` is False when no frame is needed by two ranks (then every rank may simply read its own)."""
+    """The whole restore's fetching and sending. `rounds[k]` lists indices into `pieces` (in file order)
+    fetched in round k (the last rounds may only deliver); `deliveries` say how they travel (one per set
+    of receiving ranks); `shared` is False when no frame is needed by two ranks (then every rank may
+    simply read its own)."""
     pieces: tuple[Piece, ...]
     rounds: tuple[tuple[int, ...], ...]
     shared: bool
     world_size: int
+    deliveries: tuple[Delivery, ...] = ()
 
     @property
     def repeated_bytes(self) -> int:
@@ -73,6 +116,78 @@ class ExchangePlan:
     def received_bytes(self, rank: int) -> int:
         """Bytes this rank gets from other ranks (not from storage)."""
         return sum(p.nbytes for p in self.pieces if p.fetcher != rank and rank in p.receivers)
+
+    def schedule(self, rank: int) -> RankSchedule:
+        """This rank's sends and receives, round by round. Every rank calls it on the plan it computed;
+        O(pieces of the deliveries it is part of)."""
+        sends: dict[int, list[tuple[int, int]]] = {}
+        recvs: dict[int, list[tuple[int, int]]] = {}
+        has: dict[int, int] = {}
+        last_send: dict[int, int] = {}
+        pieces = self.pieces
+
+        def put(book, k, peer, i):
+            book.setdefault(k, []).append((peer, i))
+            if book is sends:
+                last_send[i] = max(last_send.get(i, k), k)
+            else:
+                has[i] = k
+        for d in self.deliveries:
+            n = len(d.ranks)
+            pos = bisect.bisect_left(d.ranks, rank)
+            pos = pos if pos < n and d.ranks[pos] == rank else -1
+            root = d.ranks[0]
+            kids = [d.ranks[c] for c in (2 * pos + 1, 2 * pos + 2) if pos >= 0 and c < n]
+            for start, idx in d.gens:
+                for i in idx:
+                    p = pieces[i]
+                    if p.fetcher == rank:
+                        has[i] = start
+                        if rank != root:
+                            put(sends, start, root, i)
+                    elif pos == 0:
+                        put(recvs, start, p.fetcher, i)
+                    elif pos > 0:
+                        put(recvs, start + depth(pos), d.ranks[(pos - 1) // 2], i)
+                    for kid in kids:
+                        if p.fetcher != kid:
+                            put(sends, start + depth(pos) + 1, kid, i)
+        for book in (sends, recvs):
+            for v in book.values():
+                v.sort()
+        return RankSchedule(sends, recvs, has, last_send)
+
+    def round_peaks(self) -> tuple[int, int]:
+        """(send, receive): at most this many bytes any rank puts in, and gets out of, one round's
+        all_to_all: the exchange's memory per rank (bench.scale and tests/test_scale.py pin it). An upper
+        bound from the deliveries' shape (a rank is in one running delivery at a time): a position at
+        depth d receives the generation that started d rounds before (the root: the one starting now,
+        from its fetchers); it sends its children the one that started d + 1 rounds before and, unless it
+        is the root, its own fetched share of the one starting now. O(rounds x tree depth), whatever
+        the world size."""
+        top_send = top_recv = 0
+        for d in self.deliveries:
+            n = len(d.ranks)
+            size = {start: sum(self.pieces[i].nbytes for i in idx) for start, idx in d.gens}
+            share, to_root = {}, {}
+            for start, idx in d.gens:
+                per: dict[int, int] = {}
+                for i in idx:
+                    p = self.pieces[i]
+                    if p.fetcher != d.ranks[0]:
+                        per[p.fetcher] = per.get(p.fetcher, 0) + p.nbytes
+                share[start], to_root[start] = max(per.values(), default=0), sum(per.values())
+            last = max(size) + d.depth + 1 if size else 0
+            for t in range(min(size, default=0), last):
+                recv = max([to_root.get(t, 0)] + [size.get(t - k, 0) for k in range(1, d.depth + 1)])
+                send = share.get(t, 0)
+                for k in range(d.depth + 1):
+                    first = (1 << k) - 1  # the level's first position; its children exist if 2i + 1 < n
+                    kids = min(2, max(0, n - (2 * first + 1)))
+                    if kids:
+                        send = max(send, kids * size.get(t - k - 1, 0) + (share.get(t, 0) if k else 0))
+                top_send, top_recv = max(top_send, send), max(top_recv, recv)
+        return top_send, top_recv
 
 
 def merge_runs(runs: Sequence[Run]) -> list[Run]:
@@ -96,7 +211,9 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
         needs: per rank of the group, the frame runs it needs (any order; merged here).
         frame_offsets: per file id, the byte offset of each frame and, last, the file's size (len frames + 1).
         min_piece, max_piece: bounds of a piece's stored bytes (a piece is never cut inside a frame).
-        round_bytes: the most a rank fetches in one round.
+        round_bytes: the budget of one round: the most a rank fetches, sends or receives in one round
+            (pieces sent through a tree are cut to at most an eighth of it; a single frame larger than a
+            third of it is the one thing that can exceed it).
         holders: per file id, the ranks able to fetch it (a file not named: every rank). None: every rank
             may fetch every file (a shared store).
 
@@ -105,8 +222,12 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
     """
     world = len(needs)
     groups: dict[tuple, list[int]] = {}
+    merged: dict[int, tuple] = {}  # replicas' needs are usually one object (exchange.run): merged once
     for rank, runs in enumerate(needs):
-        groups.setdefault(tuple(merge_runs(runs)), []).append(rank)
+        key = merged.get(id(runs))
+        if key is None:
+            key = merged[id(runs)] = tuple(merge_runs(runs))
+        groups.setdefault(key, []).append(rank)
     segments = _segments(list(groups.items()))
     load = [0] * world
     heaps: dict[tuple[int, ...], list] = {}
@@ -119,7 +240,9 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
         heap = heaps.get(fetchers)
         if heap is None:  # a new candidate set starts from the loads other sets already gave its ranks
             heap = heaps[fetchers] = sorted((load[r], r) for r in fetchers)
-        for lo, hi in _cut(offs, a, b, len(needers), min_piece, max_piece):
+        # through a tree: small pieces, so that generations pack close to their (budget - share) / 2
+        top = max(1, min(max_piece, round_bytes if len(needers) < 3 else round_bytes // 8))
+        for lo, hi in _cut(offs, a, b, len(needers), min(min_piece, top), top):
             nbytes = offs[hi] - offs[lo]
             while True:  # least-loaded needer; heap entries go stale when another segment loads a rank
                 got, r = heapq.heappop(heap)
@@ -129,7 +252,8 @@ def plan_exchange(needs: Sequence[Sequence[Run]], frame_offsets: dict[int, Seque
             load[r] += nbytes
             heapq.heappush(heap, (load[r], r))
             pieces.append(Piece(f, lo, hi, nbytes, r, needers))
-    return ExchangePlan(tuple(pieces), _rounds(pieces, world, round_bytes), shared, world)
+    deliveries, rounds = _deliveries(pieces, world, round_bytes)
+    return ExchangePlan(tuple(pieces), rounds, shared, world, deliveries)
 
 
 def _fetchers(needers: tuple[int, ...], holders: Sequence[int], f: int) -> tuple[int, ...]:
@@ -191,13 +315,54 @@ def _cut(offs: Sequence[int], a: int, b: int, needers: int, min_piece: int, max_
     return list(zip(cuts, cuts[1:]))
 
 
-def _rounds(pieces: list[Piece], world: int, round_bytes: int) -> tuple[tuple[int, ...], ...]:
-    rounds: list[list[int]] = []
-    fetched = [0] * world
+def _deliveries(pieces: list[Piece], world: int, round_bytes: int
+                ) -> tuple[tuple[Delivery, ...], tuple[tuple[int, ...], ...]]:
+    """One Delivery per set of receiving ranks, in the order their first piece comes in the files: its
+    pieces packed into generations (step 4 of the module docstring) and started one a round from the
+    first round in which none of its ranks (receivers and fetchers) is busy with an earlier delivery.
+    Returns the deliveries and, per round, the pieces fetched in it."""
+    by_set: dict[tuple[int, ...], list[int]] = {}
+    same: dict[int, list[int]] = {}  # by the receivers tuple's identity: hashing 16,384 ranks per piece is slow
     for i, p in enumerate(pieces):
-        if not rounds or (fetched[p.fetcher] and fetched[p.fetcher] + p.nbytes > round_bytes):
-            rounds.append([])
-            fetched = [0] * world
-        rounds[-1].append(i)
-        fetched[p.fetcher] += p.nbytes
-    return tuple(tuple(r) for r in rounds)
+        lst = same.get(id(p.receivers))
+        if lst is None:
+            lst = same[id(p.receivers)] = by_set.setdefault(p.receivers, [])
+        lst.append(i)
+    busy = [0] * world  # the first round each rank is free
+    out: list[Delivery] = []
+    fetch: dict[int, list[int]] = {}
+    for ranks, idx in by_set.items():
+        gens = _generations([pieces[i] for i in idx], idx, len(ranks), round_bytes)
+        involved = set(ranks) | {pieces[i].fetcher for i in idx}
+        start = max(busy[r] for r in involved)
+        out.append(Delivery(ranks, tuple((start + g, tuple(ix)) for g, ix in enumerate(gens))))
+        for g, ix in enumerate(gens):
+            fetch.setdefault(start + g, []).extend(ix)
+        end = start + len(gens) + depth(len(ranks) - 1)
+        for r in involved:
+            busy[r] = end
+    total = max(busy, default=0)
+    return tuple(out), tuple(tuple(sorted(fetch.get(k, ()))) for k in range(total))
+
+
+def _generations(ps: list[Piece], idx: list[int], n: int, round_bytes: int) -> list[list[int]]:
+    """A delivery's pieces (file order) packed into generations: a tree position sends its two children a
+    generation and, unless it is the root, its fetched share of the next one; so with 3 ranks or more
+    2 x generation + the largest share stays within round_bytes (the largest share being at least the
+    largest piece); with 1 or 2 a generation may fill the budget."""
+    if n < 3:
+        cap = share_cap = round_bytes
+    else:
+        share_cap = max(p.nbytes for p in ps)
+        cap = max(share_cap, (round_bytes - share_cap) // 2)
+    gens: list[list[int]] = []
+    size, share = 0, {}
+    for p, i in zip(ps, idx):
+        if gens and size + p.nbytes <= cap and share.get(p.fetcher, 0) + p.nbytes <= share_cap:
+            gens[-1].append(i)
+        else:
+            gens.append([i])
+            size, share = 0, {}
+        size += p.nbytes
+        share[p.fetcher] = share.get(p.fetcher, 0) + p.nbytes
+    return gens

@@ -3,7 +3,7 @@ surviving nodes can assemble, loading it through the exchange restricted to the 
 file, and finding the intact copies after a corrupt one.
 
 Who calls what, and when (every rank of the group, collectively, from LocalTier.restore):
-  held(storage)            this rank's listing of its node's dir, all-gathered by LocalTier.restore
+  held(storage)            this rank's listing of its node's dir, all-gathered by gather_listings
   choose_local(recs, ...)  pure: the newest step the listings assemble, not older than the durable latest
   load_local(...)          metadata read by holders and all-gathered, then exchange.run with `holders`
   good_copies(...)         after a failed load_local: every frame of each node's copies checked, the
@@ -85,10 +85,56 @@ def choose_local(recs: list[dict], durable: int | None) -> tuple[int, dict[int, 
         if len({h["id"] for _, h in have}) != 1:
             continue  # nodes disagree about what step N is (a replaced attempt): not assembled from here
         files = have[0][1]["files"]
-        holders = {i: sorted(rank for rank, h in have if fr in h["held"]) for i, fr in enumerate(files)}
+        entries: dict[int, list[int]] = {}  # saving rank -> its manifest file entries
+        for i, fr in enumerate(files):
+            entries.setdefault(fr, []).append(i)
+        alike: dict[int, tuple[list, list[int]]] = {}  # a node's ranks share one "held" (merge_listings)
+        for rank, h in have:
+            alike.setdefault(id(h["held"]), (h["held"], []))[1].append(rank)
+        holders: dict[int, list[int]] = {i: [] for i in range(len(files))}
+        for held_files, ranks in alike.values():  # O(ranks + nodes x files a node holds)
+            for fr in set(held_files):
+                for i in entries.get(fr, ()):
+                    holders[i].extend(ranks)
+        holders = {i: sorted(rs) for i, rs in holders.items()}
         if files and all(holders.values()):
             return step, holders
     return None
+
+
+def gather_listings(comm, listing: dict) -> list[dict]:
+    """All ranks, at a local restore: every rank's listing (held), as choose_local takes them, for
+    O(ranks) bytes per rank: sent digests first (Comm.all_gather_distinct) in two parts (listing_parts),
+    instead of every rank's whole listing to every rank."""
+    files, own = listing_parts(listing)
+    return merge_listings(comm.all_gather_distinct(files), comm.all_gather_distinct(own))
+
+
+def listing_parts(listing: dict) -> tuple[bytes, bytes]:
+    """A listing's two records: each step's manifest file list (the same on every node that has the
+    step: sent once) and what this node holds (the same on its ranks: sent once a node, a few entries)."""
+    return (json.dumps({s: h["files"] for s, h in listing.items()}).encode(),
+            json.dumps({s: {"id": h["id"], "held": h["held"]} for s, h in listing.items()}).encode())
+
+
+def merge_listings(files: list[bytes], own: list[bytes]) -> list[dict]:
+    """Every rank's listing from the records all_gather_distinct returned (each distinct one parsed once)."""
+    parsed: dict[bytes, dict] = {}
+
+    def parse(b: bytes) -> dict:
+        if b not in parsed:
+            parsed[b] = json.loads(b)
+        return parsed[b]
+    merged: dict[tuple[int, int], dict] = {}  # a node's ranks share one listing
+    out = []
+    for f, h in zip(files, own):
+        rec = merged.get((id(f), id(h)))
+        if rec is None:
+            fs, hs = parse(f), parse(h)
+            rec = merged[(id(f), id(h))] = {"steps": {s: {"id": v["id"], "held": v["held"], "files": fs[s]}
+                                                      for s, v in hs.items()}}
+        out.append(rec)
+    return out
 
 
 def load_local(tier, state, comm, step: int, holders: dict[int, list[int]]) -> None:
@@ -111,7 +157,8 @@ def load_local(tier, state, comm, step: int, holders: dict[int, list[int]]) -> N
     except Exception as e:
         record = error_record(e, comm.rank)
     head = json.dumps({"error": record} if record else {"parts": [[i, len(b)] for i, b in parts]}).encode()
-    blobs = comm.all_gather_bytes(struct.pack("<I", len(head)) + head + b"".join(b for _, b in parts))
+    # each index once, the manifest once (not ranks x the longest part, as a padded all-gather would)
+    blobs = comm.all_gather_distinct(struct.pack("<I", len(head)) + head + b"".join(b for _, b in parts))
     got: dict[int, bytes] = {}
     for b in blobs:
         (n,) = struct.unpack_from("<I", b)

@@ -31,7 +31,6 @@ simply does not answer.
 """
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -252,8 +251,7 @@ class LocalTier:
             steps = [] if durable_root is None else committed_steps(durable_root, storage_options=storage_options)
             return steps[-1] if steps else None
         durable = comm.from_coordinator(durable_latest)
-        recs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(
-            {"steps": local_restore.held(self.storage)}).encode())]
+        recs = local_restore.gather_listings(comm, local_restore.held(self.storage))
         pick = local_restore.choose_local(recs, durable)
         if pick is not None:
             step, holders = pick
