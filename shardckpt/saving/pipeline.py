@@ -63,6 +63,11 @@ class Prepared:
 def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, storage_options, timeout_s,
              stage: bool, pool: HostBufferPool | None, base=None, content_hash: bool = False,
              overwrite: bool = False) -> Prepared:
+    """Every rank, steps 1-3 of a save (module docstring): plan, agree on the go verdict and the save_id,
+    snapshot what must be staged. Returns the Prepared save for write_and_commit. Raises the same typed
+    error on every rank when any rank failed before the go verdict. (Long because every failure before the
+    verdict must reach its one gather, and every one after it the commit round: one function keeps both
+    paths visible.)"""
     config.check_save_variables()
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group, timeout_s)
