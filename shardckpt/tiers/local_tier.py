@@ -98,12 +98,7 @@ class LocalTier:
         p = pipeline.prepare(state, self.storage.child(step_dir(step)), process_group=self.process_group,
                          timeout_s=self.timeout_s, stage=False, pool=None, **self._prepare_kw(metadata))
         dst = _step_storage(upload_to, step)
-        try:
-            return self._commit(p, step, dst)
-        except BaseException:  # no promotion follows a failed save: its early upload goes now
-            if dst is not None:
-                _drop_upload(self._uploads.pop(step, None), dst, comm.rank)
-            raise
+        return self._commit_or_drop(p, step, dst)
 
     def save_async(self, step: int, state, metadata: dict | None = None, *, upload_to=None):
         """Like save, but return once `state` is snapshotted (shardckpt.saving.async_save's staging pools and
@@ -113,12 +108,23 @@ class LocalTier:
         from shardckpt.saving.async_save import start
         self._nodes(self._comm())
         dst = _step_storage(upload_to, step)
-        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit(p, step, dst),
+        return start(state, self.storage.child(step_dir(step)), lambda p: self._commit_or_drop(p, step, dst),
                      process_group=self.process_group, timeout_s=self.timeout_s, **self._prepare_kw(metadata))
 
     def _prepare_kw(self, metadata: dict | None) -> dict:
         return dict(codec=self.codec, frame_size=DEFAULT_FRAME_SIZE, metadata=metadata, storage_options=None,
                     overwrite=True)
+
+    def _commit_or_drop(self, p, step: int, upload_dst=None):
+        """_commit, and when it fails, this rank's early upload for the promotion is removed right there
+        (no promotion follows a failed save), on the thread that ran the save: before its error reaches
+        the caller, so a job that exits on that error leaves no uploaded files behind."""
+        try:
+            return self._commit(p, step, upload_dst)
+        except BaseException:
+            if upload_dst is not None:
+                _drop_upload(self._uploads.pop(step, None), upload_dst, p.comm.rank)
+            raise
 
     def _commit(self, p, step: int, upload_dst=None):
         """Every rank, on the save's comm (the caller's thread for save, the background one for save_async):
