@@ -112,13 +112,33 @@ if os.environ.get("SHARDCKPT_DCP_SHIM") == "1":
 '''
 
 
-def run_file(path: str, shim_dir: str, shardckpt: bool, root: str | None, timeout: int) -> dict[str, str]:
-    """One pytest process over one test file; returns {test id: "passed" | "failed" | "skipped"}."""
+def _env(shim_dir: str, shardckpt: bool, root: str | None) -> dict[str, str]:
+    """The environment of a test process: the shim on PYTHONPATH, switched on or off."""
     env = dict(os.environ)
     env["PYTHONPATH"] = shim_dir + os.pathsep + env.get("PYTHONPATH", "")
     env["SHARDCKPT_DCP_SHIM"] = "1" if shardckpt else "0"
     if root:
         env["SHARDCKPT_SHIM_ROOT"] = root
+    return env
+
+
+def check_shim(shim_dir: str, root: str | None) -> None:
+    """Before any shardckpt run: one process with the shardckpt runs' environment must have shardckpt's
+    classes in place of DCP's. Otherwise (shardckpt fails to import there) the sitecustomize error is only
+    printed and every "shardckpt" run would silently be a second stock run: exit with the reason instead."""
+    code = ("import os, torch.distributed.checkpoint as d; "
+            "assert os.environ.get('SHARDCKPT_SHIM_ACTIVE'), 'the shim did not load'; "
+            "assert d.FileSystemWriter.__module__ == 'sitecustomize', d.FileSystemWriter")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(shim_dir, True, root), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        sys.exit("the shardckpt shim is not active in the test processes, so their results would be stock "
+                 "DCP's:\n" + (done.stderr or done.stdout)[-2000:])
+
+
+def run_file(path: str, shim_dir: str, shardckpt: bool, root: str | None, timeout: int) -> dict[str, str]:
+    """One pytest process over one test file; returns {test id: "passed" | "failed" | "skipped"}."""
+    env = _env(shim_dir, shardckpt, root)
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, f"--junitxml={report}"]
@@ -158,6 +178,7 @@ def main() -> None:
     shim_dir = tempfile.mkdtemp(prefix="dcp-shim-")
     with open(os.path.join(shim_dir, "sitecustomize.py"), "w") as f:
         f.write(SHIM)
+    check_shim(shim_dir, args.shardckpt_root)
     results: dict[str, dict[str, str]] = {"stock": {}, "shardckpt": {}}
     for name in files:
         path = os.path.abspath(os.path.join(tests, name))
