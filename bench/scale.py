@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 from shardckpt.format.records import DEFAULT_FRAME_SIZE, chunk_frame_size
 from shardckpt.dist import DIGEST_BYTES
+
+from bench.shapes import gpt_shapes
 from shardckpt.plan.exchange_plan import ROUND_BYTES, plan_exchange
 from shardckpt.tiers.local_restore import choose_local, listing_parts, merge_listings
 
@@ -46,22 +48,6 @@ MANIFEST_BYTES_PER_FILE = 120
 SAVED_WS = 64
 NODE = 8
 LAYOUTS = ("ddp", "hsdp", "fsdp", "finetune", "local")
-
-
-def gpt_shapes(params: float, vocab: int = 50304) -> dict[str, tuple[int, ...]]:
-    """bench.compare.gpt_shapes (copied: that module imports torch, this one runs without it)."""
-    layers = 24 if params >= 200e6 else 12 if params >= 40e6 else 4
-    d = 64
-    while vocab * (d + 64) + layers * (12 * (d + 64) ** 2) <= params:
-        d += 64
-    shapes = {"tok_emb.weight": (vocab, d), "pos_emb.weight": (2048, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
-    for i in range(layers):
-        p = f"blocks.{i}."
-        shapes.update({p + "ln1.weight": (d,), p + "ln1.bias": (d,), p + "attn.qkv.weight": (3 * d, d),
-                       p + "attn.qkv.bias": (3 * d,), p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
-                       p + "ln2.weight": (d,), p + "ln2.bias": (d,), p + "mlp.fc.weight": (4 * d, d),
-                       p + "mlp.fc.bias": (4 * d,), p + "mlp.proj.weight": (d, 4 * d), p + "mlp.proj.bias": (d,)})
-    return shapes
 
 
 @dataclass
