@@ -13,8 +13,9 @@ best run. Measured per method (barriers around each phase):
   full        cold, one process, full tensors
 then, per method in a fresh set of processes (what a job meets: its restore is the first load of its
 process, its first save the first snapshot): first sync save, first cold load, stall of the first and of
-the second async save (shardckpt.async_save, after shardckpt.warm_up as CheckpointManager.restore calls it,
-against dcp.async_save). Plus bytes on disk, and the machine's memcpy and disk write+fsync bandwidth as the physical reference.
+the second async save (a raw shardckpt.async_save, no warm_up, against dcp.async_save) beside a plain copy of
+the rank's bytes into a fresh and into a warm buffer. Plus bytes on disk, and the machine's memcpy and disk
+write+fsync bandwidth as the physical reference.
 Prints a table and writes bench/results/compare.json with the ratios (DCP time / shardckpt time)."""
 from __future__ import annotations
 
@@ -217,8 +218,7 @@ def _first_job(rank, ws, args, root, method):
     if rank == 0:
         drop_caches()
     if method == "shardckpt":
-        out["load"] = _timed(lambda: shardckpt.load(state, path))
-        shardckpt.warm_up(state, codec=args["codec"])  # what CheckpointManager.restore does after its load
+        out["load"] = _timed(lambda: shardckpt.load(state, path))  # no warm_up: a raw async_save's first stall
     else:
         out["load"] = _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(path)))
     for i, name in enumerate(("stall_first", "stall_second")):
@@ -234,7 +234,25 @@ def _first_job(rank, ws, args, root, method):
     dist.barrier()
     if method == "shardckpt":
         shardckpt.shutdown()
+        out.update(_memcpy_of(state))
     return out
+
+
+def _memcpy_of(state) -> dict:
+    """The floor of a snapshot of this rank's tensors: copied into a fresh buffer (page faults and all, as a
+    job's first snapshot meets it) and again into the same, warm one."""
+    srcs = [t._local_tensor.reshape(-1).view(torch.uint8) for t in _tensors(state)]
+    t0 = time.perf_counter()
+    buf = torch.empty(sum(s.numel() for s in srcs), dtype=torch.uint8)
+    times = []
+    for _ in range(2):
+        pos = 0
+        for s in srcs:
+            buf[pos:pos + s.numel()].copy_(s)
+            pos += s.numel()
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    return {"memcpy_fresh": times[0], "memcpy_warm": times[1]}
 
 
 def _full_load(args, root):
@@ -364,6 +382,12 @@ def main(argv=None):
         for k in ("save", "load", "stall_first", "stall_second"):
             ratio = first["dcp"][k] / first["shardckpt"][k] if len(first) == 2 else float("nan")
             print(f"{k:<14}" + "".join(f"{first[m][k]:>11.3f}s" for m in first) + f"{ratio:>15.2f}x")
+        if "shardckpt" in first:
+            f = first["shardckpt"]
+            print(f"memcpy of a rank's bytes (torch copy_): into a fresh buffer {f['memcpy_fresh']:.3f}s, into "
+                  f"a warm one {f['memcpy_warm']:.3f}s; shardckpt's first stall = "
+                  f"{f['stall_first'] / f['memcpy_fresh']:.2f}x the fresh copy, its second "
+                  f"{f['stall_second'] / f['memcpy_warm']:.2f}x the warm one")
     print(f"\nreference: memcpy {ref['memcpy_GBps']:.1f} GB/s, disk write+fsync {ref['disk_write_fsync_GBps']:.2f} GB/s;"
           f" state {state_bytes / 1e9:.2f} GB raw; shardckpt bytes on disk / raw = "
           f"{best['bytes'].get('shardckpt', float('nan')) / state_bytes:.3f}")

@@ -179,8 +179,7 @@ def test_warm_up_allocates_the_pool_off_the_training_thread(tmp_path):
     nbytes = shardckpt.warm_up(state)
     saver = next(iter(mod._savers.values()))
     pool = saver.pools[0]
-    with pool._lock:  # the background reservation holds the lock until the pages are in
-        assert pool.allocations == 1 and pool.capacity >= nbytes >= 300 * 257 * 4
+    assert pool.allocations == 1 and pool.capacity >= nbytes >= 300 * 257 * 4  # mapped at once, faulted behind
     h = shardckpt.async_save(state, tmp_path / "a")
     h.wait()
     assert pool.allocations == 1  # the snapshot reused it
@@ -195,9 +194,61 @@ def test_manager_restore_warms_up_the_first_save(tmp_path):
     mgr = shardckpt.CheckpointManager(tmp_path / "run", save_every_steps=1, preemption_signals=())
     assert mgr.restore(state) is None  # nothing to restore yet: the pool is reserved all the same
     pools = [p for s in mod._savers.values() for p in s.pools]
-    with pools[0]._lock:  # held by the background reservation until its pages are in
-        assert pools[0].allocations == 1 and pools[0].capacity > 0
+    assert pools[0].allocations == 1 and pools[0].capacity > 0
     mgr.maybe_save(1, state)
     mgr.close()
     assert pools[0].allocations == 1 and mgr.steps() == [1]
     mod.reset()
+
+
+def test_manager_warms_up_at_its_first_maybe_save_without_a_restore(tmp_path):
+    """A job that never calls restore: the first maybe_save (not due) reserves the pool, so the save at the
+    due step snapshots into it instead of allocating on its stall."""
+    mod = importlib.import_module("shardckpt.saving.async_save")
+    mod.reset()
+    state = _state()
+    mgr = shardckpt.CheckpointManager(tmp_path / "run", save_every_steps=3, preemption_signals=())
+    assert mgr.maybe_save(1, state) is False
+    pools = [p for s in mod._savers.values() for p in s.pools]
+    assert len(pools) == 1 and pools[0].allocations == 1 and pools[0].capacity >= 300 * 257 * 4
+    assert mgr.maybe_save(2, state) is False and mgr.maybe_save(3, state) is True
+    mgr.close()
+    assert pools[0].allocations == 1 and mgr.steps() == [3]
+    assert _equal(shardckpt.load_full(mgr.step_path(3).url), state)
+    mod.reset()
+
+
+def test_first_snapshot_copies_behind_the_faulting_thread():
+    """A fresh pool is faulted in a piece at a time on a background thread while stage() copies what is
+    ready: with small pieces and a slow faulting thread, the snapshot is still exact, and take() returned
+    before the pages were in."""
+    from shardckpt.plan.save_plan import plan_tensor
+    from shardckpt.saving import staging
+
+    class SlowPool(staging.HostBufferPool):
+        PIECE = 1 << 16
+
+        def _fault_in(self, region, n):
+            import time
+            self.seen = []
+            orig = region.madvise
+            class Slow:  # noqa: E306 (a region whose madvise takes its time)
+                def madvise(_, *a):
+                    time.sleep(0.002)
+                    self.seen.append(self._ready)
+                    return orig(*a)
+            super()._fault_in(Slow(), n)
+
+    g = torch.Generator().manual_seed(3)
+    src = {"a": torch.randn(300, 257, generator=g), "b": torch.randn(77, generator=g).bfloat16(),
+           "s": torch.randn(40, 30, generator=g).t()}
+    items = [plan_tensor(k, v, "auto", 0, 1)[1] for k, v in src.items()]
+    pool = SlowPool(pin=False)
+    views = pool.take([i.nbytes for i in items])
+    assert pool._ready < pool.capacity  # handed out before the region was faulted in
+    del views
+    out = staging.stage(items, pool)
+    for (k, v), o in zip(src.items(), out):
+        assert torch.equal(o, v), k
+    pool._prefault.join()
+    assert pool._ready == pool.capacity and len(pool.seen) >= pool.capacity // SlowPool.PIECE

@@ -195,6 +195,7 @@ class CheckpointManager:
         self.preempted = False
         self._signalled: int | None = None
         self._calls = 0
+        self._warmed = False  # warm_up ran (restore, or the first maybe_save)
         self._pending: list[tuple[int, AsyncSaveHandle, str]] = []  # (step, handle, "durable" | "local")
         self._last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
@@ -299,6 +300,8 @@ class CheckpointManager:
         step this manager already saved is not saved again (False; with force=True a warning says so)."""
         self._reap(block=False)
         self._calls += 1
+        if not self._warmed:  # a job that never restored: its pool faults in while it trains up to the save
+            self.warm_up(state)
         local = [1 if self._signalled is not None else 0,
                  1 if self.save_every_seconds and time.monotonic() - self._last_save_time >= self.save_every_seconds
                  else 0]
@@ -578,8 +581,10 @@ class CheckpointManager:
         self._bad_steps.add(step)
 
     def warm_up(self, state) -> None:
-        """After a restore (every job's first call): create the async-save groups and pre-fault the staging
-        pool in the background, so the first save stalls no longer than later ones."""
+        """All ranks, after a restore (every job's first call) or at the first maybe_save of a job that did
+        not restore: create the async-save groups and pre-fault the staging pool in the background, so the
+        first save stalls no longer than later ones."""
+        self._warmed = True
         if self.async_save:
             warm_up(state, process_group=self.process_group, codec=self._save_kw["codec"],
                     timeout_s=self._save_kw["timeout_s"])
