@@ -443,6 +443,7 @@ def main(argv=None):
     sizes = {m: du(os.path.join(a.dir, m)) for m in args["only"]}
     if a.profile_load:
         fresh = _fresh(args, a, _order)
+        limits.remeasure_disk(lim, a.dir, state_bytes, drop_caches)
         _print_fresh(fresh, limits.op_limits(lim, state_bytes, sizes), a)
         shutil.rmtree(a.dir, ignore_errors=True)
         return
@@ -455,6 +456,7 @@ def main(argv=None):
         first[method] = {k: max(r[k] for r in res) for k in res[0]}
         shutil.rmtree(os.path.join(a.dir, f"first-{method}"), ignore_errors=True)
     fresh = _fresh(args, a, _order) if a.fresh_repeat > 0 else []
+    limits.remeasure_disk(lim, a.dir, state_bytes, drop_caches)
     runs = [{ph: {m: v[i] for m, v in times[ph].items()} for ph in times} | {"bytes": sizes}
             for i in range(a.repeat)]
     for i, run in enumerate(runs):
@@ -560,7 +562,9 @@ def _print_limits(lim, op_lim, state_bytes, sizes):
     print(f"\nlimits: {lim['cores']} cores; memcpy {lim['memcpy_GBps']:.1f} GB/s; {lim['codec']} per core: encode "
           f"{lim['encode_GBps_per_core']:.2f} GB/s, decode {lim['decode_GBps_per_core']:.2f} GB/s (ratio "
           f"{lim['ratio']:.3f}); disk sequential {'O_DIRECT' if d.get('write_direct') else 'page cache'} write+fsync "
-          f"{d['write_GBps']:.2f} GB/s, read {d['read_GBps']:.2f} GB/s" + (f" ({'; '.join(d['notes'])})" if d['notes'] else ""))
+          f"{d['write_GBps']:.2f} GB/s, read {d['read_GBps']:.2f} GB/s (best of the samples write/read "
+          + ", ".join(f"{x['write_GBps']:.2f}/{x['read_GBps']:.2f}" for x in d.get("samples", [])) + ")"
+          + (f" ({'; '.join(d['notes'])})" if d['notes'] else ""))
     print(f"op limits (R {state_bytes / 1e9:.2f} GB raw, S bytes on disk: "
           + ", ".join(f"{m} {v / 1e9:.2f} GB" for m, v in sizes.items()) + "): "
           + "; ".join(f"{k} = {v}" for k, v in LIMIT_FORMULAS.items()))

@@ -3,14 +3,15 @@
     python -m bench.limits [--dir /tmp/shardckpt-bench] [--mb 1024]
 
 Measured:
-  memcpy       one large copy between two faulted-in buffers (torch's copy_, its threads)
+  memcpy       a large copy between two faulted-in buffers (torch's copy_, its threads), best of 3
   encode/decode per core: the engine's own codec path (shardckpt.native.kernels.encode_frames /
                decode_frames with the codec "auto" picks for the dtype, the default frame size and zstd
                level) on one thread, over data drawn like bench.compare's state (weights, exp_avg, exp_avg_sq)
   disk write / read: large sequential I/O with O_DIRECT (64 MiB blocks from a page-aligned mmap buffer,
                one stream and four in parallel, the better one), the write fsynced; where the filesystem
                refuses O_DIRECT, through the page cache (write + fsync; read after dropping the cache, or
-               warm where it cannot be dropped), said in "notes"
+               warm where it cannot be dropped), said in "notes"; bench.compare measures it before and
+               after its ops and keeps the better of each (remeasure_disk)
 
 Each op's limit (the time it could not beat on this machine), from raw bytes R, stored bytes S, cores C:
   shardckpt save                    max(R / (encode per core * C), S / disk write)
@@ -45,9 +46,7 @@ def memcpy_gbps(nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8)
     dst.copy_(src)  # fault in: a reused buffer
-    t0 = time.perf_counter()
-    dst.copy_(src)
-    return nbytes / (time.perf_counter() - t0) / 1e9
+    return nbytes / _best(lambda: dst.copy_(src), 3) / 1e9
 
 
 def codec_per_core(dtype: torch.dtype, codec: str = "auto", nbytes: int = 96 << 20, reps: int = 2) -> dict:
@@ -171,6 +170,19 @@ def disk_gbps(root: str, nbytes: int, drop_caches) -> dict:
     return out
 
 
+def remeasure_disk(lim: dict, root: str, nbytes: int, drop_caches) -> dict:
+    """The disk measured again (bench.compare: after its ops) and the better of each bandwidth kept: a
+    shared or virtual disk varies from minute to minute, and an op that beat a slow sample would otherwise
+    look faster than the machine's limit. Every sample stays in disk["samples"]."""
+    again = disk_gbps(root, min(max(nbytes, 256 << 20), 1 << 30), drop_caches)
+    d = lim["disk"]
+    samples = d.get("samples", [{k: d[k] for k in ("write_GBps", "read_GBps")}])
+    samples.append({k: again[k] for k in ("write_GBps", "read_GBps")})
+    d.update(write_GBps=max(d["write_GBps"], again["write_GBps"]), read_GBps=max(d["read_GBps"], again["read_GBps"]),
+             samples=samples, notes=sorted(set(d["notes"]) | set(again["notes"])))
+    return lim
+
+
 def measure(root: str, nbytes: int, dtype: torch.dtype, codec: str, drop_caches) -> dict:
     """Every limit above, measured now: what bench.compare prints beside its ops."""
     return {"cores": cores(), "memcpy_GBps": memcpy_gbps(min(nbytes, 1 << 30)),
@@ -183,8 +195,9 @@ def op_limits(lim: dict, raw: int, stored: dict[str, int]) -> dict:
     c, disk = lim["cores"], lim["disk"]
     out: dict[str, dict[str, float]] = {"save": {}, "load": {}}
     for m, s in stored.items():
-        cpu_save = raw / (lim["encode_GBps_per_core"] * 1e9 * c) if m == "shardckpt" else raw / (lim["memcpy_GBps"] * 1e9)
-        cpu_load = raw / (lim["decode_GBps_per_core"] * 1e9 * c) if m == "shardckpt" else raw / (lim["memcpy_GBps"] * 1e9)
+        copy = raw / (lim["memcpy_GBps"] * 1e9)
+        cpu_save = raw / (lim["encode_GBps_per_core"] * 1e9 * c) if m == "shardckpt" else copy
+        cpu_load = raw / (lim["decode_GBps_per_core"] * 1e9 * c) if m == "shardckpt" else copy
         out["save"][m] = max(cpu_save, s / (disk["write_GBps"] * 1e9))
         out["load"][m] = max(cpu_load, s / (disk["read_GBps"] * 1e9))
     return {"save": out["save"], "load": out["load"], "reshard": dict(out["load"]), "full": dict(out["load"])}
