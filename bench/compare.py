@@ -14,9 +14,16 @@ best run. Measured per method (barriers around each phase):
 then, per method in a fresh set of processes (what a job meets: its restore is the first load of its
 process, its first save the first snapshot): first sync save, first cold load, stall of the first and of
 the second async save (a raw shardckpt.async_save, no warm_up, against dcp.async_save) beside a plain copy of
-the rank's bytes into a fresh and into a warm buffer. Plus bytes on disk, and the machine's memcpy and disk
-write+fsync bandwidth as the physical reference.
-Prints a table and writes bench/results/compare.json with the ratios (DCP time / shardckpt time)."""
+the rank's bytes into a fresh and into a warm buffer. Then every op again as the first call of a fresh set of processes, per method,
+--fresh-repeat times in alternating order (medians reported): save, cold load, cold reshard, full load;
+each cold load also reports the extra peak RSS per rank (VmHWM during the load over the RSS before it) and,
+for shardckpt, where the slowest rank's time went (shardckpt.loading.profile: group set-up, metadata,
+planning, collectives, waits on reads, decode, copies). Plus bytes on disk, and the machine's limits
+measured in the same run (bench.limits: memcpy, encode/decode per core through the engine's codec path,
+the disk's O_DIRECT sequential write and read), each op's limit composed from them (bench.limits'
+docstring) and each op's time as a multiple of its limit.
+    python -m bench.compare --params 50M --profile-load    # only the fresh cold loads, profiled (no JSON)
+Prints tables and writes bench/results/compare.json with the ratios (DCP time / shardckpt time)."""
 from __future__ import annotations
 
 import argparse
@@ -255,6 +262,117 @@ def _memcpy_of(state) -> dict:
     return {"memcpy_fresh": times[0], "memcpy_warm": times[1]}
 
 
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: clear_refs 5); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _empty_state(shapes, dtype, rank, ws):
+    """local_state's layout filled with zeros (pages touched): a load's destination, made fast."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    mesh = init_device_mesh("cpu", (ws,))
+
+    def make(shape):
+        lshape, _ = compute_local_shape_and_global_offset(shape, mesh, [Shard(0)])
+        return DTensor.from_local(torch.zeros(lshape, dtype=dtype), mesh, [Shard(0)], run_check=False,
+                                  shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+    return {"model": {k: make(s) for k, s in shapes.items()},
+            "optim": {"state": {k: {"exp_avg": make(s), "exp_avg_sq": make(s)} for k, s in shapes.items()}},
+            "step": 0}
+
+
+def _fresh_job(rank, ws, args, root, method, op):
+    """One op of one method as the first call of a fresh set of processes: "save" (to fresh-<method>),
+    "load" (cold, from <method>, any world size: the same layout, or a reshard). A load also reports this
+    rank's extra peak RSS (VmHWM during the load over the RSS before it, the destination state already
+    allocated) and, for shardckpt, where its time went (shardckpt.loading.profile)."""
+    import torch.distributed.checkpoint as dcp
+    import shardckpt
+    from shardckpt.loading import profile
+    shapes, dtype = gpt_shapes(args["params"]), getattr(torch, args["dtype"])
+    if op == "save":
+        state = local_state(shapes, dtype, rank, ws)
+        path = os.path.join(root, f"fresh-{method}")
+        if method == "shardckpt":
+            return {"time": _timed(lambda: shardckpt.save(state, path, codec=args["codec"]))}
+        return {"time": _timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=True)))}
+    state = _empty_state(shapes, dtype, rank, ws)
+    path = os.path.join(root, method)
+    if rank == 0:
+        drop_caches()
+    base = _rss_now()
+    peak_ok = _reset_peak()
+    if method == "shardckpt":
+        profile.start()
+        t = _timed(lambda: shardckpt.load(state, path))
+        prof = profile.stop()
+    else:
+        t = _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(path)))
+        prof = None
+    out = {"time": t, "rss_extra": _peak() - base if peak_ok else None, "profile": prof}
+    if args["check"]:
+        ref = local_state(shapes, dtype, rank, ws)
+        for a, b in zip(_tensors(state), _tensors(ref)):
+            assert torch.equal(a._local_tensor, b._local_tensor), method
+    return out
+
+
+def _fresh_full(rank, ws, args, root, method):
+    """A one-process full load as the first call of a fresh process (cold)."""
+    return _full_load(dict(args, repeat=1, only=[method]), root)[method][0]
+
+
+def _fresh(args, a, order):
+    """Every op of every method in fresh processes, --fresh-repeat times in alternating method order:
+    per run the slowest rank's time (and, for loads, the largest extra peak RSS, the profile of the
+    slowest rank)."""
+    from harness import run_ranks
+    methods = [m for m in args["only"] if m in ("shardckpt", "dcp")]
+    runs = []
+    for r in range(a.fresh_repeat):
+        run = {"save": {}, "load": {}, "reshard": {}, "full": {}, "rss_extra": {}, "rss_extra_reshard": {},
+               "profile": {}, "profile_reshard": {}}
+        for method in order(methods, r):
+            if "save" in a.fresh_ops:
+                res = run_ranks(a.ws, _fresh_job, args, a.dir, method, "save", timeout=3600)
+                run["save"][method] = max(x["time"] for x in res)
+                shutil.rmtree(os.path.join(a.dir, f"fresh-{method}"), ignore_errors=True)
+            for ph, ws in (("load", a.ws), ("reshard", a.load_ws)):
+                if ph not in a.fresh_ops:
+                    continue
+                res = run_ranks(ws, _fresh_job, args, a.dir, method, "load", timeout=3600)
+                slow = max(res, key=lambda x: x["time"])
+                run[ph][method] = slow["time"]
+                sfx = "" if ph == "load" else "_reshard"
+                run["rss_extra" + sfx][method] = max((x["rss_extra"] or 0) for x in res)
+                if slow["profile"] is not None:
+                    run["profile" + sfx] = slow["profile"] | {"wall": slow["time"]}
+            if "full" in a.fresh_ops:
+                run["full"][method] = run_ranks(1, _fresh_full, args, a.dir, method, timeout=3600)[0]
+        runs.append(run)
+    return runs
+
+
 def _full_load(args, root):
     import torch.distributed.checkpoint as dcp
     import shardckpt
@@ -284,29 +402,6 @@ def _full_load(args, root):
 
 # ------------------------------------------------------------------------------------------- references
 
-def memcpy_gbps(nbytes: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8)
-    dst.copy_(src)  # fault in: a reused buffer
-    t0 = time.perf_counter()
-    dst.copy_(src)
-    return nbytes / (time.perf_counter() - t0) / 1e9
-
-
-def disk_gbps(root: str, nbytes: int) -> float:
-    path = os.path.join(root, "ddtest")
-    buf = os.urandom(1 << 20) * 16
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(nbytes // len(buf)):
-            f.write(buf)
-        f.flush()
-        os.fsync(f.fileno())
-    dt = time.perf_counter() - t0
-    os.unlink(path)
-    return nbytes / dt / 1e9
-
-
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -317,7 +412,7 @@ def _count(text: str) -> float:
     return float(text[:-1]) * mult if mult else float(text)
 
 
-def main(argv=None):
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=_count, default=350e6, help="model parameters (e.g. 350e6, or 350M)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -327,26 +422,48 @@ def main(argv=None):
     ap.add_argument("--codec", default="auto")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of each phase in one set of processes (alternating method order); best reported")
+    ap.add_argument("--fresh-repeat", type=int, default=3,
+                    help="runs of each op in fresh processes (alternating method order); median reported")
+    ap.add_argument("--fresh-ops", default="save,load,reshard,full", help="the ops run in fresh processes")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/tmp/shardckpt-bench"))
     ap.add_argument("--check", action="store_true", help="verify loaded tensors (slower)")
     ap.add_argument("--no-first", dest="first", action="store_false",
                     help="skip the first-call figures (fresh processes per method: first save, load, stalls)")
+    ap.add_argument("--profile-load", action="store_true",
+                    help="only: save once, then --fresh-repeat cold loads (and reshards) in fresh processes, "
+                         "with where shardckpt's time goes and the extra peak RSS per rank; no JSON written")
     a = ap.parse_args(argv)
-    params = a.params
+    a.fresh_ops = a.fresh_ops.split(",")
+    if a.profile_load:
+        a.repeat, a.first, a.fresh_ops = 1, False, [op for op in a.fresh_ops if op in ("load", "reshard")]
+    return a
+
+
+def main(argv=None):
+    from bench import limits
     from harness import run_ranks
-    args = {"params": params, "dtype": a.dtype, "only": a.only.split(","), "codec": a.codec, "check": a.check}
-    shapes = gpt_shapes(params)
+    a = _args(argv)
+    args = {"params": a.params, "dtype": a.dtype, "only": a.only.split(","), "codec": a.codec, "check": a.check}
+    if a.profile_load:
+        args["only"] = [m for m in args["only"] if m in ("shardckpt", "dcp")]
+    shapes = gpt_shapes(a.params)
     nparams = sum(math.prod(s) for s in shapes.values())
     state_bytes = 3 * nparams * getattr(torch, a.dtype).itemsize
     print(f"state: {nparams / 1e6:.1f}M params x (param, exp_avg, exp_avg_sq) in {a.dtype} = "
           f"{state_bytes / 1e9:.2f} GB; save on {a.ws} ranks, reshard to {a.load_ws}; "
           f"backend {__import__('shardckpt').backend}; cold loads: {drop_caches()}")
     os.makedirs(a.dir, exist_ok=True)
-    ref = {"memcpy_GBps": memcpy_gbps(min(state_bytes, 1 << 30)), "disk_write_fsync_GBps": disk_gbps(a.dir, 1 << 30)}
+    lim = limits.measure(a.dir, state_bytes, getattr(torch, a.dtype), a.codec, drop_caches)
     args["repeat"] = a.repeat
     ranks = lambda res: {m: [max(r[m][i] for r in res) for i in range(a.repeat)] for m in res[0]}  # noqa: E731
     times = {"save": ranks(run_ranks(a.ws, _save_job, args, a.dir, timeout=3600))}
     sizes = {m: du(os.path.join(a.dir, m)) for m in args["only"]}
+    if a.profile_load:
+        fresh = _fresh(args, a, _order)
+        limits.remeasure_disk(lim, a.dir, state_bytes, drop_caches)
+        _print_fresh(fresh, limits.op_limits(lim, state_bytes, sizes), a)
+        shutil.rmtree(a.dir, ignore_errors=True)
+        return
     times["load"] = ranks(run_ranks(a.ws, _load_job, args, a.dir, True, timeout=3600))
     times["reshard"] = ranks(run_ranks(a.load_ws, _load_job, args, a.dir, False, timeout=3600))
     times["full"] = _full_load(args, a.dir)
@@ -355,6 +472,8 @@ def main(argv=None):
         res = run_ranks(a.ws, _first_job, args, a.dir, method, timeout=3600)
         first[method] = {k: max(r[k] for r in res) for k in res[0]}
         shutil.rmtree(os.path.join(a.dir, f"first-{method}"), ignore_errors=True)
+    fresh = _fresh(args, a, _order) if a.fresh_repeat > 0 else []
+    limits.remeasure_disk(lim, a.dir, state_bytes, drop_caches)
     runs = [{ph: {m: v[i] for m, v in times[ph].items()} for ph in times} | {"bytes": sizes}
             for i in range(a.repeat)]
     for i, run in enumerate(runs):
@@ -364,18 +483,8 @@ def main(argv=None):
     best["bytes"] = runs[-1]["bytes"]
     median = {ph: {m: statistics.median(run[ph][m] for run in runs) for m in runs[0][ph]}
               for ph in ("save", "load", "reshard", "full")}
-    rows, med_rows = [], {}
-    print(f"\n{'phase':<10}" + "".join(f"{m:>14}" for m in args["only"]) + f"{'dcp/shardckpt':>16}"
-          f"{'(median)':>10}")
-    for ph in ("save", "load", "reshard", "full", "bytes"):
-        vals = best[ph]
-        cells = "".join(f"{vals[m] / 1e9:>12.3f}GB" if ph == "bytes" else f"{vals[m]:>13.2f}s"
-                        if m in vals else f"{'n/a':>14}" for m in args["only"])
-        ratio = vals["dcp"] / vals["shardckpt"] if "dcp" in vals and "shardckpt" in vals else float("nan")
-        rows.append((ph, ratio))
-        med = median.get(ph, vals)
-        med_rows[ph] = med["dcp"] / med["shardckpt"] if "dcp" in med and "shardckpt" in med else float("nan")
-        print(f"{ph:<10}{cells}{ratio:>15.2f}x{med_rows[ph]:>9.2f}x")
+    op_lim = limits.op_limits(lim, state_bytes, sizes)
+    rows, med_rows = _print_warm(best, median, op_lim, args["only"])
     if first:
         print(f"\nfirst calls, fresh processes per method ({a.ws} ranks, slowest rank):")
         print(f"{'':<14}" + "".join(f"{m:>12}" for m in first) + f"{'dcp/shardckpt':>16}")
@@ -388,15 +497,102 @@ def main(argv=None):
                   f"a warm one {f['memcpy_warm']:.3f}s; shardckpt's first stall = "
                   f"{f['stall_first'] / f['memcpy_fresh']:.2f}x the fresh copy, its second "
                   f"{f['stall_second'] / f['memcpy_warm']:.2f}x the warm one")
-    print(f"\nreference: memcpy {ref['memcpy_GBps']:.1f} GB/s, disk write+fsync {ref['disk_write_fsync_GBps']:.2f} GB/s;"
-          f" state {state_bytes / 1e9:.2f} GB raw; shardckpt bytes on disk / raw = "
-          f"{best['bytes'].get('shardckpt', float('nan')) / state_bytes:.3f}")
+    fresh_sum = _print_fresh(fresh, op_lim, a) if fresh else {}
+    _print_limits(lim, op_lim, state_bytes, best["bytes"])
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "compare.json"), "w") as f:
-        json.dump({"args": vars(a), "state_bytes": state_bytes, "reference": ref, "runs": runs, "best": best,
-                   "dcp_over_shardckpt": dict(rows),
-                   "median": median, "dcp_over_shardckpt_median": med_rows, "first_calls": first}, f, indent=1)
+        json.dump({"args": vars(a), "state_bytes": state_bytes, "limits": lim, "op_limits_s": op_lim,
+                   "limit_formulas": LIMIT_FORMULAS, "runs": runs, "best": best, "dcp_over_shardckpt": dict(rows),
+                   "multiple_of_limit": _multiples(best, op_lim),
+                   "median": median, "dcp_over_shardckpt_median": med_rows, "first_calls": first,
+                   "fresh": fresh_sum, "fresh_runs": fresh}, f, indent=1)
     shutil.rmtree(a.dir, ignore_errors=True)
+
+
+LIMIT_FORMULAS = {"shardckpt save": "max(R / (encode per core * cores), S / disk write)",
+                  "shardckpt load, reshard, full": "max(S / disk read, R / (decode per core * cores))",
+                  "dcp save": "max(R / memcpy, S / disk write)",
+                  "dcp load, reshard, full": "max(S / disk read, R / memcpy)"}
+PHASES = ("save", "load", "reshard", "full")
+
+
+def _multiples(times, op_lim):
+    return {ph: {m: times[ph][m] / op_lim[ph][m] for m in times[ph] if m in op_lim[ph]} for ph in PHASES
+            if ph in times}
+
+
+def _print_warm(best, median, op_lim, methods):
+    """The warm table (best and median ratio, each method's multiple of its limit); returns the ratios."""
+    rows, med_rows = [], {}
+    mult = _multiples(median, op_lim)
+    print(f"\nwarm (repeated in one set of processes)\n{'phase':<10}" + "".join(f"{m:>14}" for m in methods)
+          + f"{'dcp/shardckpt':>16}{'(median)':>10}   median x limit")
+    for ph in PHASES + ("bytes",):
+        vals = best[ph]
+        cells = "".join(f"{vals[m] / 1e9:>12.3f}GB" if ph == "bytes" else f"{vals[m]:>13.2f}s"
+                        if m in vals else f"{'n/a':>14}" for m in methods)
+        ratio = vals["dcp"] / vals["shardckpt"] if "dcp" in vals and "shardckpt" in vals else float("nan")
+        rows.append((ph, ratio))
+        med = median.get(ph, vals)
+        med_rows[ph] = med["dcp"] / med["shardckpt"] if "dcp" in med and "shardckpt" in med else float("nan")
+        lim = "   " + "  ".join(f"{m} {x:.2f}x" for m, x in mult.get(ph, {}).items())
+        print(f"{ph:<10}{cells}{ratio:>15.2f}x{med_rows[ph]:>9.2f}x{lim if ph != 'bytes' else ''}")
+    return rows, med_rows
+
+
+def _print_fresh(fresh, op_lim, a):
+    """Medians of the fresh-process runs: times, ratio, multiples of the limits, extra peak RSS and the
+    cold load's profile (shardckpt). Returns them as a dict for the JSON."""
+    out = {"median": {}, "dcp_over_shardckpt": {}, "rss_extra_MB": {}, "rss_extra_reshard_MB": {},
+           "profile": {}, "profile_reshard": {}}
+    print(f"\nfresh processes per op and method (the op is the process's first; median of {len(fresh)} "
+          f"alternating runs, slowest rank)\n{'op':<10}{'shardckpt':>12}{'dcp':>12}{'dcp/shardckpt':>16}"
+          f"{'shardckpt x limit':>20}{'dcp x limit':>14}")
+    for ph in PHASES:
+        if not any(r[ph] for r in fresh):
+            continue
+        med = {m: statistics.median(r[ph][m] for r in fresh) for m in fresh[0][ph]}
+        out["median"][ph] = med
+        ratio = med["dcp"] / med["shardckpt"] if len(med) == 2 else float("nan")
+        out["dcp_over_shardckpt"][ph] = ratio
+        cells = "".join(f"{med[m]:>11.3f}s" if m in med else f"{'n/a':>12}" for m in ("shardckpt", "dcp"))
+        mult = {m: med[m] / op_lim[ph][m] for m in med}
+        out.setdefault("multiple_of_limit", {})[ph] = mult
+        print(f"{ph:<10}{cells}{ratio:>15.2f}x{mult.get('shardckpt', float('nan')):>19.2f}x"
+              f"{mult.get('dcp', float('nan')):>13.2f}x")
+    for key, ph in (("rss_extra", f"load ({a.ws} ranks)"), ("rss_extra_reshard", f"reshard ({a.load_ws} ranks)")):
+        if any(r[key] for r in fresh):
+            rss = {m: statistics.median(r[key][m] for r in fresh) / 1e6 for m in fresh[0][key]}
+            out[key + "_MB"] = rss
+            print(f"extra peak RSS per rank, cold {ph}: " + ", ".join(f"{m} +{v:.0f} MB" for m, v in rss.items()))
+    for key, ph in (("profile", "load"), ("profile_reshard", "reshard")):
+        profs = [r[key] for r in fresh if r[key]]
+        if profs:
+            prof = {k: statistics.median(p[k] for p in profs) for k in profs[0]}
+            out[key] = prof
+            wall = prof.pop("wall")
+            io = prof.pop("read_io")
+            rest = wall - sum(prof.values())
+            print(f"shardckpt cold {ph}, where the slowest rank's time goes (median, {wall:.3f}s): "
+                  + ", ".join(f"{k} {v:.3f}s ({v / wall:.0%})" for k, v in prof.items())
+                  + f", other {rest:.3f}s ({rest / wall:.0%}); fetch threads' read time {io:.3f}s (overlapped)")
+            prof.update(wall=wall, read_io=io)
+    return out
+
+
+def _print_limits(lim, op_lim, state_bytes, sizes):
+    d = lim["disk"]
+    print(f"\nlimits: {lim['cores']} cores; memcpy {lim['memcpy_GBps']:.1f} GB/s; {lim['codec']} per core: encode "
+          f"{lim['encode_GBps_per_core']:.2f} GB/s, decode {lim['decode_GBps_per_core']:.2f} GB/s (ratio "
+          f"{lim['ratio']:.3f}); disk sequential {'O_DIRECT' if d.get('write_direct') else 'page cache'} write+fsync "
+          f"{d['write_GBps']:.2f} GB/s, read {d['read_GBps']:.2f} GB/s (best of the samples write/read "
+          + ", ".join(f"{x['write_GBps']:.2f}/{x['read_GBps']:.2f}" for x in d.get("samples", [])) + ")"
+          + (f" ({'; '.join(d['notes'])})" if d['notes'] else ""))
+    print(f"op limits (R {state_bytes / 1e9:.2f} GB raw, S bytes on disk: "
+          + ", ".join(f"{m} {v / 1e9:.2f} GB" for m, v in sizes.items()) + "): "
+          + "; ".join(f"{k} = {v}" for k, v in LIMIT_FORMULAS.items()))
+    print("  " + "; ".join(f"{ph}: " + ", ".join(f"{m} {t:.3f}s" for m, t in op_lim[ph].items()) for ph in PHASES))
+    print(f"shardckpt bytes on disk / raw = {sizes.get('shardckpt', float('nan')) / state_bytes:.3f}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from shardckpt.plan.exchange_plan import ExchangePlan, plan_exchange
 from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest
 from shardckpt.format.parse import parse_manifest
 from shardckpt.plan.geometry import frame_span
+from shardckpt.loading.profile import phase
 from shardckpt.loading.reader import ReadStats, ReadTask, decode_task, run_reads
 from shardckpt.format.refs import base_storage
 from shardckpt.storage.base import ReadRange, Storage
@@ -187,12 +188,14 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
     docstring, step 2). `error` is a failure this rank met while planning: every rank raises it.
     `holders` (a node-local tier's restore, shardckpt.tiers): per manifest file index, the ranks whose
     `storage` holds that file; only they fetch it, and the exchange always runs (no direct reads)."""
-    files = _Files.build(manifest, chunks_by_key) if error is None else None
-    mine = [] if error is not None else _my_tasks(tasks, files)
-    runs = sorted({(t.file, t.first, t.end) for t in mine})
-    record = {"error": error_record(error, comm.rank)} if error is not None else {"runs": runs}
+    with phase("planning"):
+        files = _Files.build(manifest, chunks_by_key) if error is None else None
+        mine = [] if error is not None else _my_tasks(tasks, files)
+        runs = sorted({(t.file, t.first, t.end) for t in mine})
+        record = {"error": error_record(error, comm.rank)} if error is not None else {"runs": runs}
     # digests first: replicas' identical needs travel once (Comm.all_gather_distinct)
-    blobs = comm.all_gather_distinct(json.dumps(record, separators=(",", ":")).encode())
+    with phase("collectives"):
+        blobs = comm.all_gather_distinct(json.dumps(record, separators=(",", ":")).encode())
     parsed: dict[bytes, dict] = {}
     for b in blobs:  # replicas send identical needs: parse each distinct one once
         if b not in parsed:
@@ -204,7 +207,8 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
         raise error_from(failed)
     runs_of = {b: [tuple(r) for r in rec["runs"]] for b, rec in parsed.items()}
     needs = [runs_of[b] for b in blobs]  # one object per distinct need: planned once (plan_exchange)
-    plan = plan_exchange(needs, files.offsets, holders=holders)
+    with phase("planning"):
+        plan = plan_exchange(needs, files.offsets, holders=holders)
     out = ExchangeStats()
     local_error = None
     if mode != "always" and holders is None and not plan.worth_exchanging:
@@ -228,10 +232,11 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
 def _agree(comm, local_error: BaseException | None) -> None:
     """Every rank, after its reads (direct or exchanged): the first failure, on every rank (one gather and
     one broadcast): the failing rank raises its own error, the others the same typed error naming it."""
-    records = comm.gather_json(None if local_error is None or isinstance(local_error, _PeerFailed)
-                               else error_record(local_error, comm.rank))
-    verdict = next((r for r in records if r), None) if comm.is_coordinator else None
-    verdict = comm.broadcast_json(verdict)
+    with phase("collectives"):
+        records = comm.gather_json(None if local_error is None or isinstance(local_error, _PeerFailed)
+                                   else error_record(local_error, comm.rank))
+        verdict = next((r for r in records if r), None) if comm.is_coordinator else None
+        verdict = comm.broadcast_json(verdict)
     if verdict is not None:
         if local_error is not None and verdict["by"] == comm.rank and not isinstance(local_error, _PeerFailed):
             raise local_error
@@ -296,11 +301,14 @@ def _run_rounds(storage, plan, sched, files, comm, out, stats, io, keep, pending
         fetched: dict[int, np.ndarray] = {}
         if failure is None:
             try:
-                fetched = ahead.result()
+                with phase("read_wait"):
+                    fetched = ahead.result()
             except Exception as e:  # noqa: BLE001 - reported at the round's check, then at the agreement
                 failure = e
         ahead = fetch(k + 1) if failure is None and k + 1 < len(plan.rounds) else None
-        if comm.any_flag(failure is not None):
+        with phase("collectives"):
+            flag = comm.any_flag(failure is not None)
+        if flag:
             raise _Aborted(failure) if failure is not None else _PeerFailed()
         out.rounds += 1
         out.bytes_fetched += sum(a.nbytes for a in fetched.values())
@@ -315,7 +323,8 @@ def _run_rounds(storage, plan, sched, files, comm, out, stats, io, keep, pending
             recv_sizes[r] += plan.pieces[i].nbytes
         send = torch.from_numpy(np.concatenate([held[i] for _, i in sends])) if sends \
             else torch.empty(0, dtype=torch.uint8)
-        got = comm.all_to_all(send, send_sizes, recv_sizes).numpy()
+        with phase("collectives"):
+            got = comm.all_to_all(send, send_sizes, recv_sizes).numpy()
         out.bytes_sent += int(send.numel())
         out.bytes_received += int(got.nbytes)
         pos = 0

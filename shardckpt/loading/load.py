@@ -24,6 +24,7 @@ from shardckpt.errors import DtypeMismatchError, IncompleteCheckpointError, KeyM
 from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest
 from shardckpt.plan.geometry import check_coverage
 from shardckpt.format.parse import parse_index, parse_manifest
+from shardckpt.loading.profile import phase
 from shardckpt.loading.reader import ReadStats, Target, plan_reads, run_reads
 from shardckpt.format.metadata import manifest_bytes, read_manifest  # noqa: F401 (shardckpt.read_manifest)
 from shardckpt.storage import Storage, storage_for
@@ -183,8 +184,10 @@ def load(state_dict, path, *, process_group=None, strict: bool = True, keys=None
     if exchange not in xchg.MODES:
         raise ValueError(f"exchange must be one of {xchg.MODES}")
     storage = storage_for(path, storage_options)
-    comm = sdist.comm_for(process_group) if exchange != "never" else sdist.Comm(None, 0, 1, 0)
-    metadata = read_group_metadata(storage, comm)
+    with phase("group"):  # a process's first load creates shardckpt's gloo companion group here
+        comm = sdist.comm_for(process_group) if exchange != "never" else sdist.Comm(None, 0, 1, 0)
+    with phase("metadata"):
+        metadata = read_group_metadata(storage, comm)
     return load_with_metadata(state_dict, storage, comm, metadata, strict=strict, keys=keys, key_map=key_map, prefix=prefix,
                  convert_dtype=convert_dtype, exchange=exchange)
 
@@ -197,16 +200,17 @@ def load_with_metadata(state_dict, storage: Storage, comm: sdist.Comm, metadata,
     manifest, index_data = metadata
     error, chunks, tasks, value_slots, flat = None, {}, [], [], None
     try:  # in a group, any failure here must reach the exchange's first collective (every rank raises)
-        flat = flatten(state_dict)
-        targets, value_slots, missing, unexpected = resolve_targets(flat, manifest, storage, keys=keys, key_map=key_map,
-                                                             prefix=prefix, convert_dtype=convert_dtype,
-                                                             strict=strict)
-        if strict and (missing or unexpected):
-            raise KeyMismatchError(f"keys differ: missing from the checkpoint {_few(missing, 10)}, unexpected in "
-                                   f"it {_few(unexpected, 10)}", missing=missing, unexpected=unexpected,
-                                   file=storage.url)
-        chunks = read_chunks(storage, manifest, {t.key for t in targets}, index_data)
-        tasks = plan_reads(targets, manifest, chunks)
+        with phase("planning"):
+            flat = flatten(state_dict)
+            targets, value_slots, missing, unexpected = resolve_targets(
+                flat, manifest, storage, keys=keys, key_map=key_map, prefix=prefix, convert_dtype=convert_dtype,
+                strict=strict)
+            if strict and (missing or unexpected):
+                raise KeyMismatchError(f"keys differ: missing from the checkpoint {_few(missing, 10)}, unexpected "
+                                       f"in it {_few(unexpected, 10)}", missing=missing, unexpected=unexpected,
+                                       file=storage.url)
+            chunks = read_chunks(storage, manifest, {t.key for t in targets}, index_data)
+            tasks = plan_reads(targets, manifest, chunks)
     except Exception as e:
         if comm.group is None:
             raise
@@ -300,14 +304,17 @@ def load_full(path, *, keys=None, storage_options: dict | None = None, device: s
     storage = storage_for(path, storage_options)
     comm = sdist.comm_for(process_group) if process_group is not None and exchange != "never" \
         else sdist.Comm(None, 0, 1, 0)
-    manifest, index_data = read_group_metadata(storage, comm)
-    wanted = key_filter(keys)
-    check_selection(keys, manifest.keys(), whose="the checkpoint's", file=storage.url)
-    # indexes validated (coverage included) before any tensor is allocated from the manifest's shapes
-    chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)], index_data)
-    tensors = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in manifest.tensors.items() if wanted(k)}
-    targets = [Target(k, (0,) * t.dim(), tuple(t.shape), t) for k, t in tensors.items() if t.numel() or not t.dim()]
-    tasks = plan_reads(targets, manifest, chunks)
+    with phase("metadata"):
+        manifest, index_data = read_group_metadata(storage, comm)
+    with phase("planning"):
+        wanted = key_filter(keys)
+        check_selection(keys, manifest.keys(), whose="the checkpoint's", file=storage.url)
+        # indexes validated (coverage included) before any tensor is allocated from the manifest's shapes
+        chunks = read_chunks(storage, manifest, [k for k in manifest.tensors if wanted(k)], index_data)
+        tensors = {k: torch.empty(m.shape, dtype=m.dtype) for k, m in manifest.tensors.items() if wanted(k)}
+        targets = [Target(k, (0,) * t.dim(), tuple(t.shape), t) for k, t in tensors.items()
+                   if t.numel() or not t.dim()]
+        tasks = plan_reads(targets, manifest, chunks)
     if comm.group is None:
         run_reads(storage, manifest, tasks)
     else:

@@ -21,9 +21,10 @@ from shardckpt.plan.geometry import frame_span, intersect, row_batches
 from shardckpt.format.refs import chunk_storage, reference_error
 from shardckpt.storage.base import ReadRange, Storage
 from shardckpt.storage.local import LocalStorage
+from shardckpt.loading.profile import phase
 from shardckpt.loading.verify import frame_error
 
-TASK_BYTES = 64 << 20
+TASK_BYTES = 16 << 20  # raw bytes of one read task at most: a batch holds whole tasks, so this bounds its overshoot
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def plan_reads(targets: list[Target], manifest: Manifest, chunks_by_key: dict[st
     return tasks
 
 
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 32 << 20  # stored bytes per fetch (read_ranges reads its 8 MB pieces in parallel); the fetch
+#                        buffers (AHEAD_LOCAL + 1 of them) are a load's extra memory, ~100 MB per rank at this size
+FIRST_BATCH_BYTES = 8 << 20  # the first batches are smaller (8, 16, then 32 MB): decoding starts sooner
 AHEAD_LOCAL = 2   # batches fetched ahead of the one being decoded, local files
 AHEAD_REMOTE = 4  # object stores: more requests in flight to hide their latency
 
@@ -90,9 +93,11 @@ class _Fetch:
 
 
 def _batches(tasks: list[ReadTask]) -> list[list[_Fetch]]:
-    """Consecutive tasks of one file grouped into batches of about BATCH_BYTES stored bytes."""
+    """Consecutive tasks of one file grouped into batches of at most BATCH_BYTES stored bytes (or one task,
+    if larger), the first ones smaller (FIRST_BATCH_BYTES, doubling): a cold load waits for its first batch
+    before it can decode anything."""
     batches: list[list[_Fetch]] = []
-    size = 0
+    size, limit = 0, FIRST_BATCH_BYTES
     for t in tasks:
         span = frame_span(t.chunk.sizes, t.meta.itemsize, t.chunk.frame_size, t.row_lo, t.row_hi)
         if span.nbytes == 0:
@@ -101,7 +106,9 @@ def _batches(tasks: list[ReadTask]) -> list[list[_Fetch]]:
         start = frames[0].offset
         f = _Fetch(t, span, start, frames[-1].offset + frames[-1].stored_len - start)
         last = batches[-1][0].task.chunk if batches else None
-        if last is None or (last.base, last.file) != (t.chunk.base, t.chunk.file) or size >= BATCH_BYTES:
+        if last is None or (last.base, last.file) != (t.chunk.base, t.chunk.file) or size + f.stored > limit:
+            if batches:
+                limit = min(2 * limit, BATCH_BYTES)
             batches.append([])
             size = 0
         batches[-1].append(f)
@@ -132,7 +139,8 @@ def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats
             submit()
         while pending:
             batch, fut = pending.popleft()
-            buf, merged = fut.result()
+            with phase("read_wait"):
+                buf, merged = fut.result()
             submit()
             try:
                 _decode_batch(batch, buf, merged, nthreads, stats, storage.url)
@@ -147,8 +155,8 @@ def run_reads(storage: Storage, manifest: Manifest, tasks: list[ReadTask], stats
 
 class _FetchBuffers:
     """Fetch buffers reused across batches and loads (a fresh one per batch would spend its time in page
-    faults). As many are kept as a local load keeps in flight (AHEAD_LOCAL + 1, up to ~200 MB), the rest
-    are dropped."""
+    faults). As many are kept as a local load keeps in flight (AHEAD_LOCAL + 1, ~100 MB), the rest are
+    dropped."""
     _lock = threading.Lock()
     _free: list[np.ndarray] = []
 
@@ -158,7 +166,9 @@ class _FetchBuffers:
             for i, b in enumerate(cls._free):
                 if b.nbytes >= nbytes:
                     return cls._free.pop(i)[:nbytes]
-        size = -(-max(nbytes, 1 << 20) // mmap.PAGESIZE) * mmap.PAGESIZE
+        # one size for all batches (the small first ones too), so every later batch finds a buffer to reuse;
+        # pages are faulted in only where a read lands
+        size = -(-max(nbytes, BATCH_BYTES + (1 << 20)) // mmap.PAGESIZE) * mmap.PAGESIZE
         return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
                              dtype=np.uint8)[:nbytes]  # page-aligned, as O_DIRECT reads need
 
@@ -189,8 +199,9 @@ def _fetch(storage: Storage, batch: list[_Fetch], stats: ReadStats | None):
             total += end - start
     buf = _FetchBuffers.take(total)
     try:  # a reference's frames are in its base checkpoint (FORMAT.md §7)
-        chunk_storage(storage, batch[0].task.chunk).read_ranges(
-            batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
+        with phase("read_io"):
+            chunk_storage(storage, batch[0].task.chunk).read_ranges(
+                batch[0].task.chunk.file, [ReadRange(a, b - a, d) for a, b, d in merged], buf)
     except StorageError as e:
         _FetchBuffers.give(buf)
         short = _short_file_error(storage, batch)
@@ -269,7 +280,8 @@ def _decode(task: ReadTask, first: int, frames, src: np.ndarray, start: int, dst
     ch = task.chunk
     table = [(f.offset - start, f.stored_len, f.raw_len, f.crc32c, f.encoded) for f in frames]
     try:
-        _ext.decode_frames(src, table, dst, plane_size(task.meta.dtype), CODEC_IDS[ch.codec], nthreads)
+        with phase("decode"):
+            _ext.decode_frames(src, table, dst, plane_size(task.meta.dtype), CODEC_IDS[ch.codec], nthreads)
     except (_ext.FrameError, ValueError) as e:
         raise frame_error(e, ch, frames, first, where) from None
 
@@ -308,7 +320,8 @@ def decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: Rea
             tmp = _scratch(f.raw_len)
             _decode(task, span.first + j, [f], src[f.offset - start:], f.offset, tmp, nthreads, where)
             x, y = max(a, lo_b), min(a + f.raw_len, hi_b)
-            out[x - lo_b:y - lo_b] = tmp[x - a:y - a]
+            with phase("copy"):
+                out[x - lo_b:y - lo_b] = tmp[x - a:y - a]
         flush()
         return
     raw = _scratch(raw_total)
@@ -323,4 +336,5 @@ def decode_task(task: ReadTask, span, src: np.ndarray, nthreads: int, stats: Rea
         lo = inter_off[d] - ch.offsets[d]
         if lo != 0 or inter_size[d] != ch.sizes[d]:
             src_view = src_view.narrow(d, lo, inter_size[d])
-    dst.copy_(src_view)
+    with phase("copy"):
+        dst.copy_(src_view)
