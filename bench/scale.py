@@ -19,8 +19,9 @@ manifest + index broadcast; exchange.run's step 2a: an all-reduce of five intege
 needs every frame, one of 24 bytes a frame (plan.needers; an all-reduce counted as twice its bytes);
 where needers are not contiguous ranks the needs or listings all-gathered digests first as
 Comm.all_gather_distinct does: 24 bytes a rank, then each distinct record once; the local tier's metadata
-all-gather too), the planning time of rank 0, wall and CPU (every rank plans, the coordinator included;
-with the local tier's choose_local; the sums an all-reduce would deliver are computed outside it) and the
+all-gather too), the planning time of rank 0, wall and CPU (every rank plans, the coordinator included:
+the plan and its own schedule, with the local tier's choose_local; the sums an all-reduce would deliver
+are computed outside it) and the
 collectives of the load. Goals at 16,384 ranks (issue 26): exchange memory per rank <= 2x the round
 budget; metadata + planning bytes per rank <= 2x the manifest; planning < 1 s; local-tier listing O(W)
 bytes per rank."""
@@ -173,7 +174,7 @@ def restore_row(ck: Checkpoint, layout: str, world: int, round_bytes: int) -> di
     every frame (DDP, fine-tuning) the needs are known; else the all-reduce of needer sums (24 bytes a
     frame), then direct reads (needs barely overlap), the plan's segments read off the sums (FSDP:
     contiguous needers), or (HSDP) the needs gathered digests first; then the plan. Planning time: what
-    rank 0 computes from the sums (its own vectors, the rule, the segments, the plan)."""
+    rank 0 computes from the sums (its own vectors, the rule, the segments, the plan, its schedule)."""
     row = {"layout": layout, "ranks": world, "stored": ck.stored, "manifest": ck.metadata_bytes}
     nbytes = frame_bytes(ck.offsets)
     every = [(f, 0, len(o) - 1) for f, o in sorted(ck.offsets.items())]
@@ -208,9 +209,11 @@ def restore_row(ck: Checkpoint, layout: str, world: int, round_bytes: int) -> di
     else:
         plan = (plan_segments(ns, world, ck.offsets, round_bytes=round_bytes) if how.startswith("segments")
                 else plan_exchange(ns, ck.offsets, round_bytes=round_bytes))
+        plan.schedule(0)
+    row["plan_s"], row["plan_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    if ns is not None:
         row["send"], row["recv"] = plan.round_peaks()
         row.update(rounds=len(plan.rounds), exchanged=plan.worth_exchanging)
-    row["plan_s"], row["plan_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     row["note"] = how
     # metadata 2, step 2a, rounds 2 each, agreement 2
     row["collectives"] = 2 + colls + 2 * row["rounds"] + 2
@@ -250,6 +253,7 @@ def local_row(ck_stored: int, world: int, round_bytes: int, keep: int = 2) -> di
     t0, c0 = time.perf_counter(), time.process_time()
     plan = plan_exchange([[(r, 0, len(offsets[r]) - 1)] for r in range(world)], offsets, round_bytes=round_bytes,
                          holders=holders)
+    plan.schedule(0)
     row["plan_s"] = time.perf_counter() - t0 + row["choose_s"]
     row["plan_cpu_s"] = time.process_time() - c0 + choose_cpu
     row["send"], row["recv"] = plan.round_peaks()

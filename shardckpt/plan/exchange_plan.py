@@ -291,7 +291,7 @@ def plan_segments(segments: Sequence[Segment], world: int, frame_offsets: dict[i
         # close to their (budget - share) / 2
         n = len(needers)
         top = max(1, min(max_piece, round_bytes // n if n <= STAR_RANKS else round_bytes // 8))
-        for lo, hi in _cut(offs, a, b, len(needers), min(min_piece, top), top):
+        for lo, hi in _cut(offs, a, b, len(needers), min(min_piece, top), top) if b - a > 1 else ((a, b),):
             nbytes = offs[hi] - offs[lo]
             while True:  # least-loaded needer; heap entries go stale when another segment loads a rank
                 got, r = heapq.heappop(heap)
@@ -423,33 +423,32 @@ def _demand(pieces, ranks: tuple[int, ...], star: bool, gens) -> dict[tuple[int,
     less its own share from its parent in round g + depth(i). Exact (round_peaks sums it)."""
     out: dict[tuple[int, int], list[int]] = {}
     n = len(ranks)
+    depths = [depth(pos) for pos in range(n)]
+    parents = [ranks[(pos - 1) // 2] for pos in range(n)]
+    get = out.get
     for g, idx in enumerate(gens):
         share: dict[int, int] = {}
         for i in idx:
             share[pieces[i].fetcher] = share.get(pieces[i].fetcher, 0) + pieces[i].nbytes
         size = sum(share.values())
-        sends: list[tuple[int, int, int]] = []  # (rank, round, bytes); receives likewise
-        recvs: list[tuple[int, int, int]] = []
+        moves: list[tuple[int, int, int, int]] = []  # (rank, round, 0 sent / 1 received, bytes)
         if star:
-            sends += [(f, g, b * (n - (f in ranks))) for f, b in share.items()]
-            recvs += [(r, g, size - share.get(r, 0)) for r in ranks]
+            moves += [(f, g, 0, b * (n - (f in ranks))) for f, b in share.items()]
+            moves += [(r, g, 1, size - share.get(r, 0)) for r in ranks]
         else:
             for f, b in share.items():
                 if f != ranks[0]:
-                    sends.append((f, g, b))
-                    recvs.append((ranks[0], g, b))
+                    moves += [(f, g, 0, b), (ranks[0], g, 1, b)]
             for pos in range(1, n):
                 got = size - share.get(ranks[pos], 0)
                 if got:
-                    k = g + depth(pos)
-                    recvs.append((ranks[pos], k, got))
-                    sends.append((ranks[(pos - 1) // 2], k, got))
-        for side, book in ((0, sends), (1, recvs)):
-            for r, k, b in book:
-                u = out.get((r, k))
-                if u is None:
-                    u = out[(r, k)] = [0, 0]
-                u[side] += b
+                    k = g + depths[pos]
+                    moves += [(ranks[pos], k, 1, got), (parents[pos], k, 0, got)]
+        for r, k, side, b in moves:
+            u = get((r, k))
+            if u is None:
+                u = out[(r, k)] = [0, 0]
+            u[side] += b
     return out
 
 
