@@ -5,9 +5,9 @@ per-rank reads (exchange="never") and DCP's FsspecReader, on bench.compare's GPT
     python -m bench.exchange --store local          # a local directory (no DCP column)
     python -m bench.exchange --plan-only            # only the planning simulation
 
-Scenarios, each restored on 4 ranks:
+Scenarios, each restored on --ranks ranks (default 4):
   ddp       saved by 4 ranks with plain (replicated) tensors, loaded into plain tensors on every rank
-  hsdp      saved by 4 ranks FSDP (Shard(0)), loaded on a 2x2 (Replicate, Shard(0)) mesh
+  hsdp      saved by 4 ranks FSDP (Shard(0)), loaded on a (ranks/2)x2 (Replicate, Shard(0)) mesh (4 ranks or more)
   finetune  saved by 1 process, loaded into plain tensors on every rank
 Traffic is counted at the storage layer in every rank (S3: every GetObject the client makes and the bytes
 it returned, for shardckpt and DCP alike; local: what LocalStorage is asked to read), summed over ranks, and reported
@@ -111,7 +111,7 @@ def _target(scenario, shapes, dtype, rank, ws):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+    mesh = init_device_mesh("cpu", (ws // 2, 2), mesh_dim_names=("rep", "shard"))
     pl = [Replicate(), Shard(0)]
 
     def make(name, shape, scale, square=False, kind=0):
@@ -239,6 +239,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--store", choices=("s3", "local"), default="s3")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ranks", type=int, default=4, help="ranks of the load (hsdp: 4 or more, even)")
     ap.add_argument("--only", default=",".join(SCENARIOS))
     ap.add_argument("--plan-only", action="store_true")
     ap.add_argument("--plan-params", type=float, default=350e6, help="state simulated by the planning part")
@@ -259,7 +260,7 @@ def main(argv=None):
                 if a.store == "s3":
                     run_ranks(save_ws, _dcp_save_job, args, sc, timeout=1800)
                 stored = _stored(f"{args['url']}/{sc}", args["opts"])
-                per_rank = run_ranks(4, _load_job, args, sc, timeout=1800)
+                per_rank = run_ranks(a.ranks, _load_job, args, sc, timeout=1800)
                 row = {"stored_bytes": stored}
                 for m in per_rank[0]:
                     times = [max(r[m][i][0] for r in per_rank) for i in range(a.repeat)]

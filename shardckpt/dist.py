@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -161,6 +162,16 @@ class Comm:
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
         self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group), "all_reduce")
         return bool(t.item())
+
+    def all_reduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        """The element-wise "sum" or "max" over the group of an int32 or int64 vector (one all-reduce; a
+        rank sends and receives about twice its bytes whatever the world size)."""
+        if self.group is None:
+            return values
+        t = torch.from_numpy(np.ascontiguousarray(values).copy())
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        self._run(lambda: dist.all_reduce(t, op=red, group=self.group), "all_reduce")
+        return t.numpy()
 
     def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
         """Send send[...] in consecutive parts of send_sizes[r] bytes to each rank r; receive recv_sizes[r]

@@ -1,17 +1,27 @@
 """Per-rank costs of a restore bounded whatever the world size (issue 26), pinned on the pure plans: the
 exchange's tree deliveries are correct (every rank gets every piece it needs once, from a rank that holds
 it, sender and receiver agreeing round by round), and at 16,384 simulated ranks no rank sends or receives
-more than the round budget in one round. bench.scale prints the same figures for five layouts."""
+more than the round budget in one round; per-frame counts decide exchange="auto" as the plan does and
+rebuild FSDP's needs exactly, so an FSDP restore's metadata and planning bytes stay within 2x the
+manifest. bench.scale prints the same figures for five layouts. The 4-rank gloo loads at the end check
+that the counted paths load bit-exact."""
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
+import shardckpt
 from bench import scale
-from shardckpt.plan.exchange_plan import ROUND_BYTES, plan_exchange
-from test_exchange import _layouts
+from harness import run_ranks
+from shardckpt.plan.exchange_plan import ROUND_BYTES, plan_exchange, plan_segments
+from shardckpt.plan.needers import (frame_bytes, needed_and_repeated, needer_sums, segments_from_sums,
+                                    worth_exchanging_counts)
+from test_exchange import _count_reads, _frames_covered, _layouts, _stored_frames
 
 
 def _replay(plan, needs):
@@ -123,3 +133,134 @@ def test_per_rank_listing_and_metadata_bytes_grow_linearly():
     small, big = (scale.local_row(4 << 30, w, ROUND_BYTES) for w in (1024, 8192))
     assert big["listing_bytes"] <= 8 * 1.2 * small["listing_bytes"]   # x8 ranks: about x8 bytes, not x64
     assert big["meta_plan_bytes"] <= 2 * big["manifest"]
+
+
+# ------------------------------------------------------------------------- needs counted, not gathered
+
+def _summed(needs, offsets):
+    """What exchange.run's step 2a all-reduces: the sum of every rank's needer_sums."""
+    return np.sum([needer_sums(n, offsets, r) for r, n in enumerate(needs)], axis=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layouts())
+def test_sums_decide_like_the_plan_and_give_its_segments_when_needers_are_contiguous(layout):
+    needs, offsets = layout
+    plan = plan_exchange(needs, offsets)
+    sums = _summed(needs, offsets)
+    nbytes = frame_bytes(offsets)
+    assert needed_and_repeated(sums[:len(nbytes)], nbytes) == (sum(p.nbytes for p in plan.pieces),
+                                                               plan.repeated_bytes)
+    assert worth_exchanging_counts(sums, nbytes) == plan.worth_exchanging
+    segments = segments_from_sums(sums, offsets, len(needs))
+    contiguous = all(set(p.receivers) == set(range(min(p.receivers), max(p.receivers) + 1)) for p in plan.pieces)
+    assert (segments is not None) == contiguous
+    if segments is not None:   # the very plan the gathered needs give
+        assert plan_segments(segments, len(needs), offsets) == plan
+
+
+def test_sums_tell_contiguous_needers_from_any_other_set_of_as_many():
+    """Two sets of c distinct ranks with the same sum and sum of squares are the same set when one is
+    contiguous: {0, 3} vs {1, 2} share the sum, not the squares; {0, 4, 5} vs {1, 2, 6} share both and
+    neither is contiguous, so both go to the gather."""
+    offsets = {0: [0, 10]}
+    for ranks, contiguous in (([1, 2], True), ([0, 3], False), ([0, 4, 5], False), ([1, 2, 6], False),
+                              ([5], True), ([2, 3, 4, 5], True)):
+        needs = [[(0, 0, 1)] if r in ranks else [] for r in range(8)]
+        segments = segments_from_sums(_summed(needs, offsets), offsets, 8)
+        assert segments == ([(0, 0, 1, tuple(ranks))] if contiguous else None), ranks
+
+
+@pytest.mark.parametrize("world", [3, 16, 200])
+def test_fsdp_sums_simulated_per_frame_are_every_ranks_sum(world):
+    ck = scale.checkpoint(30e6, scale.SAVED_WS)
+    needs = scale.needs(ck, "fsdp", world)
+    sums = _summed(needs, ck.offsets)
+    assert np.array_equal(sums, scale.fsdp_sums(ck, world))
+    assert plan_segments(segments_from_sums(sums, ck.offsets, world), world, ck.offsets) == \
+        plan_exchange(needs, ck.offsets)
+
+
+def test_hsdp_needs_are_not_contiguous_and_go_to_the_gather():
+    ck = scale.checkpoint(30e6, scale.SAVED_WS)
+    needs = scale.needs(ck, "hsdp", 16)
+    assert segments_from_sums(_summed(needs, ck.offsets), ck.offsets, 16) is None
+
+
+@pytest.mark.parametrize("world", [64, 16384])
+def test_fsdp_restore_metadata_and_planning_within_2x_the_manifest(world):
+    """FSDP's needs are all distinct: gathered, they cost O(ranks x tensors) per rank (8.3x the manifest at
+    16,384 ranks); summed, 24 bytes a frame whatever the world size."""
+    ck = scale.checkpoint(350e6, scale.SAVED_WS)
+    row = scale.restore_row(ck, "fsdp", world, ROUND_BYTES)
+    assert row["meta_plan_bytes"] <= 2 * row["manifest"]
+    assert row["needs_bytes"] == 2 * 24 * len(frame_bytes(ck.offsets)) + 80
+    assert row["exchanged"] == (world > 64)   # few ranks: frames barely shared, read directly
+    assert row["send"] <= ROUND_BYTES and row["recv"] <= ROUND_BYTES
+    # small deliveries share rounds: a few dozen, not one (or one tree's depth) per set of neighbours
+    # (4,208 for a 1 B state on 1,024 ranks when each delivery had its ranks to itself)
+    assert row["rounds"] <= 60
+
+
+def _save_fsdp_sources(rank, ws, root):
+    shardckpt.save(_fsdp_state(), os.path.join(root, "src"))
+    return True
+
+
+def _fsdp_state():
+    g = torch.Generator().manual_seed(7)
+    # tall: 1 MB in 64 KiB frames of 64 rows, 250 rows a rank: 3 of 16 frames needed by two neighbours
+    # wide: 8 MiB in 512 KiB frames of 256 rows, 1,024 rows a rank: no frame shared
+    return {"tall": torch.randn(1000, 256, generator=g), "wide": torch.randn(4096, 512, generator=g),
+            "tall16": torch.randn(1000, 512, generator=g).to(torch.bfloat16)}
+
+
+def _fsdp_restore(rank, ws, root, name):
+    """Shard(0) over the 4 ranks of a 1-process save, under exchange="auto": which of step 2a's paths ran
+    (the needs gather spied on) and what was read, compared bit-exactly with direct reads."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from shardckpt.loading import exchange as xchg
+    from scenarios import full_of, make_mesh
+    mesh = make_mesh(ws, 1)
+    full = {k: v for k, v in _fsdp_state().items() if k in name.split("+")}
+    make = lambda: {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in full.items()}  # noqa: E731
+    calls = {"gathered": 0, "direct": 0}
+    real_gathered, real_direct = xchg._gathered, xchg._read_directly
+
+    def gathered(*a):
+        calls["gathered"] += 1
+        return real_gathered(*a)
+
+    def direct(*a):
+        calls["direct"] += 1
+        return real_direct(*a)
+    xchg._gathered, xchg._read_directly = gathered, direct
+    counts: list = []
+    undo = _count_reads(counts)
+    try:
+        got = make()
+        shardckpt.load(got, os.path.join(root, "src"), strict=False)
+    finally:
+        undo()
+        xchg._gathered, xchg._read_directly = real_gathered, real_direct
+    ref = make()
+    shardckpt.load(ref, os.path.join(root, "src"), strict=False, exchange="never")
+    for k, v in full.items():
+        assert torch.equal(full_of(got[k]).view(torch.uint8), v.view(torch.uint8)), k
+        assert torch.equal(full_of(ref[k]).view(torch.uint8), v.view(torch.uint8)), k
+    shardckpt.shutdown()
+    return calls, counts
+
+
+def test_fsdp_loads_take_the_counted_paths_bit_exact(tmp_path):
+    root = str(tmp_path)
+    run_ranks(1, _save_fsdp_sources, root, timeout=120)
+    frames = _stored_frames(os.path.join(root, "src"))
+    # frames shared by neighbouring ranks: exchanged, from needs rebuilt out of the counts (no gather)
+    per_rank = run_ranks(4, _fsdp_restore, root, "tall+tall16", timeout=180)
+    assert all(c == {"gathered": 0, "direct": 0} for c, _ in per_rank)
+    hits = _frames_covered([r for _, reads in per_rank for r in reads], frames)
+    assert all(n <= 1 for n in hits.values()) and sum(hits.values()) > 0   # each frame fetched once
+    # frames barely shared: each rank reads its own, decided from the counts (no gather)
+    per_rank = run_ranks(4, _fsdp_restore, root, "wide", timeout=180)
+    assert all(c == {"gathered": 0, "direct": 1} for c, _ in per_rank)

@@ -5,18 +5,24 @@ in this order (each step a collective on shardckpt's gloo companion group, with 
   1. read_metadata: the coordinator reads manifest.json and every index file and broadcasts them (or the
      typed error); every rank validates them itself (checksums included)
   2. run, all ranks:
-     a. gather every rank's needs (runs of frames of each data file) and any error a rank met while
-        planning (then every rank raises it), digests first: replicas' identical needs are sent once and
-        planned once
-     b. exchange_plan.plan_exchange, the same on every rank: who fetches which piece of frames
-     c. exchange="auto" and direct reads would fetch less than 1/8 more than needed (pure FSDP; a reshard
-        sharing only the frames at shard boundaries): each rank reads its own frames directly
-        (reader.run_reads); else (or with "always") rounds of:
+     a. one all-reduce of five integers (every rank needs every frame? then the needs are known: DDP,
+        fine-tuning), else one of three int64 a frame (plan.needers: each frame's needer count, the sum
+        of their ranks and of their squares), whatever the world size. Under "auto", when direct reads
+        would fetch less than 1/8 more than needed (FSDP on few ranks; a reshard sharing only the frames
+        at shard boundaries) each rank reads its own frames (reader.run_reads) and goes to d; else where
+        each frame's needers are contiguous ranks (FSDP on many ranks) every rank reads the plan's
+        segments off the sums (exchange_plan.plan_segments): no rank learns another's needs
+     b. otherwise gather every rank's needs (runs of frames of each data file) and any error a rank met
+        while planning (then every rank raises it), digests first: replicas' identical needs are sent
+        once and planned once; then exchange_plan.plan_exchange, the same on every rank
+     c. if a's rule (which plan.worth_exchanging repeats) still says so, direct reads; else (or with
+        "always", or a local tier's holders) rounds of:
           fetch this rank's pieces of the round (crc32c of every frame checked by the fetcher, so a corrupt
           frame is reported by the rank that fetched it) -> one all-reduce: did any rank fail? ->
-          all_to_all of the stored (still compressed) bytes: the fetched pieces to their delivery's tree
-          root, and each tree position's pieces to its children (ExchangePlan.schedule: no rank sends or
-          receives more than the round budget, whatever the world size) -> decode the read tasks whose
+          all_to_all of the stored (still compressed) bytes: the fetched pieces straight to the few
+          ranks of a star, or to a tree's root and each tree position's pieces to its children
+          (ExchangePlan.schedule: no rank sends or receives more than the round budget, whatever the
+          world size) -> decode the read tasks whose
           frames are all in -> drop the pieces no pending task needs and no later round forwards
      d. one gather + broadcast of the outcome: every rank returns, or every rank raises the same typed error
 Compressed bytes are sent, not decoded ones: they are fewer (about 0.67x for bf16 weights), and each rank
@@ -24,6 +30,8 @@ decodes only what it needs, with all its threads, as a direct read would.
 CUDA: the bytes travel through host memory on the gloo group; the tensors they decode into may be on any
 device (decode lands in host scratch, then copies). An NCCL transport for GPU-resident targets would
 replace the all_to_all call only.
+Why one module of ~440 lines: steps 1 and 2 are one protocol whose collectives must stay in step on every
+rank (the same branches, in the same order); its pure parts live in plan/ (exchange_plan, needers).
 """
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ import torch
 from shardckpt.native import kernels as _ext
 from shardckpt.format.codec import threads
 from shardckpt.errors import CheckpointError, ChecksumError, IncompleteCheckpointError, error_from, error_record
-from shardckpt.plan.exchange_plan import ExchangePlan, plan_exchange
+from shardckpt.plan.exchange_plan import ExchangePlan, plan_exchange, plan_segments, worth_exchanging
+from shardckpt.plan.needers import frame_bytes, needer_sums, runs_bytes, segments_from_sums, worth_exchanging_counts
 from shardckpt.format.records import MANIFEST_NAME, Chunk, Manifest
 from shardckpt.format.parse import parse_manifest
 from shardckpt.plan.geometry import frame_span
@@ -192,30 +201,25 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
         files = _Files.build(manifest, chunks_by_key) if error is None else None
         mine = [] if error is not None else _my_tasks(tasks, files)
         runs = sorted({(t.file, t.first, t.end) for t in mine})
-        record = {"error": error_record(error, comm.rank)} if error is not None else {"runs": runs}
-    # digests first: replicas' identical needs travel once (Comm.all_gather_distinct)
-    with phase("collectives"):
-        blobs = comm.all_gather_distinct(json.dumps(record, separators=(",", ":")).encode())
-    parsed: dict[bytes, dict] = {}
-    for b in blobs:  # replicas send identical needs: parse each distinct one once
-        if b not in parsed:
-            parsed[b] = json.loads(b)
-    failed = next((parsed[b]["error"] for b in blobs if "error" in parsed[b]), None)
-    if failed is not None:
-        if error is not None and failed["by"] == comm.rank:
-            raise error
-        raise error_from(failed)
-    runs_of = {b: [tuple(r) for r in rec["runs"]] for b, rec in parsed.items()}
-    needs = [runs_of[b] for b in blobs]  # one object per distinct need: planned once (plan_exchange)
-    with phase("planning"):
-        plan = plan_exchange(needs, files.offsets, holders=holders)
+    with phase("collectives"):  # who needs what: all-reduced sums (and the needs gathered where they fall short)
+        how = _counted(files, runs, error, comm, mode) if holders is None else None
+    if how == "direct":
+        out = ExchangeStats(bytes_fetched=runs_bytes(runs, files.offsets))
+        _agree(comm, _read_directly(storage, manifest, tasks, stats))
+        return out
+    if isinstance(how, tuple):  # segments read off the sums
+        with phase("planning"):
+            plan = plan_segments(how, comm.world_size, files.offsets)
+    else:
+        if how is None:
+            with phase("collectives"):
+                how = _gathered(runs, error, comm)
+        with phase("planning"):
+            plan = plan_exchange(how, files.offsets, holders=holders)
     out = ExchangeStats()
     local_error = None
     if mode != "always" and holders is None and not plan.worth_exchanging:
-        try:  # (almost) nothing is needed twice: read directly, then agree like the exchange does
-            run_reads(storage, manifest, tasks, stats)
-        except Exception as e:
-            local_error = e
+        local_error = _read_directly(storage, manifest, tasks, stats)
         out.bytes_fetched = plan.fetched_bytes(comm.rank)
     else:
         out.exchanged = True
@@ -227,6 +231,57 @@ def run(storage: Storage, manifest: Manifest, chunks_by_key: dict[str, list[Chun
             local_error = e
     _agree(comm, local_error)
     return out
+
+
+def _counted(files: "_Files | None", runs: list[tuple[int, int, int]], error: BaseException | None, comm,
+             mode: str):
+    """Step 2a: "direct" (every rank reads its own frames), every rank's needs (all need every frame), a
+    tuple of the plan's segments read off the sums (plan.needers), or None: step b gathers the needs (a
+    rank met an error, ranks count frames differently, or some frame's needers are not contiguous ranks:
+    HSDP's replicas). Decided from all-reduced sums only, so every rank takes the same branch."""
+    n, mine, total, nbytes = 0, 0, 0, None
+    if error is None:
+        nbytes = frame_bytes(files.offsets)
+        n, mine, total = len(nbytes), runs_bytes(runs, files.offsets), int(nbytes.sum())
+    head = comm.all_reduce(np.array([error is not None, n, n * n, mine, total], dtype=np.int64))
+    w = comm.world_size
+    if head[0] or head[1] != w * n or head[2] != w * n * n:
+        return None  # n and n^2 sum to w n and w n^2 only if every rank counted n frames
+    if head[3] == head[4]:  # no rank needs more than every frame: each needs them all (DDP, fine-tuning)
+        every = [(f, 0, len(o) - 1) for f, o in sorted(files.offsets.items())]
+        return "direct" if mode == "auto" and not worth_exchanging(total, (w - 1) * total, w > 1) else [every] * w
+    sums = comm.all_reduce(needer_sums(runs, files.offsets, comm.rank))
+    if mode == "auto" and not worth_exchanging_counts(sums, nbytes):
+        return "direct"
+    segments = segments_from_sums(sums, files.offsets, w)
+    return tuple(segments) if segments is not None else None
+
+
+def _gathered(runs, error: BaseException | None, comm) -> list[list[tuple[int, int, int]]]:
+    """Step 2b: every rank's needs (or any rank's error, raised on every rank), digests first: replicas'
+    identical needs travel once (Comm.all_gather_distinct) and come back as one object (planned once)."""
+    record = {"error": error_record(error, comm.rank)} if error is not None else {"runs": runs}
+    blobs = comm.all_gather_distinct(json.dumps(record, separators=(",", ":")).encode())
+    parsed: dict[bytes, dict] = {}
+    for b in blobs:  # replicas send identical needs: parse each distinct one once
+        if b not in parsed:
+            parsed[b] = json.loads(b)
+    failed = next((parsed[b]["error"] for b in blobs if "error" in parsed[b]), None)
+    if failed is not None:
+        if error is not None and failed["by"] == comm.rank:
+            raise error
+        raise error_from(failed)
+    runs_of = {b: [tuple(r) for r in rec["runs"]] for b, rec in parsed.items()}
+    return [runs_of[b] for b in blobs]
+
+
+def _read_directly(storage, manifest, tasks, stats) -> BaseException | None:
+    """(Almost) nothing is needed twice: this rank reads its own frames; its failure, for _agree."""
+    try:
+        run_reads(storage, manifest, tasks, stats)
+    except Exception as e:  # noqa: BLE001 - every rank learns it at the agreement
+        return e
+    return None
 
 
 def _agree(comm, local_error: BaseException | None) -> None:
