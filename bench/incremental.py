@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     t_inc, t_full = statistics.median(r[5] for r in inc), statistics.median(r[3] for r in inc)
     print(f"steps 1-{last}: incremental wrote {statistics.mean(r[4] / r[1] for r in inc):.3f}x the changed bytes "
           f"(full: {statistics.mean(r[2] / r[1] for r in inc):.2f}x); save {t_inc:.3f} s against {t_full:.3f} s "
-          f"full (median): {t_inc / t_full:.2f}x")
+          f"full (median): {t_inc / t_full:.3f}x")
     print(f"restore (load_full, warm cache, median of 3): full {statistics.median(times['full']):.2f} s, "
           f"incremental {statistics.median(times['incr']):.2f} s")
     stall = {"full": [], "incr": []}  # async_save until it returns: what training waits for
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
             shutil.rmtree(path)
     print(f"stall (async_save until it returns, median of 3): full {statistics.median(stall['full']):.3f} s, "
           f"incremental {statistics.median(stall['incr']):.3f} s")
-    goals = [f"incremental step {t_inc / t_full:.2f}x a full save (goal <= 0.35x)"]
+    goals = [f"incremental step {t_inc / t_full:.3f}x a full save (goal <= 0.35x)"]
     if args.all_params:
         r = all_changing(args.all_params, dtype, args.steps, os.path.join(root, "all"))
         goals.append(f"every chunk changing {r:.3f}x a plain save (goal <= 1.05x)")
