@@ -32,6 +32,13 @@ struct CopyJob {
 // Many copies (non-overlapping) in one call: one set of threads shares them in 1 MiB pieces.
 void copy_many(const std::vector<CopyJob>& jobs, int nthreads);
 
+// ---- dl.cpp: the dlopen of a runtime-loaded library, shared by zstd_dl.cpp and xxhash_dl.cpp.
+// The first of $env_var (when set: only it), soname, dev_name that opens (RTLD_NOW | RTLD_LOCAL); sets
+// `name` to it, or returns nullptr with dlerror()'s text in `why`.
+void* dlopen_first(const char* env_var, const char* soname, const char* dev_name, std::string& name,
+                   std::string& why);
+std::string version_text(unsigned v);  // MAJOR*10000 + MINOR*100 + RELEASE (zstd's and xxHash's) -> "1.5.4"
+
 // ---- zstd_dl.cpp: libzstd.so.1 loaded with dlopen, no headers needed at build time.
 bool zstd_load();                  // idempotent; false when the library or a symbol is missing
 const std::string& zstd_source();  // "libzstd.so.1 1.5.4 (dlopen)" or why loading failed

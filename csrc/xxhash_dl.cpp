@@ -1,8 +1,7 @@
-// libxxhash, loaded at runtime with dlopen like libzstd (zstd_dl.cpp): building needs no xxhash headers and
-// no copy of xxHash. The prototypes below are the documented, stable public API of xxhash.h; XXH3's output
+// libxxhash, loaded at runtime with dlopen like libzstd (zstd_dl.cpp; both open it through dl.cpp): building
+// needs no xxhash headers and no copy of xxHash. The prototypes below are the documented, stable public API of xxhash.h; XXH3's output
 // is frozen since 0.8.0, so any such library gives the same digests as the twin's `xxhash` package.
 // SHARDCKPT_LIBXXHASH=<path> overrides the library (tests use a bogus path to force the fallback).
-#include <cstdlib>
 #include <mutex>
 
 #include <dlfcn.h>
@@ -26,21 +25,9 @@ bool g_ok = false;
 std::once_flag g_once;
 
 void load() {
-    const char* env = std::getenv("SHARDCKPT_LIBXXHASH");
-    const char* candidates[] = {env && *env ? env : "libxxhash.so.0", env && *env ? nullptr : "libxxhash.so"};
-    void* h = nullptr;
     std::string name;
     std::string why;
-    for (const char* c : candidates) {
-        if (!c) continue;
-        h = dlopen(c, RTLD_NOW | RTLD_LOCAL);
-        if (h) {
-            name = c;
-            break;
-        }
-        const char* e = dlerror();
-        why = e ? e : "dlopen failed";
-    }
+    void* h = dlopen_first("SHARDCKPT_LIBXXHASH", "libxxhash.so.0", "libxxhash.so", name, why);
     if (!h) {
         g_source = why;
         return;
@@ -67,8 +54,7 @@ void load() {
         return;
     }
     g_hash = fn;
-    g_source = name + " " + std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." +
-               std::to_string(v % 100) + " " + entry + " (dlopen)";
+    g_source = name + " " + version_text(v) + " " + entry + " (dlopen)";
     g_ok = true;  // the handle stays open for the life of the process
 }
 

@@ -1,7 +1,6 @@
 // libzstd, loaded at runtime with dlopen so that building needs no zstd headers and no copy of zstd.
 // The prototypes below are the documented, stable public API of zstd.h (>= 1.4.0); we declare only what
 // we call. SHARDCKPT_LIBZSTD=<path> overrides the library (tests use a bogus path to force the fallback).
-#include <cstdlib>
 #include <mutex>
 
 #include <dlfcn.h>
@@ -26,21 +25,9 @@ bool sym(void* h, const char* name, T& out) {
 }
 
 void load() {
-    const char* env = std::getenv("SHARDCKPT_LIBZSTD");
-    const char* candidates[] = {env && *env ? env : "libzstd.so.1", env && *env ? nullptr : "libzstd.so"};
-    void* h = nullptr;
     std::string name;
     std::string why;
-    for (const char* c : candidates) {
-        if (!c) continue;
-        h = dlopen(c, RTLD_NOW | RTLD_LOCAL);
-        if (h) {
-            name = c;
-            break;
-        }
-        const char* e = dlerror();
-        why = e ? e : "dlopen failed";
-    }
+    void* h = dlopen_first("SHARDCKPT_LIBZSTD", "libzstd.so.1", "libzstd.so", name, why);
     if (!h) {
         g_source = why;
         return;
@@ -66,8 +53,7 @@ void load() {
         return;
     }
     zstd = a;
-    g_source = name + " " + std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." +
-               std::to_string(v % 100) + " (dlopen)";
+    g_source = name + " " + version_text(v) + " (dlopen)";
     g_ok = true;  // the handle stays open for the life of the process
 }
 

@@ -1,7 +1,8 @@
 """The save pipeline, in order (all ranks unless noted); shardckpt.save, async_save and the node-local tier
 run it:
-  prepare(...)          1. flatten the state, plan this rank's chunks, digest the plan; a hashed save starts
-                           hashing the caller's contiguous chunks (writer.ChunkHasher) and loads its base
+  prepare(...)          1. flatten the state, plan this rank's chunks, digest the plan; a save with a base
+                           loads it and puts first the chunks the base wrote itself; a hashed save starts
+                           hashing the caller's contiguous chunks (writer.ChunkHasher)
                         2. coordinator: refuse if a manifest exists (unless overwrite); pin an incremental
                            save's base (deleter.pin); gather digests, broadcast go + save_id (or the error)
                         3. stage what must be snapshotted (async saves, strided views, GPU tensors)
@@ -84,16 +85,17 @@ def prepare(state_dict, path, *, process_group, codec, frame_size, metadata, sto
                 items.append(item)
         # Sync saves encode straight from the caller's memory when it is contiguous on the CPU; async saves
         # (and strided views, GPU tensors) snapshot through the staging pool.
-        direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
-        staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
-        if hashed and direct:  # the caller waits in save(): hash its chunks while the base loads and is pinned
-            hasher = ChunkHasher()
-            hasher.add([i.source for i in direct])
-        if base is not None:
+        if base is not None:  # first: what the base wrote itself is hashed (and, changed, encoded) first
             from shardckpt.saving.incremental import load_base
             base_chunks = load_base(storage, base, comm.rank, storage_options)
-            if comm.is_coordinator:
-                pinned = _pin_base(storage, base_chunks, save_id)
+            items = base_chunks.changed_first(items)
+        direct = [i for i in items if not stage and not i.source.is_cuda and i.source.is_contiguous()]
+        staged = [i for i in items if stage or i.source.is_cuda or not i.source.is_contiguous()]
+        if hashed and direct:  # the caller waits in save(): hash its chunks while the base is pinned
+            hasher = ChunkHasher()
+            hasher.add([i.source for i in direct])
+        if base_chunks is not None and comm.is_coordinator:
+            pinned = _pin_base(storage, base_chunks, save_id)
         values = {k: encode_value(v, k) for k, v in flat.values.items()}
         digest = plan_digest(infos, list(values))
         meta = dict(metadata or {})
@@ -230,7 +232,11 @@ def write_and_commit(p: Prepared, after_write=None) -> Manifest:
     if p.pinned is not None:  # committed: the manifest itself now names what it refers to
         deleter.unpin(p.pinned, p.save_id)
     if committed is not None:
-        return parse_manifest(committed, file=f"{storage.url}/{MANIFEST_NAME}")
+        m = parse_manifest(committed, file=f"{storage.url}/{MANIFEST_NAME}")
+        if p.hashed:  # the next save with this one as its base need not parse it again
+            from shardckpt.saving.incremental import remember_manifest
+            remember_manifest(storage.url, committed, m)
+        return m
     return CommittedManifest(storage)
 
 

@@ -15,7 +15,7 @@ from shardckpt._faults import fault_point
 from shardckpt.format.codec import CODEC_IDS, RAW, plane_size, threads, zstd_level
 from shardckpt.format.records import build_index, chunk_frame_size, data_file_name, index_file_name
 from shardckpt.plan.save_plan import WriteItem
-from shardckpt.saving.incremental import BaseChunks
+from shardckpt.saving.incremental import BaseChunks, remember_index
 from shardckpt.format.refs import chunk_hash, chunk_hashes
 from shardckpt.storage.base import Storage
 
@@ -200,7 +200,10 @@ class RankWriter:
         self._release()
         index = build_index(save_id=self.save_id, rank=self.rank, chunks=self._chunks, hashed=self.hashed)
         self.storage.write_file(index_file_name(self.save_id, self.rank), index)
-        return RankFiles(size, len(index), _ext.crc32c(index), len(self._chunks), self._raw_bytes,
+        crc = _ext.crc32c(index)
+        if self.hashed:  # the next save on this one as its base need not read the index back
+            remember_index(self.storage.url, self.rank, self.save_id, len(index), crc, self._chunks)
+        return RankFiles(size, len(index), crc, len(self._chunks), self._raw_bytes,
                          self._elements, *self._refs,
                          bases=sorted(map(list, self._bases)) if self.hashed else None)
 
