@@ -1,12 +1,12 @@
 """References: chunks of an incremental checkpoint whose bytes live in an earlier checkpoint (FORMAT.md §7).
 
-One home for three jobs:
+One home for two jobs:
   - content hashes: chunk_hashes() / chunk_hash(), called by saving.writer on every chunk of a hashed
     (format 2.x) save;
   - resolution: chunk_storage() / chunk_url(), the one way any reader (reader.run_reads, verify, the
-    exchange, export and the DCP reader through run_reads) finds the file a chunk's frames are in;
-  - the base a save compares against: load_base(), called by api._prepare on every rank of a save given
-    `base=` (CheckpointManager(incremental=True) passes the previous committed step).
+    exchange, export and the DCP reader through run_reads) finds the file a chunk's frames are in.
+(The base a save compares against is loaded by saving.incremental.load_base, called by
+saving.pipeline.prepare on every rank of a save given `base=`.)
 
 A reference names its base as a sibling directory (same parent as the referring checkpoint) plus a save_id;
 the directory name is checked against BASE_DIR (no '/', no '..', no leading dot) when the manifest is
