@@ -14,8 +14,8 @@ best run. Measured per method (barriers around each phase):
 then, per method in a fresh set of processes (what a job meets: its restore is the first load of its
 process, its first save the first snapshot): first sync save, first cold load, stall of the first and of
 the second async save (a raw shardckpt.async_save, no warm_up, against dcp.async_save) beside a plain copy of
-the rank's bytes into a fresh and into a warm buffer. Then every op again as the first call of a fresh set of processes, per method,
---fresh-repeat times in alternating order (medians reported): save, cold load, cold reshard, full load;
+the rank's bytes into a fresh and into a warm buffer (--first-repeat runs, alternating; medians). Then every
+op again as the first call of a fresh set of processes, per method, --fresh-repeat times in alternating order (medians reported): save, cold load, cold reshard, full load;
 each cold load also reports the extra peak RSS per rank (VmHWM during the load over the RSS before it) and,
 for shardckpt, where the slowest rank's time went (shardckpt.loading.profile: group set-up, metadata,
 planning, collectives, waits on reads, decode, copies). Plus bytes on disk, and the machine's limits
@@ -23,6 +23,7 @@ measured in the same run (bench.limits: memcpy, encode/decode per core through t
 the disk's O_DIRECT sequential write and read), each op's limit composed from them (bench.limits'
 docstring) and each op's time as a multiple of its limit.
     python -m bench.compare --params 50M --profile-load    # only the fresh cold loads, profiled (no JSON)
+    python -m bench.compare --only shardckpt,dcp --first-only --first-repeat 3   # only the first calls
 Prints tables and writes bench/results/compare.json with the ratios (DCP time / shardckpt time)."""
 from __future__ import annotations
 
@@ -245,6 +246,40 @@ def _first_job(rank, ws, args, root, method):
     return out
 
 
+def _first_calls(args, a) -> tuple[dict, list]:
+    """The first-call jobs, --first-repeat times in alternating method order: per method the median over
+    runs of each figure (slowest rank), and every run's figures."""
+    from harness import run_ranks
+    runs = []
+    for r in range(a.first_repeat):
+        run = {}
+        for method in _order([m for m in args["only"] if m in ("shardckpt", "dcp")], r):
+            res = run_ranks(a.ws, _first_job, args, a.dir, method, timeout=3600)
+            run[method] = {k: max(x[k] for x in res) for k in res[0]}
+            for d in (f"first-{method}", f"first-{method}-async0", f"first-{method}-async1"):
+                shutil.rmtree(os.path.join(a.dir, d), ignore_errors=True)
+        runs.append(run)
+    first = {m: {k: statistics.median(run[m][k] for run in runs) for k in runs[0][m]} for m in runs[0]}
+    return first, runs
+
+
+def _print_first(first: dict, runs: list, a) -> None:
+    print(f"\nfirst calls, fresh processes per method ({a.ws} ranks, slowest rank; median of {len(runs)} "
+          f"alternating runs):")
+    print(f"{'':<14}" + "".join(f"{m:>12}" for m in first) + f"{'dcp/shardckpt':>16}" + f"{'per run':>10}")
+    for k in ("save", "load", "stall_first", "stall_second"):
+        both = len(first) == 2
+        ratio = first["dcp"][k] / first["shardckpt"][k] if both else float("nan")
+        each = ", ".join(f"{r['dcp'][k] / r['shardckpt'][k]:.2f}" for r in runs) if both else ""
+        print(f"{k:<14}" + "".join(f"{first[m][k]:>11.3f}s" for m in first) + f"{ratio:>15.2f}x  {each}")
+    if "shardckpt" in first:
+        f = first["shardckpt"]
+        print(f"memcpy of a rank's bytes (torch copy_): into a fresh buffer {f['memcpy_fresh']:.3f}s, into "
+              f"a warm one {f['memcpy_warm']:.3f}s; shardckpt's first stall = "
+              f"{f['stall_first'] / f['memcpy_fresh']:.2f}x the fresh copy, its second "
+              f"{f['stall_second'] / f['memcpy_warm']:.2f}x the warm one")
+
+
 def _memcpy_of(state) -> dict:
     """The floor of a snapshot of this rank's tensors: copied into a fresh buffer (page faults and all, as a
     job's first snapshot meets it) and again into the same, warm one."""
@@ -432,6 +467,10 @@ def _args(argv):
     ap.add_argument("--profile-load", action="store_true",
                     help="only: save once, then --fresh-repeat cold loads (and reshards) in fresh processes, "
                          "with where shardckpt's time goes and the extra peak RSS per rank; no JSON written")
+    ap.add_argument("--first-repeat", type=int, default=1,
+                    help="runs of the first-call jobs (fresh processes, alternating methods); medians reported")
+    ap.add_argument("--first-only", action="store_true",
+                    help="only the first-call jobs (first save, load, async-save stalls); no JSON written")
     a = ap.parse_args(argv)
     a.fresh_ops = a.fresh_ops.split(",")
     if a.profile_load:
@@ -464,14 +503,14 @@ def main(argv=None):
         _print_fresh(fresh, limits.op_limits(lim, state_bytes, sizes), a)
         shutil.rmtree(a.dir, ignore_errors=True)
         return
+    if a.first_only:
+        _print_first(*_first_calls(args, a), a)
+        shutil.rmtree(a.dir, ignore_errors=True)
+        return
     times["load"] = ranks(run_ranks(a.ws, _load_job, args, a.dir, True, timeout=3600))
     times["reshard"] = ranks(run_ranks(a.load_ws, _load_job, args, a.dir, False, timeout=3600))
     times["full"] = _full_load(args, a.dir)
-    first = {}
-    for method in [m for m in args["only"] if m in ("shardckpt", "dcp")] if a.first else []:
-        res = run_ranks(a.ws, _first_job, args, a.dir, method, timeout=3600)
-        first[method] = {k: max(r[k] for r in res) for k in res[0]}
-        shutil.rmtree(os.path.join(a.dir, f"first-{method}"), ignore_errors=True)
+    first, first_runs = _first_calls(args, a) if a.first else ({}, [])
     fresh = _fresh(args, a, _order) if a.fresh_repeat > 0 else []
     limits.remeasure_disk(lim, a.dir, state_bytes, drop_caches)
     runs = [{ph: {m: v[i] for m, v in times[ph].items()} for ph in times} | {"bytes": sizes}
@@ -486,17 +525,7 @@ def main(argv=None):
     op_lim = limits.op_limits(lim, state_bytes, sizes)
     rows, med_rows = _print_warm(best, median, op_lim, args["only"])
     if first:
-        print(f"\nfirst calls, fresh processes per method ({a.ws} ranks, slowest rank):")
-        print(f"{'':<14}" + "".join(f"{m:>12}" for m in first) + f"{'dcp/shardckpt':>16}")
-        for k in ("save", "load", "stall_first", "stall_second"):
-            ratio = first["dcp"][k] / first["shardckpt"][k] if len(first) == 2 else float("nan")
-            print(f"{k:<14}" + "".join(f"{first[m][k]:>11.3f}s" for m in first) + f"{ratio:>15.2f}x")
-        if "shardckpt" in first:
-            f = first["shardckpt"]
-            print(f"memcpy of a rank's bytes (torch copy_): into a fresh buffer {f['memcpy_fresh']:.3f}s, into "
-                  f"a warm one {f['memcpy_warm']:.3f}s; shardckpt's first stall = "
-                  f"{f['stall_first'] / f['memcpy_fresh']:.2f}x the fresh copy, its second "
-                  f"{f['stall_second'] / f['memcpy_warm']:.2f}x the warm one")
+        _print_first(first, first_runs, a)
     fresh_sum = _print_fresh(fresh, op_lim, a) if fresh else {}
     _print_limits(lim, op_lim, state_bytes, best["bytes"])
     os.makedirs(RESULTS, exist_ok=True)
@@ -504,7 +533,7 @@ def main(argv=None):
         json.dump({"args": vars(a), "state_bytes": state_bytes, "limits": lim, "op_limits_s": op_lim,
                    "limit_formulas": LIMIT_FORMULAS, "runs": runs, "best": best, "dcp_over_shardckpt": dict(rows),
                    "multiple_of_limit": _multiples(best, op_lim),
-                   "median": median, "dcp_over_shardckpt_median": med_rows, "first_calls": first,
+                   "median": median, "dcp_over_shardckpt_median": med_rows, "first_calls": first, "first_call_runs": first_runs,
                    "fresh": fresh_sum, "fresh_runs": fresh}, f, indent=1)
     shutil.rmtree(a.dir, ignore_errors=True)
 
