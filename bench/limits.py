@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from bench.codecs import best  # the one timing helper of the benches
+
 BLOCK = 64 << 20
 
 
@@ -46,7 +48,7 @@ def memcpy_gbps(nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8)
     dst.copy_(src)  # fault in: a reused buffer
-    return nbytes / _best(lambda: dst.copy_(src), 3) / 1e9
+    return nbytes / best(lambda: dst.copy_(src), 3) / 1e9
 
 
 def codec_per_core(dtype: torch.dtype, codec: str = "auto", nbytes: int = 96 << 20, reps: int = 2) -> dict:
@@ -71,25 +73,16 @@ def codec_per_core(dtype: torch.dtype, codec: str = "auto", nbytes: int = 96 << 
     def enc():
         frames[:] = _ext.encode_frames(src, out, frame, item, cid, zstd_level(), 1)
 
-    t_enc = _best(enc, reps)
+    t_enc = best(enc, reps)
     lens = [min(frame, src.size - i) for i in range(0, src.size, frame)]
     table = [(o, s, r, c, e) for (o, s, c, e), r in zip(frames, lens)]
     dst = np.zeros_like(src)
-    t_dec = _best(lambda: _ext.decode_frames(out, table, dst, item, cid, 1), reps)
+    t_dec = best(lambda: _ext.decode_frames(out, table, dst, item, cid, 1), reps)
     if not np.array_equal(dst, src):
         raise AssertionError("codec round trip failed")
     stored = sum(f[1] for f in frames)
     return {"codec": name, "encode_GBps_per_core": src.size / t_enc / 1e9,
             "decode_GBps_per_core": src.size / t_dec / 1e9, "ratio": stored / src.size}
-
-
-def _best(fn, reps: int) -> float:
-    t = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - t0)
-    return t
 
 
 def _aligned(nbytes: int) -> mmap.mmap:
