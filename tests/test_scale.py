@@ -181,6 +181,69 @@ def test_fsdp_sums_simulated_per_frame_are_every_ranks_sum(world):
         plan_exchange(needs, ck.offsets)
 
 
+@st.composite
+def _fsdp_layouts(draw):
+    """FSDP-like needs: per file, rank r needs the frames of its share of rows, widened by up to `spill`
+    frames each side (neighbours share the frames at their boundaries), so each frame's needers are
+    contiguous ranks; frames from 1 byte to 6 MiB."""
+    world = draw(st.sampled_from([5, 24, 97, 200]))
+    offsets, needs = {}, [[] for _ in range(world)]
+    for f in range(draw(st.integers(1, 3))):
+        sizes = draw(st.lists(st.integers(1, 6 << 20), min_size=1, max_size=40))
+        offsets[f] = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        m, spill = len(sizes), draw(st.integers(0, 3))
+        for r in range(world):
+            a, b = max(0, r * m // world - spill), min(m, -(-(r + 1) * m // world) + spill)
+            if a < b:
+                needs[r].append((f, a, b))
+    return needs, offsets
+
+
+def _ledger(plan):
+    """Per (rank, round), the bytes its schedule sends and receives."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for r in range(plan.world_size):
+        s = plan.schedule(r)
+        for side, book in enumerate((s.sends, s.recvs)):
+            for k, moves in book.items():
+                out.setdefault((r, k), [0, 0])[side] += sum(plan.pieces[i].nbytes for _, i in moves)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(_fsdp_layouts(), st.sampled_from([3 << 20, ROUND_BYTES]))
+def test_fsdp_plans_from_sums_agree_pairwise_on_every_rank(layout, round_bytes):
+    """What every rank of an FSDP restore computes from the all-reduced sums alone (segments, plan, its own
+    schedule) is the plan the gathered needs give, and the ranks' schedules match pairwise: what A sends B
+    in round k is what B expects from A in round k, every needed piece arrives once; the rounds that
+    every rank must enter are the same number on all. The packed deliveries' numpy ledger (_demand: what
+    placed them in shared rounds) is exactly what the schedules send and receive per rank and round."""
+    from shardckpt.plan.exchange_plan import PACK_RANKS, _demand
+    needs, offsets = layout
+    world = len(needs)
+    segments = segments_from_sums(_summed(needs, offsets), offsets, world)
+    assert segments is not None
+    plan = plan_segments(segments, world, offsets, round_bytes=round_bytes)
+    assert plan == plan_exchange(needs, offsets, round_bytes=round_bytes)
+    send, recv = _replay(plan, needs)
+    assert (send, recv) <= plan.round_peaks()
+    ledger: dict[tuple[int, int], list[int]] = {}
+    small = [d for d in plan.deliveries if len(d.ranks) <= PACK_RANKS]
+    ps = [plan.pieces[i] for d in small for _, ix in d.gens for i in ix]
+    offs, rr, kk, snd, rcv = _demand([d.ranks for d in small], [d.star for d in small],
+                                     [[len(ix) for _, ix in d.gens] for d in small],
+                                     np.array([p.fetcher for p in ps], dtype=np.int64),
+                                     np.array([p.nbytes for p in ps], dtype=np.int64), world)
+    for j, d in enumerate(small):
+        for e in range(offs[j], offs[j + 1]):
+            u = ledger.setdefault((int(rr[e]), d.gens[0][0] + int(kk[e])), [0, 0])
+            u[0], u[1] = u[0] + int(snd[e]), u[1] + int(rcv[e])
+    if len(small) == len(plan.deliveries):
+        nonzero = lambda book: {k: v for k, v in book.items() if v != [0, 0]}  # noqa: E731
+        assert nonzero(ledger) == nonzero(_ledger(plan))
+        assert (send, recv) == plan.round_peaks()
+
+
 def test_hsdp_needs_are_not_contiguous_and_go_to_the_gather():
     ck = scale.checkpoint(30e6, scale.SAVED_WS)
     needs = scale.needs(ck, "hsdp", 16)
