@@ -633,32 +633,21 @@ def _generations(ps: list[Piece], idx: list[int], n: int, round_bytes: int, star
     and, unless it is the root, its fetched share of the next one; so 2 x generation + the largest share
     stays within round_bytes (the largest share being at least the largest piece)."""
     if star:
-        return _star_generations(ps, idx, n, round_bytes, ranks)
-    share_cap = max(p.nbytes for p in ps)
-    cap = max(share_cap, (round_bytes - share_cap) // 2)
+        def fits(p: Piece, size: int, share: dict) -> bool:
+            mine = share.get(p.fetcher, 0) + p.nbytes
+            return (mine * (n - 1 if p.fetcher in ranks else n) <= round_bytes
+                    and size + p.nbytes - min(share.get(r, 0) + (p.nbytes if r == p.fetcher else 0)
+                                              for r in ranks) <= round_bytes)
+    else:
+        share_cap = max(p.nbytes for p in ps)
+        cap = max(share_cap, (round_bytes - share_cap) // 2)
+
+        def fits(p: Piece, size: int, share: dict) -> bool:
+            return size + p.nbytes <= cap and share.get(p.fetcher, 0) + p.nbytes <= share_cap
     gens: list[list[int]] = []
     size, share = 0, {}
     for p, i in zip(ps, idx):
-        if gens and size + p.nbytes <= cap and share.get(p.fetcher, 0) + p.nbytes <= share_cap:
-            gens[-1].append(i)
-        else:
-            gens.append([i])
-            size, share = 0, {}
-        size += p.nbytes
-        share[p.fetcher] = share.get(p.fetcher, 0) + p.nbytes
-    return gens
-
-
-def _star_generations(ps: list[Piece], idx: list[int], n: int, round_bytes: int,
-                      ranks: tuple[int, ...]) -> list[list[int]]:
-    gens: list[list[int]] = []
-    size, share = 0, {}
-    for p, i in zip(ps, idx):
-        mine = share.get(p.fetcher, 0) + p.nbytes
-        fits = (mine * (n - 1 if p.fetcher in ranks else n) <= round_bytes
-                and size + p.nbytes - min(share.get(r, 0) + (p.nbytes if r == p.fetcher else 0)
-                                          for r in ranks) <= round_bytes)
-        if gens and fits:
+        if gens and fits(p, size, share):
             gens[-1].append(i)
         else:
             gens.append([i])
