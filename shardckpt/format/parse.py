@@ -381,12 +381,8 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
                 _fail(f"frame at byte {off} of the data file, expected {pos} (frames are back to back)", file, key)
             pos += stored
             spans.append((off, stored))
-        if ref is None:
-            out.append(Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank, F, "", digest))
-        else:
-            base, ref_rank = ref
-            out.append(Chunk(key, offsets, sizes, codec, tuple(frames), data_file_name(base.save_id, ref_rank),
-                             ref_rank, F, base.dir, digest))
+        out.append(index_chunk(entry, key, offsets, sizes, codec, F, frames, digest,
+                               None if ref is None else (ref[0].dir, ref[0].save_id, ref[1])))
     if pos != entry.data_size:
         _fail(f"frames end at byte {pos}, the data file has {entry.data_size}", file)
     spans.sort()
@@ -394,6 +390,18 @@ def parse_index(data: bytes, entry: FileEntry, manifest: Manifest) -> list[Chunk
         if a_off + a_len > b_off:
             _fail(f"frames overlap at byte {b_off} of the data file", file)
     return out
+
+
+def index_chunk(entry: FileEntry, key: str, offsets: tuple, sizes: tuple, codec: str, frame_size: int, frames,
+                digest: str, ref: tuple[str, str, int] | None) -> Chunk:
+    """One index record as a Chunk, its fields already checked (§4): its frames are in the data file of the
+    rank that wrote the index, or, for a reference (§7: the base's dir, save_id and rank), in that rank's data
+    file of the base. Called by parse_index, and by saving.incremental for the records this process wrote."""
+    if ref is None:
+        return Chunk(key, offsets, sizes, codec, tuple(frames), entry.data, entry.rank, frame_size, "", digest)
+    base_dir, save_id, rank = ref
+    return Chunk(key, offsets, sizes, codec, tuple(frames), data_file_name(save_id, rank), rank, frame_size,
+                 base_dir, digest)
 
 
 def _reference(ref, manifest: Manifest, file: str, key: str) -> tuple[Base, int]:

@@ -2,7 +2,7 @@
 
 Who calls it: bench.compare --profile-load calls start() before a load and stop() after it; load.py,
 reader.py and exchange.py wrap their phases in `phase(name)`. Off (the default) a phase costs one global
-read on entry and one on exit; the phases are coarse (per load, per batch of ~64 MB, per decode call), so
+read on entry and one on exit; the phases are coarse (per load, per fetch batch of up to 32 MB, per decode call), so
 even on they cost microseconds per load. Totals are per process (per rank) and summed over threads:
 "read_io" runs on the fetch threads, overlapped with the rest, so it is reported beside the wall time,
 not as a share of it.

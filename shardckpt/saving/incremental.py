@@ -18,8 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from shardckpt.errors import IncompleteCheckpointError, SaveError
-from shardckpt.format.parse import BASE_DIR, parse_index, parse_manifest
-from shardckpt.format.records import CHUNK_HASH, Chunk, Frame, Manifest, data_file_name
+from shardckpt.format.parse import BASE_DIR, index_chunk, parse_index, parse_manifest
+from shardckpt.format.records import CHUNK_HASH, Chunk, Frame, Manifest
 from shardckpt.format.refs import parent_and_name
 from shardckpt.storage import Storage, storage_for
 
@@ -169,7 +169,6 @@ def _remembered_chunks(url: str, m: Manifest, entry) -> dict[tuple, Chunk] | Non
         frames = tuple(Frame(off, stored, min(fs, nbytes - i * fs), crc, enc)
                        for i, (off, stored, crc, enc) in enumerate(r["frames"]))
         ref = r.get("ref")
-        file, rank, base = (data_file_name(ref["save_id"], ref["rank"]), ref["rank"], ref["dir"]) if ref else \
-            (entry.data, entry.rank, "")
-        out[(key, offsets, sizes)] = Chunk(key, offsets, sizes, r["codec"], frames, file, rank, fs, base, r["hash"])
+        out[(key, offsets, sizes)] = index_chunk(entry, key, offsets, sizes, r["codec"], fs, frames, r["hash"],
+                                                 (ref["dir"], ref["save_id"], ref["rank"]) if ref else None)
     return out
