@@ -11,6 +11,13 @@ these methods, each warmed up once (buffers allocated) and then timed `reps` tim
   dcp.async+stager  the same with a DefaultStager kept across saves (CPU options; reuses its buffers)
 Every save is waited for before the next one starts. Goal (issue 4): shardckpt <= 1.2x memcpy and
 <= 0.5x the best DCP variant. Prints a table and writes bench/results/stall.json.
+
+    python -m bench.stall --first [--mb-per-rank 960] [--reps 2]
+
+A job's first save, each run in a fresh process (one rank, no process group), `reps` alternating pairs:
+  raw       shardckpt.async_save of the state, no warm_up: the first and the second stall
+  manager   CheckpointManager(async_save=True, save_every_steps=3), maybe_save every step with 0.5 s of
+            "training" between steps and no restore: the stalls of its saves at steps 3, 6 and 9
 """
 from __future__ import annotations
 
@@ -152,6 +159,55 @@ def _rank(rank, ws, workdir, mb, reps):
     return results
 
 
+def _first_job(kind: str, mb: int, workdir: str) -> dict:
+    """One fresh process's saves (--first): see the module docstring."""
+    import torch
+    import shardckpt
+    g = torch.Generator().manual_seed(0)
+    state = {f"w{i}": torch.empty((mb << 20) // 16, dtype=torch.bfloat16).normal_(generator=g)
+             for i in range(8)}
+    if kind == "raw":
+        stalls = []
+        for i in range(2):
+            t0 = time.perf_counter()
+            h = shardckpt.async_save(state, os.path.join(workdir, f"raw-{i}"))
+            stalls.append(time.perf_counter() - t0)
+            h.wait()
+    else:
+        mgr = shardckpt.CheckpointManager(os.path.join(workdir, "mgr"), save_every_steps=3, async_save=True,
+                                          preemption_signals=())
+        stalls = []
+        for step in range(1, 10):
+            t0 = time.perf_counter()
+            if mgr.maybe_save(step, state):
+                stalls.append(time.perf_counter() - t0)
+            time.sleep(0.5)  # training
+        mgr.close()
+    shardckpt.shutdown()
+    return {"kind": kind, "stalls": stalls}
+
+
+def _first(args) -> None:
+    import subprocess
+    runs = {"raw": [], "manager": []}
+    for r in range(args.reps):
+        for kind in (("raw", "manager") if r % 2 == 0 else ("manager", "raw")):
+            workdir = tempfile.mkdtemp(prefix="stall-first-", dir=args.dir)
+            try:
+                out = subprocess.run([sys.executable, "-m", "bench.stall", "--first-job", kind, "--mb-per-rank",
+                                      str(args.mb_per_rank), "--dir", workdir], check=True, capture_output=True,
+                                     text=True, cwd=ROOT).stdout
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            runs[kind].append(json.loads(out.strip().splitlines()[-1])["stalls"])
+    med = {k: [statistics.median(run[i] for run in v) for i in range(len(v[0]))] for k, v in runs.items()}
+    print(f"first saves of a fresh process, {args.mb_per_rank} MiB, median of {args.reps} alternating runs")
+    print(f"raw async_save (no warm_up): first {med['raw'][0]:.3f} s, second {med['raw'][1]:.3f} s; runs "
+          + ", ".join(f"{x[0]:.3f}/{x[1]:.3f}" for x in runs["raw"]))
+    print("CheckpointManager, no restore, saves at steps 3/6/9: " + "/".join(f"{x:.3f}" for x in med["manager"])
+          + " s; runs " + ", ".join("/".join(f"{y:.3f}" for y in x) for x in runs["manager"]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb-per-rank", type=int, default=128)
@@ -159,7 +215,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where the checkpoints go (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "stall.json"))
+    ap.add_argument("--first", action="store_true", help="a job's first saves, in fresh processes (docstring)")
+    ap.add_argument("--first-job", choices=("raw", "manager"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.first_job:
+        print(json.dumps(_first_job(args.first_job, args.mb_per_rank, args.dir)))
+        return
+    if args.first:
+        _first(args)
+        return
     from harness import run_ranks
     workdir = tempfile.mkdtemp(prefix="stall-", dir=args.dir)
     try:
